@@ -1,0 +1,168 @@
+"""The `zephyr` command: parses arguments and hands off to the stage modules.
+
+Stage modules are imported inside each handler so that `zephyr check` and `zephyr --help` stay fast
+(no torch import) and a missing optional extra only matters to the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from zephyr.errors import ZephyrError
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from zephyr.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    sections = [name for name, value in vars(recipe).items() if value is not None]
+    print(f"{args.recipe}: ok ({', '.join(sections) or 'no sections'})")
+    return 0
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from zephyr import assets
+
+    if args.assets_command == "list":
+        for info in assets.list_assets():
+            state = "fetched" if assets.is_fetched(info.name) else "not fetched"
+            print(f"{info.name:28s} {state:12s} {info.description}")
+        return 0
+    path = assets.fetch(args.name, force=args.force)
+    print(path)  # contract: the asset's folder is the last line of stdout
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from zephyr import io
+
+    if args.data_command == "validate":
+        result = io.read_records(args.file, args.format, on_bad_record=args.on_bad_record)
+        print(io.summarize(result, args.file, args.format))
+        return 0
+    from zephyr.data import chat
+    from zephyr.models import load_tokenizer
+
+    result = io.read_records(args.file, "auto", on_bad_record="skip", limit=args.limit)
+    tokenizer = load_tokenizer(args.tokenizer, chat_template=args.chat_template)
+    color = sys.stdout.isatty() and not args.no_color
+    for record in result.records:
+        print(chat.show_record(tokenizer, record, color=color))
+    return 0
+
+
+def _training_recipe(args: argparse.Namespace, name: str):
+    from zephyr.config import load_recipe, section
+
+    return section(load_recipe(args.recipe, args.overrides), name, args.recipe)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    cfg = _training_recipe(args, "sft")
+    from zephyr.training.sft import run_sft
+
+    run_sft(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    cfg = _training_recipe(args, "dpo")
+    from zephyr.training.dpo import run_dpo
+
+    run_dpo(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_logps(args: argparse.Namespace) -> int:
+    from zephyr.training.logps import run_logps
+
+    run_logps(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        chat_template=args.chat_template,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        on_bad_record=args.on_bad_record,
+    )
+    return 0
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.01")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zephyr", description="Direct distillation of LM alignment: dSFT, AI feedback, dDPO, evaluation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate a recipe without running it")
+    _add_recipe_args(p)
+    p.set_defaults(handler=_cmd_check)
+
+    p = sub.add_parser("assets", help="offline assets: models, tokenizers, benchmark data")
+    asub = p.add_subparsers(dest="assets_command", required=True)
+    asub.add_parser("list", help="list known assets")
+    f = asub.add_parser("fetch", help="fetch, verify and convert an asset; prints its folder last")
+    f.add_argument("name")
+    f.add_argument("--force", action="store_true", help="fetch again even when present")
+    p.set_defaults(handler=_cmd_assets)
+
+    p = sub.add_parser("data", help="validate or inspect data files")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    v = dsub.add_parser("validate", help="check every record of a file against its schema")
+    v.add_argument("file")
+    v.add_argument("--format", required=True, choices=["conversations", "pairs", "rated", "mc"])
+    v.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
+    s = dsub.add_parser("show", help="print records rendered with the chat template, trained tokens marked")
+    s.add_argument("file")
+    s.add_argument("--tokenizer", default="asset:smollm2-135m-instruct", help="model or tokenizer spec")
+    s.add_argument("--chat-template", default="auto")
+    s.add_argument("--limit", type=int, default=3)
+    s.add_argument("--no-color", action="store_true")
+    p.set_defaults(handler=_cmd_data)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (dSFT)")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.set_defaults(handler=_cmd_sft)
+
+    p = sub.add_parser("dpo", help="direct preference optimisation (dDPO)")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.set_defaults(handler=_cmd_dpo)
+
+    p = sub.add_parser("logps", help="per-pair sequence log-probs of a model on a preference file")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--chat-template", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
+    p.set_defaults(handler=_cmd_logps)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ZephyrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Typed configs built from YAML recipes of plain values, with strict validation.
+
+A recipe is a YAML mapping whose top-level keys are stage sections (`sft`, `dpo`, ...). Each section is
+built into its dataclass; unknown keys, wrong types and out-of-range values fail here, before any heavy
+work, with a message naming the file and the dotted key (and the closest valid key for typos).
+
+Nothing heavy is imported by this module: `zephyr check` must answer in well under two seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from zephyr.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------------
+# Field constraints
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field whose numeric value must lie in a range (checked when the config is built)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if value is None or not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if meta.get("ge") is not None and value < meta["ge"]:
+        raise ConfigError(f"{key}: must be >= {meta['ge']}, got {value}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise ConfigError(f"{key}: must be > {meta['gt']}, got {value}")
+    if meta.get("le") is not None and value > meta["le"]:
+        raise ConfigError(f"{key}: must be <= {meta['le']}, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage configs
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (the `peft` extra). The DPO reference is the model with adapters disabled."""
+
+    r: int = bounded(16, ge=1)
+    alpha: float = bounded(32.0, gt=0)
+    dropout: float = bounded(0.05, ge=0, le=1)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    load_in_4bit: bool = False  # QLoRA; needs bitsandbytes and CUDA
+
+
+@dataclass
+class TrainingConfig:
+    """Fields shared by every training stage: there is one training loop."""
+
+    model: str = "asset:smollm2-135m-instruct"  # model spec: PATH, transformers:ID, asset:NAME
+    tokenizer: str | None = None  # defaults to the model's own
+    chat_template: str = "auto"  # auto (the tokenizer's, else zephyr) | zephyr | chatml | path to a .jinja file
+    train_data: str = ""  # JSONL / Parquet path or hf:NAME[:SPLIT]
+    eval_data: str | None = None
+    eval_fraction: float = bounded(0.0, ge=0, le=0.5)  # held out from train_data when eval_data is unset
+    max_samples: int | None = bounded(None, ge=1)
+    on_bad_record: Literal["error", "skip"] = "error"
+    output_dir: str = "runs/train"
+    num_epochs: float = bounded(1.0, gt=0)
+    max_steps: int | None = bounded(None, ge=1)  # optimizer steps; overrides num_epochs when set
+    per_device_batch_size: int = bounded(8, ge=1)
+    gradient_accumulation_steps: int = bounded(1, ge=1)
+    learning_rate: float = bounded(2e-5, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = bounded(0.1, ge=0, le=1)  # of the true number of optimizer steps
+    weight_decay: float = bounded(0.0, ge=0)
+    adam_beta1: float = bounded(0.9, ge=0, le=1)
+    adam_beta2: float = bounded(0.999, ge=0, le=1)
+    adam_epsilon: float = bounded(1e-8, gt=0)
+    max_grad_norm: float | None = bounded(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = bounded(1, ge=1)
+    eval_steps: int | None = bounded(None, ge=1)
+    save_steps: int | None = bounded(None, ge=1)
+    save_total_limit: int | None = bounded(2, ge=1)
+    trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    lora: LoraConfig | None = None
+    trust_remote_code: bool = False  # only ever true when a recipe says so
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """dSFT: supervised fine-tuning on dialogues, assistant tokens only."""
+
+    output_dir: str = "runs/sft"
+    max_length: int = bounded(2048, ge=16)  # paper: packed to 2048 tokens
+    packing: bool = True  # best-fit-decreasing bins, no attention across documents
+    learning_rate: float = bounded(2e-5, gt=0)  # paper: cosine, peak 2e-5
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+@dataclass
+class DPOConfig(TrainingConfig):
+    """dDPO: preference optimisation from the dSFT model, which is also the reference."""
+
+    output_dir: str = "runs/dpo"
+    ref_model: str | None = None  # defaults to `model` (the dSFT model is its own reference)
+    loss: Literal["sigmoid", "ipo", "hinge", "cdpo", "rpo", "simpo"] = "sigmoid"
+    beta: float = bounded(0.1, gt=0)  # paper: 0.1 (handbook retuned: 0.01)
+    label_smoothing: float = bounded(0.0, ge=0, le=0.5)  # cDPO: probability that a label is flipped
+    rpo_alpha: float = bounded(1.0, ge=0)
+    simpo_gamma: float = bounded(0.5, ge=0)
+    reference: Literal["precomputed", "online", "none"] = "precomputed"
+    max_length: int = bounded(1024, ge=16)  # paper: 1024
+    max_prompt_length: int = bounded(512, ge=1)  # paper: 512
+    learning_rate: float = bounded(5e-7, gt=0)  # paper: 5e-7
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "linear"  # paper: linear, 10% warmup
+
+    def validate(self, where: str) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"{where}.max_prompt_length: must be < max_length ({self.max_length})")
+        if self.loss == "simpo" and self.reference != "none":
+            raise ConfigError(f"{where}.reference: loss 'simpo' is reference-free; set reference: none")
+        if self.loss == "cdpo" and self.label_smoothing == 0:
+            raise ConfigError(f"{where}.label_smoothing: loss 'cdpo' needs label_smoothing > 0")
+        if self.label_smoothing > 0 and self.loss != "cdpo":
+            # never ignore it silently: label smoothing is what the cdpo loss is
+            raise ConfigError(f"{where}.label_smoothing: only used by loss 'cdpo' (loss is '{self.loss}')")
+
+
+@dataclass
+class Recipe:
+    """A recipe file: one optional section per stage."""
+
+    sft: SFTConfig | None = None
+    dpo: DPOConfig | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain values
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    tp = inner
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {value!r}{extra}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # PyYAML reads `2e-5` (no dot) as a string; accept any string that is a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    hint = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    full = f"{prefix}.{key}" if prefix else key
+    if hint:
+        close = f"{prefix}.{hint[0]}" if prefix else hint[0]
+        return ConfigError(f"unknown key '{full}' (did you mean '{close}'?)")
+    return ConfigError(f"unknown key '{full}' (valid keys: {', '.join(names)})")
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping of plain values, validating every key and value."""
+    where = prefix or "recipe"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(cls, str(key), prefix)
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(hints[name], value, key)
+        _check_range(key, values[name], fields[name].metadata)
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def _check_override_path(cls: type, path: list[str]) -> None:
+    """Fail on an override whose dotted key names no field, before it is merged into the recipe."""
+    prefix = ""
+    for part in path:
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return  # inside a dict or list value: checked when built
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            err = _unknown_key(cls, part, prefix)
+            raise ConfigError(f"{err} in override '{'.'.join(path)}'")
+        cls = _is_optional(typing.get_type_hints(cls)[part])[1]
+        prefix = f"{prefix}.{part}" if prefix else part
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=value` strings into (path, value); values are parsed as YAML scalars (`true`, `3`, `[a, b]`)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override '{item}': expected KEY.SUB=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML: {exc}") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def _merge(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file (or none), apply dotted overrides and validate; errors name the file and key."""
+    source = str(path) if path else "<command line>"
+    data: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read recipe: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a recipe must be a mapping of stage sections")
+    try:
+        parsed = parse_overrides(overrides or [])
+        for key_path, _ in parsed:
+            _check_override_path(Recipe, key_path)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    for key_path, value in parsed:
+        _merge(data, key_path, value)
+    try:
+        return build(Recipe, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def section(recipe: Recipe, name: str, source: str) -> Any:
+    """The stage section a command needs; a clear error when the recipe lacks it."""
+    cfg = getattr(recipe, name)
+    if cfg is None:
+        raise ConfigError(f"{source}: no '{name}' section (add `{name}:` with its keys to the recipe)")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain values of a config, for saving next to outputs."""
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Any, out_dir: str | Path, name: str = "resolved_config.yaml") -> Path:
+    """Write the resolved config into an output folder (every output carries the config that made it)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / name
+    target.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return target

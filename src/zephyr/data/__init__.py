@@ -1,0 +1,1 @@
+"""Pure data functions: chat rendering, packing, record schemas."""

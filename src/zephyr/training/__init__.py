@@ -1,0 +1,1 @@
+"""Training: one loop, SFT and DPO tasks, losses, checkpoints."""

@@ -1,0 +1,72 @@
+"""Shared fixtures: offline assets and tiny random models built in process (no hub, no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face folder (the `smollm2-135m-instruct` asset)."""
+    from zephyr import assets
+
+    return assets.fetch("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer_dir():
+    """Zephyr's tokenizer (Mistral-7B-v0.1's, with the Zephyr chat template)."""
+    from zephyr import assets
+
+    return assets.fetch("mistral-7b-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm_dir)
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A 2-layer random Llama (GQA) small enough for CPU tests in milliseconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    return model.float().eval()
+
+
+@pytest.fixture
+def tiny_llama_factory():
+    return make_tiny_llama

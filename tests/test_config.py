@@ -1,0 +1,129 @@
+"""Recipes: typed configs, dotted overrides, strict validation with messages naming file and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from zephyr.cli import main
+from zephyr.config import DPOConfig, SFTConfig, load_recipe, parse_overrides, save_resolved
+from zephyr.errors import ConfigError
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "sft:\n  learning_rate: 2e-5  # PyYAML reads this as a string\n  max_length: 512\n"
+        "dpo:\n  beta: 0.1\n  loss: ipo\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_sections_are_typed_and_defaults_hold(recipe):
+    r = load_recipe(recipe)
+    assert isinstance(r.sft, SFTConfig) and isinstance(r.dpo, DPOConfig)
+    assert r.sft.learning_rate == 2e-5 and isinstance(r.sft.learning_rate, float)
+    assert r.sft.max_length == 512
+    assert r.sft.packing is True and r.sft.lr_scheduler == "cosine"
+    # dDPO defaults are the paper's: beta 0.1, lr 5e-7, linear, 10% warmup, 1024 / 512
+    assert (r.dpo.beta, r.dpo.learning_rate, r.dpo.lr_scheduler, r.dpo.warmup_ratio) == (0.1, 5e-7, "linear", 0.1)
+    assert (r.dpo.max_length, r.dpo.max_prompt_length) == (1024, 512)
+
+
+def test_overrides_are_parsed_as_yaml_scalars(recipe):
+    r = load_recipe(recipe, ["dpo.beta=0.01", "sft.packing=false", "sft.trackers=[tensorboard]", "dpo.max_steps=3"])
+    assert r.dpo.beta == 0.01
+    assert r.sft.packing is False
+    assert r.sft.trackers == ["tensorboard"]
+    assert r.dpo.max_steps == 3
+
+
+def test_override_can_create_a_section(tmp_path):
+    r = load_recipe(None, ["dpo.beta=0.5"])
+    assert r.dpo.beta == 0.5 and r.sft is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("no.such=1", "unknown key 'no'"),
+        ("dpo.bta=1", "unknown key 'dpo.bta' (did you mean 'dpo.beta'?)"),
+        ("dpo.beta=-1", "dpo.beta: must be > 0, got -1.0"),
+        ("dpo.beta=abc", "dpo.beta: expected a number, got 'abc'"),
+        ("sft.packing=3", "sft.packing: expected true or false, got 3"),
+        ("sft.max_length=2.5", "sft.max_length: expected an integer, got 2.5"),
+        ("dpo.loss=ipp", "dpo.loss: must be one of"),
+        ("dpo.max_length=256", "dpo.max_prompt_length: must be < max_length (256)"),
+        ("dpo.label_smoothing=0.1", "only used by loss 'cdpo'"),
+        ("sft.lora.r=0", "sft.lora.r: must be >= 1, got 0"),
+        ("sft.lora.rnak=8", "unknown key 'sft.lora.rnak' (valid keys: r, alpha, dropout"),
+        ("sft.lora.alpah=8", "unknown key 'sft.lora.alpah' (did you mean 'sft.lora.alpha'?)"),
+        ("dpo", "expected KEY.SUB=VALUE"),
+    ],
+)
+def test_bad_values_name_the_file_and_key(recipe, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe, [override])
+    assert str(err.value).startswith(f"{recipe}: ")
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_file_names_file_and_closest_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("sft:\n  learning_rat: 1e-5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key 'sft.learning_rat' \(did you mean 'sft.learning_rate'\?\)"):
+        load_recipe(path)
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_recipe(path)
+    path.write_text("sft: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(path)
+    with pytest.raises(ConfigError, match="cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_parse_overrides_values():
+    assert parse_overrides(["a.b=1", "a.c=x", "a.d=", "a.e=[1, 2]"]) == [
+        (["a", "b"], 1),
+        (["a", "c"], "x"),
+        (["a", "d"], ""),
+        (["a", "e"], [1, 2]),
+    ]
+
+
+def test_resolved_config_is_saved_and_reloads(tmp_path, recipe):
+    cfg = load_recipe(recipe).sft
+    path = save_resolved(cfg, tmp_path / "out")
+    text = path.read_text(encoding="utf-8")
+    assert "learning_rate: 2.0e-05" in text
+    again = load_recipe(None, [f"sft.{k}={v}" for k, v in [("learning_rate", cfg.learning_rate)]])
+    assert again.sft.learning_rate == cfg.learning_rate
+
+
+def test_cli_check_ok_and_bad(recipe, capsys):
+    assert main(["check", str(recipe)]) == 0
+    assert "ok (sft, dpo)" in capsys.readouterr().out
+    assert main(["check", str(recipe), "no.such=1"]) == 2
+    assert "no.such" in capsys.readouterr().err
+
+
+def test_cli_check_is_fast_in_a_fresh_process(recipe):
+    """`zephyr check` must not import torch or transformers: it answers in well under two seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "zephyr", "check", str(recipe), "no.such=1"], capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2
+    assert "no.such" in proc.stderr and "Traceback" not in proc.stderr
+    assert elapsed < 2.0, elapsed
