@@ -91,6 +91,37 @@ def _cmd_logps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.eval_command == "mc":
+        from zephyr.evaluation.multiple_choice import run_mc
+
+        run_mc(
+            model=args.model,
+            data=args.data,
+            out=args.out,
+            fewshot_data=args.fewshot_data,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            preset=args.preset,
+        )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from zephyr.serve import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        chat_template=args.chat_template,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+    return 0
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.01")
@@ -148,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-length", type=int, default=None)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.set_defaults(handler=_cmd_logps)
+
+    p = sub.add_parser("eval", help="evaluate a model: multiple choice")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    m = esub.add_parser("mc", help="log-likelihood multiple choice (lm-evaluation-harness semantics)")
+    m.add_argument("--model", required=True)
+    m.add_argument("--data", help="MC JSONL file (or hf:NAME[:SPLIT])")
+    m.add_argument("--preset", default=None, help="arc | hellaswag | mmlu | truthfulqa (Open LLM v1 settings)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--fewshot-data", default=None, help="file of few-shot examples (MC format)")
+    m.add_argument("--num-fewshot", type=int, default=0)
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--limit", type=int, default=None)
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat completions server over a checkpoint")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this key (or set ZEPHYR_API_KEY)")
+    p.add_argument("--chat-template", default="auto")
+    p.add_argument("--max-tokens-limit", type=int, default=2048)
+    p.set_defaults(handler=_cmd_serve)
     return parser
 
 

@@ -1,0 +1,442 @@
+"""Data files in and out: JSONL, JSON, Parquet and hub datasets, validated against `zephyr.schema`.
+
+Reading checks every record and applies a bad-record policy: `error` stops at the first bad record with
+`FILE:LINE: field: problem`; `skip` keeps the good records and counts the bad ones. Writing is atomic
+(whole files) or durable line by line (outputs that a crashed run resumes from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from zephyr.errors import DataError, ZephyrError
+from zephyr.schema import FORMATS, ID_FIELDS, Problem, detect_format, json_type
+
+logger = logging.getLogger(__name__)
+
+BadRecordPolicy = Literal["error", "skip"]
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class BadRecord:
+    """A record left out under the `skip` policy, by its first problem. `line` is 1-based (Parquet and hub
+    datasets: the row number + 1)."""
+
+    line: int
+    field: str
+    problem: str
+
+
+@dataclass
+class ReadResult:
+    """The valid records of a source, the bad ones, and how many records were examined in all."""
+
+    records: list[dict]
+    bad: list[BadRecord]
+    source: str
+    total: int
+    fmt: str = ""  # the format the records were checked against (the detected one for "auto")
+
+
+# A row as read from a source: its line, the decoded value, and a problem when it could not be decoded.
+_Row = tuple[int, Any, Problem | None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_records(
+    path: str | os.PathLike,
+    fmt: str,
+    on_bad_record: BadRecordPolicy = "error",
+    limit: int | None = None,
+) -> ReadResult:
+    """Read and validate the records of `path` (`.jsonl`, `.json`, `.parquet` or `hf:NAME[:SPLIT]`).
+
+    `fmt` is a key of `schema.FORMATS`, or "auto" to detect it from the first record whose keys match a
+    format. A repeated record id (`prompt_id`; `id` for mc) is a problem of the later record. `limit` stops
+    after that many valid records. An empty source is an error under either policy.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})")
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    source = str(path)
+    checker = _RecordChecker(None if fmt == "auto" else fmt)
+    records: list[dict] = []
+    bad: list[BadRecord] = []
+    total = 0
+    for line, record, decode_problem in _iter_rows(source):
+        total += 1
+        problem = decode_problem or checker.check(line, record)
+        if problem is None:
+            records.append(record)
+            if limit is not None and len(records) >= limit:
+                break
+        elif on_bad_record == "error":
+            raise DataError(f"{source}:{line}: {problem.field}: {problem.message}")
+        else:
+            bad.append(BadRecord(line, problem.field, problem.message))
+    if total == 0:
+        raise DataError(f"{source}: no records (the file is empty)")
+    if bad:
+        logger.warning("%s: skipped %d of %d records: %s", source, len(bad), total, _count_text(bad))
+    return ReadResult(records, bad, source, total, checker.fmt or "")
+
+
+class _RecordChecker:
+    """Validates records one at a time, remembering the ids seen and, for "auto", the detected format."""
+
+    def __init__(self, fmt: str | None):
+        self.fmt = fmt
+        self._seen: dict[Any, int] = {}  # id -> line of its first valid record
+
+    def check(self, line: int, record: Any) -> Problem | None:
+        if self.fmt is None:
+            self.fmt = detect_format(record)
+            if self.fmt is None:
+                return _undetected(record)
+        problems = FORMATS[self.fmt](record)
+        if problems:
+            return problems[0]
+        key = ID_FIELDS[self.fmt]
+        first = self._seen.setdefault(record[key], line)
+        return None if first == line else Problem(key, f"duplicate of line {first}")
+
+
+def _undetected(record: Any) -> Problem:
+    if not isinstance(record, dict):
+        return Problem("record", f"must be an object, got {json_type(record)}")
+    return Problem("record", f"its keys match no format ({', '.join(FORMATS)})")
+
+
+def _iter_rows(source: str) -> Iterator[_Row]:
+    if source.startswith("hf:"):
+        return _iter_hub(source)
+    path = Path(source)
+    if path.suffix not in SUFFIXES:
+        raise DataError(
+            f"{source}: unsupported file type (expected {', '.join(SUFFIXES)} or hf:NAME[:SPLIT])"
+        )
+    if not path.is_file():
+        raise DataError(f"{source}: no such file")
+    readers = {".jsonl": _iter_jsonl, ".json": _iter_json_list, ".parquet": _iter_parquet}
+    return readers[path.suffix](source)
+
+
+def _iter_jsonl(source: str) -> Iterator[_Row]:
+    """One record per line. Lines are decoded one by one so that a bad byte is reported with its line."""
+    with open(source, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            if line == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark some editors write
+            if raw.strip():
+                yield line, *_decode_line(raw)
+
+
+def _decode_line(raw: bytes) -> tuple[Any, Problem | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, Problem(
+            "record", f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
+        )
+    try:
+        # Without its line break, an error at the end of a cut line is placed on this line, not the next.
+        return json.loads(text.rstrip("\r\n")), None
+    except json.JSONDecodeError as exc:
+        return None, Problem("record", f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _iter_json_list(source: str) -> Iterator[_Row]:
+    """A JSON array of records; each record's line is the line its value starts on.
+
+    The file is one JSON value, so a syntax error or a bad byte breaks all of it: that is an error under
+    either policy.
+    """
+    data = Path(source).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{source}:{line}: record: not valid UTF-8: byte 0x{data[exc.start]:02x}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{source}:{exc.lineno}: record: invalid JSON: {exc.msg} at column {exc.colno}"
+        ) from None
+    if not isinstance(value, list):
+        raise DataError(
+            f"{source}:1: record: a .json file must hold a list of records, got {json_type(value)}"
+        )
+    # Walk the array again to learn where each element starts (json.loads keeps no positions).
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text, 0).end() + 1  # past "["
+    line = 1 + text.count("\n", 0, pos)
+    for _ in value:
+        start = _JSON_SPACE.match(text, pos).end()
+        line += text.count("\n", pos, start)
+        record, end = decoder.raw_decode(text, start)
+        yield line, record, None
+        line += text.count("\n", start, end)
+        pos = _JSON_SPACE.match(text, end).end() + 1  # past "," or "]"
+        line += text.count("\n", end, pos)
+
+
+def _iter_parquet(source: str) -> Iterator[_Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{source}: not a readable Parquet file ({exc})") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record, None
+
+
+def _iter_hub(source: str) -> Iterator[_Row]:
+    """`hf:NAME[:SPLIT]` (default split: train) through `datasets.load_dataset`."""
+    name, _, split = source.removeprefix("hf:").partition(":")
+    if not name:
+        raise DataError(f"{source}: expected hf:NAME[:SPLIT]")
+    try:
+        import datasets
+    except ImportError:
+        raise ZephyrError(f"{source}: reading hub datasets needs the `datasets` package") from None
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    # load_dataset fails in many ways (offline, unknown name or split, HTTP errors); each means the same to
+    # the user: this source cannot be read here.
+    except Exception as exc:
+        raise ZephyrError(
+            f"{source}: could not load the dataset ({type(exc).__name__}: {exc}); check the name and split, "
+            "and that the Hugging Face hub is reachable (HF_DATASETS_OFFLINE unset) or the dataset is cached"
+        ) from exc
+    for row, record in enumerate(dataset, start=1):
+        yield row, record, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _problem_kind(bad: BadRecord) -> tuple[str, str]:
+    """What a bad record broke, with the details that vary from record to record folded away: indices in
+    the field (`messages[3].role` -> `messages[*].role`; `[-1]`, the answer, is kept) and numbers in the
+    problem (`duplicate of line 4` -> `duplicate of line #`), so one rule is counted once."""
+    return re.sub(r"\[\d+\]", "[*]", bad.field), re.sub(r"\d+", "#", bad.problem)
+
+
+def _count_text(bad: Sequence[BadRecord]) -> str:
+    counts = Counter(_problem_kind(b)[0] for b in bad)
+    return ", ".join(f"{field_path} {n}" for field_path, n in counts.most_common())
+
+
+def summarize(result: ReadResult, path: str | os.PathLike, fmt: str) -> str:
+    """A report of a read: `FILE: N records ok (FORMAT), K skipped`, then, when records were skipped, a
+    table of the problems: count, field and the first example's problem and line."""
+    shown_fmt = result.fmt or fmt
+    lines = [f"{path}: {_plural(len(result.records), 'record')} ok ({shown_fmt}), {len(result.bad)} skipped"]
+    if not result.bad:
+        return lines[0]
+    first: dict[tuple[str, str], BadRecord] = {}
+    for bad in result.bad:
+        first.setdefault(_problem_kind(bad), bad)
+    counts = Counter(_problem_kind(b) for b in result.bad)
+    width = max(len(field_kind) for field_kind, _ in counts)
+    lines.append(f"  {'count':>5}  {'field':<{width}}  problem (first seen)")
+    for kind, n in counts.most_common():
+        example = first[kind]
+        lines.append(f"  {n:>5}  {kind[0]:<{width}}  {example.problem} (line {example.line})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: the directory entry is data too (POSIX only)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path in the same folder as `path`; on success it is synced and renamed over `path`, so
+    readers see the old file or the new one, never a part. On failure it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A temp file of our own naming (not mkstemp) keeps the usual permissions (umask), not 0600.
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _json_line(record: Any) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    """Write records as JSON Lines, atomically."""
+    with _atomic_target(path) as tmp, tmp.open("x", encoding="utf-8") as f:
+        for record in records:
+            f.write(_json_line(record))
+
+
+def write_json(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    """Write records as one JSON array (one record per line), atomically."""
+    with _atomic_target(path) as tmp, tmp.open("x", encoding="utf-8") as f:
+        f.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n")
+
+
+def write_parquet(path: str | os.PathLike, records: Sequence[dict]) -> None:
+    """Write records as a Parquet table (columns inferred from the records), atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pa.Table.from_pylist(list(records))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"{path}: these records cannot be stored as Parquet ({exc})") from None
+    with _atomic_target(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_records(path: str | os.PathLike, records: Sequence[dict]) -> None:
+    """Write records in the format named by the suffix of `path` (.jsonl, .json, .parquet)."""
+    writers = {".jsonl": write_jsonl, ".json": write_json, ".parquet": write_parquet}
+    suffix = Path(path).suffix
+    if suffix not in writers:
+        raise DataError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+    writers[suffix](path, records)
+
+
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Append one record and make it durable before returning (outputs that a crashed run resumes from)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(_json_line(record))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl_resumable(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSONL file written by `append_jsonl`, after repairing a crash.
+
+    A crash can leave the last line without its newline. When that fragment is a complete JSON object it is
+    kept and the newline is added; otherwise it is dropped and the file truncated to the last complete line
+    (a warning says how many bytes). Any other broken line is a DataError. A missing file has no records.
+    """
+    target = Path(path)
+    if not target.exists():
+        return []
+    data = target.read_bytes()
+    cut = data.rfind(b"\n") + 1  # start of an unterminated last line (0: the whole file)
+    tail = data[cut:]
+    if tail.strip():
+        record, problem = _decode_line(tail)
+        if problem is None and isinstance(record, dict):
+            with target.open("ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            data += b"\n"
+        else:
+            with target.open("r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            logger.warning("%s: dropped %d bytes of a truncated last line", target, len(tail))
+            data = data[:cut]
+    return _decode_lines(target, data)
+
+
+def _decode_lines(path: Path, data: bytes) -> list[Any]:
+    records = []
+    for line, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.strip():
+            record, problem = _decode_line(raw)
+            if problem is not None:
+                raise DataError(f"{path}:{line}: {problem.field}: {problem.message}")
+            records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits
+
+
+def _unit_hash(value: Any, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, value): the same on every machine and Python run."""
+    digest = hashlib.sha256(f"{seed}\x00{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def train_eval_split(
+    records: Sequence[dict], eval_fraction: float, seed: int, key: str = "prompt_id"
+) -> tuple[list[dict], list[dict]]:
+    """Split records into (train, eval), each in input order, by hashing `record[key]` with `seed`.
+
+    A record's side depends only on its key and the seed, never on the order or number of the other records,
+    so a held-out set stays held out when data is added, and records that share a key stay together. With
+    `eval_fraction` > 0 and at least two distinct keys, neither side is left empty: if hashing would, the
+    key with the lowest (or highest) hash moves over.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    missing = [i for i, r in enumerate(records) if key not in r]
+    if missing:
+        raise DataError(f"train_eval_split: record {missing[0]} has no {key!r} field")
+    units = {r[key]: _unit_hash(r[key], seed) for r in records}
+    eval_keys = {k for k, u in units.items() if u < eval_fraction}
+    if eval_fraction > 0 and len(units) >= 2:
+        if not eval_keys:
+            eval_keys = {min(units, key=units.__getitem__)}
+        elif len(eval_keys) == len(units):
+            eval_keys.discard(max(units, key=units.__getitem__))
+    train = [r for r in records if r[key] not in eval_keys]
+    held_out = [r for r in records if r[key] in eval_keys]
+    return train, held_out
