@@ -1,0 +1,174 @@
+"""Packing of whole documents into fixed-capacity rows, and collation into model inputs.
+
+Label convention (used by every collator here and by `zephyr.training.forward`): position t of a row
+carries the target of the prediction made there, `labels[t] = input_ids[t + 1]` when token t + 1 belongs to
+the same document and its loss mask is set, else −100. So the log-prob of `labels[t]` is read from the
+logits at t directly, with no shift later; the last token of a document never predicts the first token of
+the next one, and a document's first token is never a target (nothing before it predicts it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from bisect import bisect_left, insort
+from collections.abc import Sequence
+from typing import TypedDict
+
+import torch
+
+IGNORE_INDEX = -100
+
+Document = tuple[Sequence[int], Sequence[int]]  # (input_ids, loss_mask), equal lengths
+
+
+def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing: document indices grouped into bins whose lengths sum to at most `max_length`.
+
+    Documents are placed longest first (equal lengths: lower index first), each into the open bin with the
+    least room that still fits it (equal room: the bin opened first), else into a new bin. Bins come out
+    in opening order, each listing its documents in placement order. A document longer than `max_length`
+    raises ValueError: the caller truncates or drops it first.
+
+    Cost O(n log n + n·C) with C ≤ max_length distinct room values, not O(n · bins).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    lengths = [int(n) for n in lengths]
+    for i, n in enumerate(lengths):
+        if not 1 <= n <= max_length:
+            raise ValueError(
+                f"document {i} has {n} tokens; packing needs 1..{max_length} (truncate or drop it first)"
+            )
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    rooms: list[int] = []  # sorted distinct room values that some open bin has (room > 0)
+    bins_by_room: dict[int, list[int]] = {}  # room -> min-heap of bin indices with exactly that room
+    for i in order:
+        n = lengths[i]
+        k = bisect_left(rooms, n)
+        if k == len(rooms):
+            b, room = len(bins), max_length
+            bins.append([])
+        else:
+            room = rooms[k]
+            heap = bins_by_room[room]
+            b = heapq.heappop(heap)
+            if not heap:
+                del rooms[k], bins_by_room[room]
+        bins[b].append(i)
+        room -= n
+        if room > 0:
+            if room in bins_by_room:
+                heapq.heappush(bins_by_room[room], b)
+            else:
+                insort(rooms, room)
+                bins_by_room[room] = [b]
+    return bins
+
+
+class PackedBatch(TypedDict):
+    """One row holding several documents; tensors are [1, T] unless noted."""
+
+    input_ids: torch.Tensor  # long
+    position_ids: torch.Tensor  # long, restarting at 0 for each document
+    labels: torch.Tensor  # long, next-token targets or −100 (module docstring)
+    doc_ids: torch.Tensor  # long, index of each token's document in `docs`, −1 on padding
+    cu_seqlens: torch.Tensor  # int32 [segments + 1]: segment boundaries (documents, then padding if any)
+    max_seqlen: int  # longest segment
+
+
+class PaddedBatch(TypedDict):
+    """One document per row, right-padded; tensors are [B, T]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor  # 1 on tokens, 0 on padding
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    doc_ids: torch.Tensor  # row index on tokens, −1 on padding
+
+
+def next_token_labels(input_ids: Sequence[int], loss_mask: Sequence[int]) -> list[int]:
+    """Targets of one document under the module's label convention."""
+    targets = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids[1:], loss_mask[1:], strict=True)]
+    return [*targets, IGNORE_INDEX]
+
+
+def _check_documents(docs: Sequence[Document]) -> None:
+    if not docs:
+        raise ValueError("no documents to collate")
+    for d, (input_ids, loss_mask) in enumerate(docs):
+        if not input_ids:
+            raise ValueError(f"document {d} is empty")
+        if len(input_ids) != len(loss_mask):
+            raise ValueError(
+                f"document {d}: {len(input_ids)} input ids but {len(loss_mask)} loss-mask values"
+            )
+
+
+def _row(values: list[int]) -> torch.Tensor:
+    return torch.tensor([values], dtype=torch.long)
+
+
+def collate_packed(docs: Sequence[Document], pad_to: int | None = None, pad_id: int = 0) -> PackedBatch:
+    """Concatenate documents into one row with per-document positions and boundary-safe labels.
+
+    `pad_to` right-pads the row to a fixed length (static shapes); the padding forms one extra segment in
+    `cu_seqlens`, with its own positions and no targets, so attention kernels see a well-formed sequence
+    and no document attends to it.
+    """
+    _check_documents(docs)
+    ids: list[int] = []
+    positions: list[int] = []
+    labels: list[int] = []
+    doc_ids: list[int] = []
+    bounds = [0]
+    for d, (input_ids, loss_mask) in enumerate(docs):
+        n = len(input_ids)
+        ids.extend(input_ids)
+        positions.extend(range(n))
+        labels.extend(next_token_labels(input_ids, loss_mask))
+        doc_ids.extend([d] * n)
+        bounds.append(bounds[-1] + n)
+    if pad_to is not None:
+        pad = pad_to - len(ids)
+        if pad < 0:
+            raise ValueError(f"documents hold {len(ids)} tokens, more than pad_to={pad_to}")
+        if pad:
+            ids.extend([pad_id] * pad)
+            positions.extend(range(pad))
+            labels.extend([IGNORE_INDEX] * pad)
+            doc_ids.extend([-1] * pad)
+            bounds.append(pad_to)
+    return PackedBatch(
+        input_ids=_row(ids),
+        position_ids=_row(positions),
+        labels=_row(labels),
+        doc_ids=_row(doc_ids),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        max_seqlen=max(b - a for a, b in itertools.pairwise(bounds)),
+    )
+
+
+def collate_padded(docs: Sequence[Document], pad_to: int | None = None, pad_id: int = 0) -> PaddedBatch:
+    """One document per row, right-padded to the longest document (or to `pad_to`)."""
+    _check_documents(docs)
+    width = max(len(ids) for ids, _ in docs)
+    if pad_to is not None:
+        if pad_to < width:
+            raise ValueError(f"a document holds {width} tokens, more than pad_to={pad_to}")
+        width = pad_to
+    batch = PaddedBatch(
+        input_ids=torch.full((len(docs), width), pad_id, dtype=torch.long),
+        attention_mask=torch.zeros(len(docs), width, dtype=torch.long),
+        position_ids=torch.arange(width).repeat(len(docs), 1),
+        labels=torch.full((len(docs), width), IGNORE_INDEX, dtype=torch.long),
+        doc_ids=torch.full((len(docs), width), -1, dtype=torch.long),
+    )
+    for d, (input_ids, loss_mask) in enumerate(docs):
+        n = len(input_ids)
+        batch["input_ids"][d, :n] = torch.tensor(input_ids, dtype=torch.long)
+        batch["attention_mask"][d, :n] = 1
+        batch["labels"][d, :n] = torch.tensor(next_token_labels(input_ids, loss_mask), dtype=torch.long)
+        batch["doc_ids"][d, :n] = d
+    return batch

@@ -1,0 +1,159 @@
+"""Log-probabilities of target tokens, with the LM head applied only to those tokens, in chunks.
+
+A batch comes from `zephyr.data.packing`: packed (one row, `cu_seqlens`, per-document `position_ids`) or
+padded (`attention_mask`), with `labels[t]` the target predicted at position t, −100 where there is none.
+
+The model is called through its own `__call__` (so DDP, FSDP2 and DeepSpeed wrappers run their hooks) with
+`logits_to_keep` empty, so its forward projects no position at all; a forward hook on the decoder takes
+its final hidden states. The LM head then runs on the target rows only, `chunk_size` rows at a time, with
+log-softmax in float32; under autograd each chunk is checkpointed, so its fp32 logits are recomputed in
+backward instead of kept: memory holds one chunk of [rows × vocab] logits, never all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from zephyr.data.packing import IGNORE_INDEX
+
+# Post-head logit transforms of some architectures that the chunked head does not reproduce.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def token_logps(model: torch.nn.Module, batch: Mapping[str, Any], *, chunk_size: int = 1024) -> torch.Tensor:
+    """Log-prob of every target (labels != −100) under `model`, [n_targets] float32, in row-major order.
+
+    `model` is a causal LM or a wrapper of one (`.module`). Packed batches pass their boundaries to
+    attention as `cu_seq_lens_q/k` and `max_length_q/k` (the "zephyr_packed" and flash implementations use
+    them; "sdpa" and "eager" rebuild them from `position_ids`), so no document attends to another.
+    """
+    causal_lm = unwrap_model(model)
+    hidden = decoder_hidden_states(model, batch)
+    labels = batch["labels"].to(hidden.device)
+    targets = labels != IGNORE_INDEX
+    return target_logps(causal_lm, hidden[targets], labels[targets], chunk_size=chunk_size)
+
+
+def target_doc_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Document index of each target, in the order `token_logps` returns them (the segments of `sequence_logps`)."""
+    return batch["doc_ids"][batch["labels"] != IGNORE_INDEX]
+
+
+def sequence_logps(
+    token_logps: torch.Tensor, segment_ids: torch.Tensor, n_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment sums of target log-probs [n_segments] and target counts [n_segments] (long)."""
+    segment_ids = segment_ids.to(token_logps.device)
+    sums = token_logps.new_zeros(n_segments).index_add(0, segment_ids, token_logps)
+    counts = torch.zeros(n_segments, dtype=torch.long, device=token_logps.device)
+    counts = counts.index_add(0, segment_ids, torch.ones_like(segment_ids))
+    return sums, counts
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside DDP / DeepSpeed / compile wrappers."""
+    while True:
+        inner = next(
+            (
+                getattr(model, name)
+                for name in ("module", "_orig_mod")
+                if isinstance(getattr(model, name, None), torch.nn.Module)
+            ),
+            None,
+        )
+        if inner is None:
+            return model
+        model = inner
+
+
+def model_inputs(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Forward kwargs of a packed or padded batch (labels stay out: the model computes no loss)."""
+    inputs: dict[str, Any] = {
+        "input_ids": batch["input_ids"].to(device),
+        "position_ids": batch["position_ids"].to(device),
+    }
+    if "cu_seqlens" in batch:
+        cu_seqlens = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
+        max_seqlen = int(batch["max_seqlen"])
+        inputs.update(
+            attention_mask=None,
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=max_seqlen,
+            max_length_k=max_seqlen,
+        )
+    else:
+        inputs["attention_mask"] = batch["attention_mask"].to(device)
+    return inputs
+
+
+def decoder_hidden_states(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Final hidden states [B, T, H] of the decoder body, taken during a forward that projects nothing."""
+    causal_lm = unwrap_model(model)
+    device = causal_lm.get_input_embeddings().weight.device
+    captured: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = causal_lm.get_decoder().register_forward_hook(keep)
+    try:
+        nothing = torch.empty(0, dtype=torch.long, device=device)
+        model(**model_inputs(batch, device), logits_to_keep=nothing, use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decoder call in the forward, saw {len(captured)}")
+    return captured[0]
+
+
+def target_logps(
+    causal_lm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for rows of final hidden states [N, H] → [N] float32, chunk by chunk."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    project = head_projection(causal_lm)
+    softcap = _final_logit_softcapping(causal_lm)
+
+    def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = project(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+    grad = torch.is_grad_enabled()
+    pieces = []
+    for start in range(0, max(len(targets), 1), chunk_size):  # max(): an empty batch still yields a graph
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        pieces.append(checkpoint(chunk_logps, h, y, use_reentrant=False) if grad else chunk_logps(h, y))
+    return torch.cat(pieces)
+
+
+def head_projection(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden [N, H] → logits [N, V] through the model's output embeddings."""
+    head = causal_lm.get_output_embeddings()
+    weight = head.weight
+    if hasattr(weight, "full_tensor"):
+        # FSDP2 keeps sharded DTensor parameters outside the model's forward: gather the head once per call
+        full = weight.full_tensor()
+        bias = head.bias.full_tensor() if getattr(head, "bias", None) is not None else None
+        return lambda h: F.linear(h.to(full.dtype), full, bias)
+    # Calling the module (not its weight) lets DeepSpeed ZeRO-3 gather the partitioned weight in its hooks.
+    # Outside the model's forward no autocast applies: bring bf16 activations to the weight's dtype.
+    return lambda h: head(h.to(weight.dtype))
+
+
+def _final_logit_softcapping(causal_lm: torch.nn.Module) -> float | None:
+    config = causal_lm.config.get_text_config()
+    for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"{type(causal_lm).__name__} scales its logits ({name}); chunked log-probs do not"
+            )
+    return getattr(config, "final_logit_softcapping", None)
