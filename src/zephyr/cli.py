@@ -53,14 +53,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_recipe(args: argparse.Namespace, name: str):
+def _recipe_section(args: argparse.Namespace, name: str):
     from zephyr.config import load_recipe, section
 
     return section(load_recipe(args.recipe, args.overrides), name, args.recipe)
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    cfg = _training_recipe(args, "sft")
+    cfg = _recipe_section(args, "sft")
     from zephyr.training.sft import run_sft
 
     run_sft(cfg, resume=args.resume)
@@ -68,10 +68,18 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _cmd_dpo(args: argparse.Namespace) -> int:
-    cfg = _training_recipe(args, "dpo")
+    cfg = _recipe_section(args, "dpo")
     from zephyr.training.dpo import run_dpo
 
     run_dpo(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_curate(args: argparse.Namespace) -> int:
+    cfg = _recipe_section(args, "curate")
+    from zephyr.curation import run_curate
+
+    run_curate(cfg)
     return 0
 
 
@@ -158,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=3)
     s.add_argument("--no-color", action="store_true")
     p.set_defaults(handler=_cmd_data)
+
+    p = sub.add_parser("curate", help="curate teacher dialogues into the dSFT set")
+    _add_recipe_args(p)
+    p.set_defaults(handler=_cmd_curate)
 
     p = sub.add_parser("sft", help="supervised fine-tuning (dSFT)")
     _add_recipe_args(p)

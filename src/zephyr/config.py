@@ -137,9 +137,33 @@ class DPOConfig(TrainingConfig):
 
 
 @dataclass
+class CurateConfig:
+    """Curation of teacher dialogues into the dSFT set; every filter reports how many rows it removed."""
+
+    input: str = ""  # conversations file (JSONL / Parquet / hf:NAME[:SPLIT])
+    output_dir: str = "runs/curate"
+    on_bad_record: Literal["error", "skip"] = "skip"
+    truecase: bool = True  # capitalise sentence starts (ultrachat_200k was truecased)
+    drop_refusals: bool = True  # "As an AI language model", "I don't have emotions", ... (ultrachat_200k)
+    refusal_patterns: list[str] | None = None  # regexes; None = the built-in list
+    dedup_exact: bool = True
+    near_dup_threshold: float | None = bounded(0.9, gt=0, le=1)  # MinHash Jaccard; null disables
+    min_turns: int = bounded(1, ge=1)  # user/assistant exchanges
+    max_turns: int | None = bounded(None, ge=1)
+    min_chars: int = bounded(1, ge=0)  # per assistant message
+    max_chars: int | None = bounded(None, ge=1)  # per message
+    decontaminate: list[str] = field(default_factory=lambda: ["asset:mt-bench"])  # eval prompt sources
+    ngram: int = bounded(13, ge=1)  # n-gram length for decontamination (words)
+    contamination_threshold: float = bounded(0.5, gt=0, le=1)  # share of an eval prompt's n-grams found
+    test_fraction: float = bounded(0.05, ge=0, le=0.5)  # deterministic split by prompt_id hash
+    seed: int = 42
+
+
+@dataclass
 class Recipe:
     """A recipe file: one optional section per stage."""
 
+    curate: CurateConfig | None = None
     sft: SFTConfig | None = None
     dpo: DPOConfig | None = None
 
