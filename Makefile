@@ -20,6 +20,7 @@ assets: $(STAMP)
 	$(BIN)/zephyr assets fetch smollm2-135m-instruct
 	$(BIN)/zephyr assets fetch mistral-7b-tokenizer
 	$(BIN)/zephyr assets fetch mt-bench
+	$(BIN)/zephyr assets fetch alpaca-eval-templates
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,312 @@
+"""Chat templates rendered into token ids and an assistant-only loss mask.
+
+A conversation is rendered once with the tokenizer's chat template into text and tokenized once. The trained
+tokens are found from character spans: for each assistant message, the conversation before it rendered with
+the generation prompt must be a textual prefix of the conversation up to and including it, which must be a
+prefix of the whole render; the trained span is what follows that prefix, up to and including the template's
+end-of-turn token. The text after the end-of-turn token (usually a newline) belongs to the template, not
+to the answer: it is not trained, and the model never has to produce it because generation stops at the
+end-of-turn token.
+
+Rules a template must follow to be used for training (violations raise `TemplateError`, never a warning):
+- prefix renders are textual prefixes of longer renders (templates that rewrite earlier turns fail);
+- after the assistant content comes a special token of the tokenizer, optionally after whitespace: the
+  end-of-turn token.
+A message whose content holds the end-of-turn token's text is refused (`DataError`): the tokenizer would
+read it as the special token and the turn would end inside the text.
+
+BOS: a template whose text starts with the BOS token brings its own; otherwise the BOS is added exactly
+when the tokenizer would add one to plain text (Mistral: one `<s>`; SmolLM2: none). EOS is never added
+by the tokenizer: the template writes the end-of-turn token.
+
+This module is pure given a tokenizer (no model, no files except the built-in templates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from zephyr.errors import DataError, ZephyrError
+
+BUILTIN_TEMPLATES = ("zephyr", "chatml")
+# Unique text that no template produces by itself: locates the assistant content in a probe render.
+_PROBE = "zephyr-end-of-turn-probe"
+_GREEN, _RESET = "\x1b[32m", "\x1b[0m"
+
+
+class TemplateError(ZephyrError):
+    """A chat template cannot render a conversation into consistent training ids."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered conversation: token ids and a loss mask (1 = trained token, the next-token target)."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    @property
+    def num_trained(self) -> int:
+        return sum(self.loss_mask)
+
+
+def builtin_template(name: str) -> str:
+    """The Jinja text of a template shipped with zephyr (`zephyr`, `chatml`)."""
+    if name not in BUILTIN_TEMPLATES:
+        raise TemplateError(
+            f"unknown chat template {name!r}; built-in templates: {', '.join(BUILTIN_TEMPLATES)}"
+        )
+    return resources.files("zephyr").joinpath(f"templates/{name}.jinja").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering and tokenizing
+
+
+def render_text(tokenizer: Any, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "the tokenizer has no chat template; load it with zephyr.models.load_tokenizer(spec, chat_template=...)"
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja errors, raise_exception() in templates, bad message types
+        raise TemplateError(f"the chat template failed on {_excerpt(messages)}: {exc}") from exc
+    if not isinstance(text, str):
+        raise TemplateError(f"the chat template returned {type(text).__name__}, not text")
+    return text
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of rendered text, with exactly one BOS where the model expects one (see module doc)."""
+    return _encode(tokenizer, text)[0]
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[Mapping]) -> list[int]:
+    """Token ids of a prompt for generation: the conversation followed by the generation prompt."""
+    return encode_text(tokenizer, render_text(tokenizer, messages, add_generation_prompt=True))
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(without) and with_special[0] == bos
+
+
+def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError(
+            f"{type(tokenizer).__name__} gives no character offsets; use a fast (tokenizers) one"
+        )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    bos_token = getattr(tokenizer, "bos_token", None)
+    if not (bos_token and text.startswith(bos_token)) and _adds_bos(tokenizer):
+        ids.insert(0, tokenizer.bos_token_id)
+        offsets.insert(0, (0, 0))
+    return ids, offsets
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End of turn
+
+
+def _special_tokens(tokenizer: Any) -> set[str]:
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            tokens.add(str(added))
+    return {t for t in tokens if t}
+
+
+def end_of_turn(tokenizer: Any) -> tuple[str, int]:
+    """The template's end-of-turn token and its id.
+
+    Rule: render one user turn and one assistant turn, and take the longest special token of the tokenizer
+    that the text right after the assistant content starts with (whitespace in between is allowed).
+    Zephyr: `</s>` (the eos token); ChatML: `<|im_end|>`.
+    """
+    text = render_text(
+        tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    )
+    at = text.rfind(_PROBE)
+    if at < 0:
+        raise TemplateError("the chat template does not write the assistant's content verbatim")
+    tail = text[at + len(_PROBE) :].lstrip()
+    matches = [tok for tok in _special_tokens(tokenizer) if tail.startswith(tok)]
+    if not matches:
+        raise TemplateError(
+            f"the chat template writes {tail[:40]!r} after the assistant's content: no special token of the "
+            "tokenizer ends the turn, so generation could not stop there (does the tokenizer lack this "
+            "template's end-of-turn token?)"
+        )
+    token = max(matches, key=len)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None:
+        raise TemplateError(f"end-of-turn token {token!r} has no id in the tokenizer")
+    return token, int(token_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversations (SFT) and prompt/answer pairs (DPO)
+
+
+def _answer_end(turn: str, eot: str, messages: Sequence[Mapping]) -> int:
+    """Where the trained part of an assistant turn's text ends: right after its end-of-turn token."""
+    at = turn.rfind(eot)
+    if at < 0:
+        raise TemplateError(f"the assistant turn does not end with {eot!r} in {_excerpt(messages)}")
+    return at + len(eot)
+
+
+def _check_contents(messages: Sequence[Mapping], eot: str) -> None:
+    """Content holding the end-of-turn token's text would tokenize to it and end the turn mid-text."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, str) and eot in content:
+            raise DataError(f"messages[{i}].content contains the end-of-turn token {eot!r}")
+
+
+def assistant_spans(tokenizer: Any, messages: Sequence[Mapping]) -> tuple[str, list[tuple[int, int]]]:
+    """The full render and the character spans [start, end) of every assistant answer + end-of-turn."""
+    eot, _ = end_of_turn(tokenizer)
+    _check_contents(messages, eot)
+    full = render_text(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = render_text(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_text(tokenizer, messages[: i + 1])
+        if not upto.startswith(prompt) or not full.startswith(upto):
+            raise TemplateError(
+                f"the chat template is not prefix-consistent at message {i}: the conversation before it "
+                f"(with the generation prompt) or up to it is not a prefix of the whole render, "
+                f"in {_excerpt(messages)}"
+            )
+        start = len(prompt)
+        spans.append((start, start + _answer_end(upto[start:], eot, messages)))
+    return full, spans
+
+
+def render_conversation(tokenizer: Any, messages: Sequence[Mapping]) -> Rendered:
+    """Token ids of the whole conversation and a mask of the assistant answers and their end-of-turn tokens.
+
+    A token is trained when its characters overlap an assistant span (a zero-width token when it sits
+    inside one). A token straddling a turn header and the answer is therefore trained; templates that
+    produce such tokens also fail `render_prompt_answer`'s strict prefix check.
+    """
+    full, spans = assistant_spans(tokenizer, messages)
+    ids, offsets = _encode(tokenizer, full)
+    mask = [int(_in_spans(start, end, spans)) for start, end in offsets]
+    return Rendered(input_ids=ids, loss_mask=mask)
+
+
+def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    if start == end:
+        return any(s <= start < e for s, e in spans)
+    return any(start < e and end > s for s, e in spans)
+
+
+def render_prompt_answer(
+    tokenizer: Any, prompt_messages: Sequence[Mapping], answer_content: str
+) -> tuple[list[int], list[int]]:
+    """(prompt_ids, answer_ids): the prompt with the generation prompt, and the answer + end-of-turn token.
+
+    The prompt's ids must be an exact prefix of the ids of prompt + answer (otherwise the log-probs of the
+    answer would be scored on a context the model never sees at generation): TemplateError if not.
+    `answer_ids` end with the end-of-turn token and exclude the template text after it, the same tokens
+    `render_conversation` trains. Multi-turn prompts (earlier assistant turns included) work.
+    """
+    eot, eot_id = end_of_turn(tokenizer)
+    conversation = [*prompt_messages, {"role": "assistant", "content": answer_content}]
+    _check_contents(conversation, eot)
+    prompt = render_text(tokenizer, prompt_messages, add_generation_prompt=True)
+    full = render_text(tokenizer, conversation)
+    if not full.startswith(prompt):
+        raise TemplateError(
+            f"the prompt rendered with the generation prompt is not a textual prefix of prompt + answer in "
+            f"{_excerpt(conversation)}"
+        )
+    end = len(prompt) + _answer_end(full[len(prompt) :], eot, conversation)
+    prompt_ids = encode_text(tokenizer, prompt)
+    all_ids = encode_text(tokenizer, full[:end])
+    if all_ids[: len(prompt_ids)] != prompt_ids:
+        at = next(
+            (k for k, (a, b) in enumerate(zip(prompt_ids, all_ids, strict=False)) if a != b), len(all_ids)
+        )
+        raise TemplateError(
+            f"the prompt's token ids are not a prefix of the prompt + answer ids (first difference at token "
+            f"{at}: prompt has {tokenizer.convert_ids_to_tokens(prompt_ids[at : at + 3])}, prompt + answer "
+            f"has {tokenizer.convert_ids_to_tokens(all_ids[at : at + 3])}) in {_excerpt(conversation)}"
+        )
+    answer_ids = all_ids[len(prompt_ids) :]
+    if not answer_ids or answer_ids[-1] != eot_id:
+        raise TemplateError(f"the answer does not tokenize to ... {eot!r} in {_excerpt(conversation)}")
+    return prompt_ids, answer_ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Display (`zephyr data show`)
+
+
+def show_record(tokenizer: Any, record: Mapping, color: bool) -> str:
+    """A conversations or pairs record rendered with its trained tokens marked, and token counts.
+
+    Trained spans are green when `color`, otherwise wrapped in `[[` `]]`. A pairs record shows chosen
+    and rejected, each as the prompt plus the answer that DPO scores.
+    """
+    lines = []
+    if "prompt_id" in record:
+        lines.append(f"# prompt_id: {record['prompt_id']}")
+    if "messages" in record:
+        rendered = render_conversation(tokenizer, record["messages"])
+        lines.append(_marked(tokenizer, rendered, color))
+    elif "chosen" in record and "rejected" in record:
+        for side in ("chosen", "rejected"):
+            messages = record[side]
+            if not messages or messages[-1].get("role") != "assistant":
+                raise DataError(f"{side}: the last message must be the assistant's answer")
+            prompt_ids, answer_ids = render_prompt_answer(tokenizer, messages[:-1], messages[-1]["content"])
+            rendered = Rendered(prompt_ids + answer_ids, [0] * len(prompt_ids) + [1] * len(answer_ids))
+            lines.append(f"## {side}")
+            lines.append(_marked(tokenizer, rendered, color))
+    else:
+        raise DataError(f"record has neither 'messages' nor 'chosen'/'rejected': keys {sorted(record)}")
+    return "\n".join(lines)
+
+
+def _marked(tokenizer: Any, rendered: Rendered, color: bool) -> str:
+    """Decoded text with trained runs marked; runs are cut from prefix decodes so spacing stays exact."""
+    ids, mask = rendered.input_ids, rendered.loss_mask
+    pieces, done, start = [], "", 0
+    for k in range(1, len(ids) + 1):
+        if k < len(ids) and mask[k] == mask[start]:
+            continue
+        text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+        run = text[len(done) :]
+        if mask[start]:
+            run = f"{_GREEN}{run}{_RESET}" if color else f"[[{run}]]"
+        pieces.append(run)
+        done, start = text, k
+    return "".join(pieces) + f"\n({len(ids)} tokens, {rendered.num_trained} trained)"
+
+
+def _excerpt(messages: Sequence[Mapping], width: int = 60) -> str:
+    parts = []
+    for m in messages:
+        content = str(m.get("content", "")) if isinstance(m, Mapping) else repr(m)
+        short = content if len(content) <= width else content[: width - 3] + "..."
+        role = m.get("role", "?") if isinstance(m, Mapping) else "?"
+        parts.append(f"{role}: {short!r}")
+    return "[" + "; ".join(parts) + "]"
