@@ -158,6 +158,12 @@ class CurateConfig:
     test_fraction: float = bounded(0.05, ge=0, le=0.5)  # deterministic split by prompt_id hash
     seed: int = 42
 
+    def validate(self, where: str) -> None:
+        if self.max_turns is not None and self.max_turns < self.min_turns:
+            raise ConfigError(f"{where}.max_turns: must be >= min_turns ({self.min_turns})")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ConfigError(f"{where}.max_chars: must be >= min_chars ({self.min_chars})")
+
 
 @dataclass
 class Recipe:
