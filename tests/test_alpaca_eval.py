@@ -1,0 +1,470 @@
+"""AlpacaEval: judge requests, preference parsing, win rates and the length-controlled GLM.
+
+Golden values by hand first; then parity with alpaca_eval 0.6.6's own functions (one slow module fixture,
+its import takes seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+
+import numpy as np
+import pytest
+
+from zephyr import assets
+from zephyr.errors import ConfigError
+from zephyr.evaluation import alpaca_eval as ae
+from zephyr.evaluation.alpaca_eval import Annotation, GamedBaselines
+
+FN_SYSTEM = (
+    "You are a highly efficient assistant, who evaluates and rank large language models (LLMs) based on the "
+    "quality of their responses to given prompts. This process will create a leaderboard reflecting the most "
+    "accurate and human-preferred answers."
+)
+
+
+@pytest.fixture(scope="module")
+def annotators():
+    folder = assets.fetch("alpaca-eval-templates")
+    return {
+        name: ae.load_annotator(folder, name) for name in ("alpaca_eval_gpt4_turbo_fn", "alpaca_eval_gpt4")
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests and parsing
+
+
+def test_load_annotators(annotators):
+    fn = annotators["alpaca_eval_gpt4_turbo_fn"]
+    assert (fn.parser, fn.model_1_name, fn.annotation_key) == ("json_ranking", "m", "ordered_models")
+    assert fn.completions_kwargs["tool_choice"]["function"]["name"] == "make_partial_leaderboard"
+    assert fn.completions_kwargs["temperature"] == 0
+    gpt4 = annotators["alpaca_eval_gpt4"]
+    assert (gpt4.parser, gpt4.model_1_name, gpt4.annotation_key) == ("ranking", "model_1", None)
+
+
+def test_request_places_outputs_by_switch(annotators):
+    fn = annotators["alpaca_eval_gpt4_turbo_fn"]
+    instructions = [f"Name {i} rivers." for i in range(40)]
+    switches = [ae.is_switched(text) for text in instructions]
+    assert 10 < sum(switches) < 30  # about half
+    assert switches == [ae.is_switched(text) for text in instructions]  # seeded, not random per call
+    assert switches != [ae.is_switched(text, seed=7) for text in instructions]
+    for text, switched in zip(instructions[:6], switches[:6], strict=True):
+        request = ae.make_request(fn, text, "REFERENCE {output_1}", "MODEL")
+        assert request.switched is switched and not request.identical
+        assert request.model_position == (1 if switched else 2)
+        first, second = ("MODEL", "REFERENCE {output_1}") if switched else ("REFERENCE {output_1}", "MODEL")
+        system, user = request.messages
+        assert system == {"role": "system", "content": FN_SYSTEM}
+        assert user["role"] == "user"
+        assert f'"instruction": """{text}""",' in user["content"]
+        assert f'"model": "m",\n        "output": """{first}"""' in user["content"]
+        assert f'"model": "M",\n        "output": """{second}"""' in user["content"]
+        assert user["content"].endswith("the model with the highest quality output is ranked first.")
+    assert ae.make_request(fn, "x", "same", "same").identical
+
+
+def test_fill_template_inserts_values_verbatim():
+    template = "{instruction} | {output_1} | {output_2} | {output_1}"
+    filled = ae.fill_template(template, {"instruction": "say {output_2}", "output_1": "a", "output_2": "b"})
+    assert filled == "say {output_2} | a | b | {output_1}"  # first occurrence only, values not rescanned
+    with pytest.raises(Exception, match="has no value"):
+        ae.fill_template("{instruction} {other}", {"instruction": "x"})
+
+
+@pytest.mark.parametrize(
+    ("completion", "switched", "expected"),
+    [
+        ('{"ordered_models": [{"model": "m", "rank": 1}, {"model": "M", "rank": 2}]}', False, 1.0),
+        ('{"ordered_models": [{"model": "M", "rank": 1}, {"model": "m", "rank": 2}]}', False, 2.0),
+        # switched: the model was shown first as "m", so m ranked first means the model wins
+        ('{"ordered_models": [{"model": "m", "rank": 1}, {"model": "M", "rank": 2}]}', True, 2.0),
+        ('{"ordered_models": [{"model": "m", "rank": 2.0}, {"model": "M", "rank": 1}]}', True, 1.0),
+        ('Sure:\n```json\n{"ordered_models": [{"model": "m", "rank": 2}]}\n```', False, 2.0),
+        ('{"ordered_models": [{"model": "m", "rank": 3}, {"model": "M", "rank": 1}]}', False, None),
+        ('{"ordered_models": [{"model": "M", "rank": 1}]}', False, None),  # m not ranked
+        ('{"ranking": []}', False, None),
+        ("[[m]] is better", False, None),
+        ("", False, None),
+    ],
+)
+def test_parse_function_call_preference(annotators, completion, switched, expected):
+    preference, reason = ae.parse_preference(annotators["alpaca_eval_gpt4_turbo_fn"], completion, switched)
+    assert preference == expected
+    assert (reason is None) == (expected is not None)
+
+
+def test_parse_ranking_preference(annotators):
+    gpt4 = annotators["alpaca_eval_gpt4"]
+    text = "[{'model': 'model_2', 'rank': 1}, {'model': 'model_1', 'rank': 2}]"
+    assert ae.parse_preference(gpt4, text, switched=False) == (2.0, None)
+    assert ae.parse_preference(gpt4, text, switched=True) == (1.0, None)
+    assert ae.parse_preference(gpt4, "model_1 is better", switched=False) == (None, ae.NO_RANKING)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Win rates, by hand
+
+
+def test_win_rate_golden():
+    # 2 model win, 1 reference win, 1.5 and 0 draws, None unparsed: values 1, 0, .5, 1, .5
+    prefs = [2, 1, 1.5, 2, None, 0]
+    assert ae.win_rate(prefs) == pytest.approx(60.0)
+    # deviations .4 -.6 -.1 .4 -.1 -> sum of squares .7, var .175, sem sqrt(.175 / 5)
+    assert ae.standard_error(prefs) == pytest.approx(100 * math.sqrt(0.175 / 5))
+    assert ae.head_to_head(prefs) == {"n_wins": 2, "n_wins_base": 1, "n_draws": 2, "n_total": 5}
+    soft = [1.7, 1.2, 1.5, 1.51]
+    assert ae.win_rate(soft) == pytest.approx((0.7 + 0.2 + 0.5 + 0.51) / 4 * 100)
+    assert ae.discrete_win_rate(soft) == pytest.approx((1 + 0 + 0.5 + 1) / 4 * 100)  # 1.51 rounds to a win
+    # 2.5 is no preference for the win rate (dropped), but the discrete rule rounds first (half to even: 2)
+    assert ae.win_rate([2.5, 1.0]) == pytest.approx(0.0)
+    assert ae.discrete_win_rate([2.5, 1.0]) == pytest.approx(50.0)
+    assert math.isnan(ae.standard_error([2]))
+    assert ae.avg_length(["abc", "de", "ü"]) == 2  # int(6 / 3) characters
+
+
+def test_length_controlled_golden_cases():
+    lengths = [10, 200, 35, 400, 90, 60, 500, 7, 120, 300]
+    refs = [100] * 10
+    # all draws: the L1-penalised fit stays at zero weights, every prediction is 0.5
+    lc = ae.length_controlled_win_rate([1.5] * 10, lengths, refs, glm="length_controlled_minimal")
+    assert lc.win_rate == pytest.approx(50.0, abs=1e-9)
+    assert lc.weights == {ae.LENGTH: 0.0, ae.MODEL: 0.0}
+    same = ae.length_controlled_win_rate([2.0] * 10, lengths, refs, same_model=True)
+    assert (same.win_rate, same.standard_error, same.C) == (50.0, 0.0, None)
+    with pytest.raises(ConfigError, match="instruction difficulty"):
+        ae.length_controlled_win_rate([2.0] * 10, lengths, refs)
+    with pytest.raises(ConfigError, match="df_gamed"):
+        ae.length_controlled_win_rate([2.0] * 10, lengths, refs, instruction_difficulty=[0.0] * 10)
+    with pytest.raises(ConfigError, match="unknown"):
+        ae.length_controlled_win_rate([2.0] * 10, lengths, refs, glm="lc_v2")
+
+
+def test_l1_logistic_solution_meets_optimality_conditions():
+    """∇ smooth part + subgradient of ||w||₁ contains 0: the fit is the exact minimiser, not a solver's
+    approximation (so agreement with alpaca_eval is limited only by liblinear's own tolerance)."""
+    rng = np.random.default_rng(0)
+    X = np.column_stack([np.tanh(rng.normal(size=60)), rng.normal(size=60), np.ones(60)])
+    target = 1 / (1 + np.exp(-(X @ np.array([-1.0, 0.4, 0.3]) + rng.normal(size=60))))
+    weight = rng.uniform(0.1, 1.0, size=60)
+    for C in (0.05, 1.0, 100.0):
+        w = ae._fit_l1_logistic(X, target, weight, C)
+        q = 1 / (1 + np.exp(-(X @ w)))
+        grad = C * X.T @ (weight * (q - target))
+        for j in range(3):
+            if w[j] != 0:
+                assert grad[j] + np.sign(w[j]) == pytest.approx(0, abs=1e-8)
+            else:
+                assert abs(grad[j]) <= 1 + 1e-8
+    assert np.all(ae._fit_l1_logistic(X, target, weight, 1e-4) == 0)  # tiny C: the penalty wins
+
+
+def test_summarize_counts_failures_and_reports_glm():
+    rng = random.Random(3)
+    rows = [
+        Annotation(
+            i, rng.choice([1.0, 2.0, 1.5, None]), "m" * rng.randint(5, 400), "r" * rng.randint(50, 200)
+        )
+        for i in range(30)
+    ]
+    result = ae.summarize(rows)
+    parsed = [r for r in rows if r.preference is not None]
+    assert result["n_failed"] == 30 - len(parsed) > 0
+    assert result["n_total"] == len(parsed)
+    assert result["win_rate"] == pytest.approx(ae.win_rate([r.preference for r in parsed]))
+    assert result["avg_length"] == int(sum(len(r.model_output) for r in rows) / 30)
+    assert result["length_controlled_glm"] == "length_controlled_minimal"
+    assert 0 < result["length_controlled_winrate"] < 100
+
+
+def test_summarize_small_and_empty():
+    few = ae.summarize(
+        [Annotation(i, 2.0, "a" * (i + 1), "b") for i in range(3)] + [Annotation(3, None, "x", "y")]
+    )
+    assert few["win_rate"] == 100.0 and few["n_failed"] == 1
+    assert few["length_controlled_winrate"] is None and "needs >= 5" in few["length_controlled_note"]
+    none_parsed = ae.summarize([Annotation(0, None, "x", "y")])
+    assert none_parsed["win_rate"] is None and none_parsed["standard_error"] is None
+    json.dumps(few, allow_nan=False)
+    json.dumps(none_parsed, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity with alpaca_eval 0.6.6
+
+
+def _table(n: int = 40, seed: int = 0):
+    """A fixed annotation table: soft and hard preferences that depend on length, a few draws."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        model_len, ref_len = rng.randint(50, 1500), rng.randint(200, 900)
+        soft = 1 + 1 / (1 + math.exp(-(model_len - ref_len) / 400 + rng.gauss(0, 1)))
+        preference = rng.choice([1.0, 2.0]) if rng.random() < 0.3 else round(soft, 3)
+        if i % 13 == 0:
+            preference = 1.5
+        rows.append(Annotation(i, preference, "m" * model_len, "r" * ref_len))
+    difficulty = [rng.gauss(0, 1) for _ in range(n)]
+    gamed_rows = [
+        {"model": m, "index": i, "preference": rng.random(), "std_delta_len": rng.gauss(0, 1)}
+        for m in ("verbose", "concise")
+        for i in range(n)
+    ]
+    return rows, difficulty, gamed_rows
+
+
+@pytest.fixture(scope="module")
+def alpaca(tmp_path_factory):
+    """alpaca_eval's metrics with the hub download of df_gamed.csv pointed at a local synthetic file."""
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import alpaca_eval.completion_parsers as parsers
+        import alpaca_eval.metrics.glm_winrate as glm
+        from alpaca_eval import processors, utils
+        from alpaca_eval.metrics import get_winrate
+
+    rows, difficulty, gamed_rows = _table()
+    df_gamed = pd.DataFrame(gamed_rows)
+    df_gamed["instruction_difficulty"] = [difficulty[r["index"]] for r in gamed_rows]
+    df_gamed["not_gamed_baseline"] = False
+    path = tmp_path_factory.mktemp("alpaca") / "df_gamed.csv"
+    df_gamed.to_csv(path, index=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(glm, "hf_hub_download", lambda **kwargs: str(path))
+        yield {
+            "glm": glm,
+            "get_winrate": get_winrate,
+            "parsers": parsers,
+            "processors": processors,
+            "utils": utils,
+            "pd": pd,
+            "rows": rows,
+            "difficulty": difficulty,
+            "gamed": GamedBaselines(
+                df_gamed["preference"].tolist(),
+                df_gamed["std_delta_len"].tolist(),
+                df_gamed["instruction_difficulty"].tolist(),
+            ),
+        }
+
+
+def _frame(pd, rows):
+    return pd.DataFrame(
+        [
+            {
+                "index": r.index,
+                "preference": math.nan if r.preference is None else r.preference,
+                "output_1": r.reference_output,
+                "output_2": r.model_output,
+                "generator_1": "baseline",
+                "generator_2": "model",
+            }
+            for r in rows
+        ]
+    )
+
+
+def _reference_lc(alpaca, frame, glm_name, **solver):
+    glm = alpaca["glm"]
+    info = dict(glm.GLM_INFO[glm_name])
+    info["kwargs"] = {**info["kwargs"], **solver}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return glm.get_length_controlled_winrate(frame, glm_info=info, save_weights_dir=None)
+
+
+@pytest.mark.slow
+def test_win_rates_equal_alpaca_eval(alpaca):
+    rows = alpaca["rows"]
+    preferences = [r.preference for r in rows] + [None, 0, 2.5]
+    expected = alpaca["get_winrate"]([{"preference": math.nan if p is None else p} for p in preferences])
+    assert ae.win_rate(preferences) == pytest.approx(expected["win_rate"], abs=1e-9)
+    assert ae.standard_error(preferences) == pytest.approx(expected["standard_error"], abs=1e-9)
+    assert ae.discrete_win_rate(preferences) == pytest.approx(expected["discrete_win_rate"], abs=1e-9)
+    counts = ae.head_to_head(preferences)
+    assert counts == {k: int(expected[k]) for k in ("n_wins", "n_wins_base", "n_draws", "n_total")}
+
+
+# liblinear (alpaca_eval's solver) stops at tolerance 1e-4; given a 1e-12 tolerance it reaches the exact
+# minimiser that zephyr computes, and then the LC win rates agree to 1e-6 (seen: ~1e-10). At alpaca_eval's
+# default tolerance the difference is liblinear's early stop, ~1e-3 percentage points here.
+EXACT = {"tol": 1e-12, "max_iter": 100_000}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("glm_name", list(ae.GLMS))
+def test_length_controlled_win_rate_equals_alpaca_eval(alpaca, glm_name):
+    rows = alpaca["rows"]
+    frame = _frame(alpaca["pd"], rows)
+    ours = ae.length_controlled_win_rate(
+        [r.preference for r in rows],
+        [len(r.model_output) for r in rows],
+        [len(r.reference_output) for r in rows],
+        glm=glm_name,
+        instruction_difficulty=[alpaca["difficulty"][r.index] for r in rows],
+        gamed=alpaca["gamed"],
+    )
+    exact = _reference_lc(alpaca, frame, glm_name, **EXACT)
+    assert ours.win_rate == pytest.approx(exact["length_controlled_winrate"], abs=1e-6)
+    assert ours.standard_error == pytest.approx(exact["lc_standard_error"], abs=1e-6)
+    np.testing.assert_allclose(ours.predictions, frame["glm_preference"], atol=1e-8)
+    default = _reference_lc(alpaca, _frame(alpaca["pd"], rows), glm_name)
+    assert ours.win_rate == pytest.approx(default["length_controlled_winrate"], abs=1e-2)
+    assert ours.win_rate != pytest.approx(ae.win_rate([r.preference for r in rows]), abs=0.5)  # LC moved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_validation_equals_sklearn(alpaca, weighted):
+    """Folds, per-fold scores for every C, the chosen C and the refit: alpaca_eval's LogisticRegressionCV."""
+    from sklearn.model_selection import GroupKFold
+
+    n = 37
+    groups = np.concatenate([np.arange(n), np.arange(n)])  # each item twice, as alpaca_eval duplicates them
+    folds = ae._group_folds(n)
+    for fold, (_, test) in enumerate(GroupKFold(n_splits=5).split(groups, groups=groups)):
+        assert sorted(set(groups[test])) == list(np.flatnonzero(folds == fold))
+
+    rng = np.random.default_rng(1)
+    X = np.column_stack([np.tanh(rng.normal(size=n)), rng.normal(size=n), np.ones(n)])
+    target = 1 / (1 + np.exp(-(X @ np.array([-0.8, 0.5, 0.2]) + rng.normal(size=n))))
+    weight = rng.choice([0.1, 1.0], size=n) if weighted else None
+    data = alpaca["pd"].DataFrame(X, columns=["a", "b", "c"]).assign(preference=target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = alpaca["glm"].fit_LogisticRegressionCV(
+            data, "preference", is_ytrue_proba=True, sample_weight=weight, n_splits=5, **EXACT
+        )
+    np.testing.assert_allclose(ae._cv_scores(X, target, weight), model.scores_[1], rtol=0, atol=1e-9)
+    coef, C = ae._fit_glm_cv(X, target, weight)
+    assert model.C_[0] == C
+    np.testing.assert_allclose(coef, model.coef_[0], rtol=0, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_summarize_equals_alpaca_eval_pipeline(alpaca):
+    """alpaca_eval drops unparsed annotations before its metrics; summarize counts them and does the same."""
+    rows = [
+        Annotation(r.index, None if r.index % 7 == 3 else r.preference, r.model_output, r.reference_output)
+        for r in alpaca["rows"]
+    ]
+    parsed = [r for r in rows if r.preference is not None]
+    ours = ae.summarize(rows, instruction_difficulty=alpaca["difficulty"], gamed=alpaca["gamed"])
+    assert ours["length_controlled_glm"] == "length_controlled_v1"
+    assert ours["n_failed"] == len(rows) - len(parsed) == 6
+    expected = _reference_lc(alpaca, _frame(alpaca["pd"], parsed), "length_controlled_v1", **EXACT)
+    for key in (
+        "win_rate",
+        "standard_error",
+        "discrete_win_rate",
+        "length_controlled_winrate",
+        "lc_standard_error",
+    ):
+        assert ours[key] == pytest.approx(expected[key], abs=1e-6), key
+    for key in ("n_wins", "n_wins_base", "n_draws", "n_total"):
+        assert ours[key] == expected[key], key
+    same = (
+        alpaca["pd"]
+        .DataFrame([{"preference": 1.5, "output_1": "a", "output_2": "a"}] * 5)
+        .assign(index=range(5), generator_1="baseline", generator_2="baseline")
+    )
+    expected_same = _reference_lc(alpaca, same, "length_controlled_v1")
+    assert (
+        expected_same["length_controlled_winrate"]
+        == ae.length_controlled_win_rate([1.5] * 5, [1] * 5, [1] * 5, same_model=True).win_rate
+    )
+
+
+@pytest.mark.slow
+def test_requests_equal_alpaca_eval_prompts(alpaca, annotators):
+    pd, utils, processors = alpaca["pd"], alpaca["utils"], alpaca["processors"]
+    frame = pd.DataFrame(
+        [
+            {"instruction": f"Item {i}: explain {'tides' if i % 2 else 'rain'}.", "output_1": f"ref {i}"}
+            for i in range(24)
+        ]
+    ).assign(output_2=[f"model answer {i} with {{braces}}" for i in range(24)])
+    # alpaca_eval's pairwise annotator switch: seeded on the instruction, seed 123
+    switch = processors.RandomSwitchTwoColumnsProcessor(
+        two_columns_to_switch=["output_1", "output_2"],
+        random_seed_columns=["instruction"],
+        _switch_column="is_switched_outputs",
+        seed=123,
+    )
+    shown = switch.preprocess(frame)
+    for annotator in annotators.values():
+        prompts, _ = utils.make_prompts(shown, annotator.template)
+        for i, row in frame.iterrows():
+            request = ae.make_request(annotator, row["instruction"], row["output_1"], row["output_2"])
+            assert request.switched == bool(shown["is_switched_outputs"][i])
+            assert request.messages == utils.prompt_to_chatml(prompts[i])
+    assert 0 < shown["is_switched_outputs"].sum() < 24
+
+
+@pytest.mark.slow
+def test_parsers_equal_alpaca_eval(alpaca, annotators):
+    parsers = alpaca["parsers"]
+
+    def reference(annotator, completion):
+        try:
+            if annotator.parser == "ranking":
+                out = parsers.ranking_parser(completion, model_1_name=annotator.model_1_name)
+            else:
+                steps = {
+                    "json_parser": {"annotation_key": annotator.annotation_key},
+                    "ranking_parser": {"model_1_name": annotator.model_1_name},
+                }
+                out = parsers.pipeline_meta_parser(completion, parsers_to_kwargs=steps)
+        except Exception:
+            return None
+        if len(out) != 1 or out[0] is None or (isinstance(out[0], float) and math.isnan(out[0])):
+            return None
+        return float(out[0])
+
+    completions = {
+        "alpaca_eval_gpt4_turbo_fn": [
+            '{"ordered_models": [{"model": "m", "rank": 1}, {"model": "M", "rank": 2}]}',
+            '{"ordered_models": [{"model": "M", "rank": 1}, {"model": "m", "rank": 2}]}',
+            '```json\n{"ordered_models": [{"model": "m", "rank": 2}]}\n```',
+            '[{"ordered_models": [{"model": "m", "rank": 1}]}, {"ordered_models": []}]',
+            '{"ordered_models": [{"model": "m", "rank": 3}]}',
+            '{"ordered_models": [{"model": "x", "rank": 1}]}',
+            "not json",
+        ],
+        "alpaca_eval_gpt4": [
+            "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]",
+            "[{'model': 'model_2', 'rank': 1}, {'model': 'model_1', 'rank': 2}]",
+            "[{'model': 'model_1', 'rank': 0}]",
+            "model_1 wins",
+        ],
+    }
+    with warnings.catch_warnings(), _quiet_logging():
+        warnings.simplefilter("ignore")
+        for name, texts in completions.items():
+            annotator = annotators[name]
+            for text in texts:
+                assert ae.parse_preference(annotator, text, switched=False)[0] == reference(
+                    annotator, text
+                ), text
+
+
+def _quiet_logging():
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+    return quiet()
