@@ -31,12 +31,19 @@ def test_sections_are_typed_and_defaults_hold(recipe):
     assert r.sft.max_length == 512
     assert r.sft.packing is True and r.sft.lr_scheduler == "cosine"
     # dDPO defaults are the paper's: beta 0.1, lr 5e-7, linear, 10% warmup, 1024 / 512
-    assert (r.dpo.beta, r.dpo.learning_rate, r.dpo.lr_scheduler, r.dpo.warmup_ratio) == (0.1, 5e-7, "linear", 0.1)
+    assert (r.dpo.beta, r.dpo.learning_rate, r.dpo.lr_scheduler, r.dpo.warmup_ratio) == (
+        0.1,
+        5e-7,
+        "linear",
+        0.1,
+    )
     assert (r.dpo.max_length, r.dpo.max_prompt_length) == (1024, 512)
 
 
 def test_overrides_are_parsed_as_yaml_scalars(recipe):
-    r = load_recipe(recipe, ["dpo.beta=0.01", "sft.packing=false", "sft.trackers=[tensorboard]", "dpo.max_steps=3"])
+    r = load_recipe(
+        recipe, ["dpo.beta=0.01", "sft.packing=false", "sft.trackers=[tensorboard]", "dpo.max_steps=3"]
+    )
     assert r.dpo.beta == 0.01
     assert r.sft.packing is False
     assert r.sft.trackers == ["tensorboard"]
@@ -76,7 +83,9 @@ def test_bad_values_name_the_file_and_key(recipe, override, message):
 def test_unknown_key_in_file_names_file_and_closest_key(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("sft:\n  learning_rat: 1e-5\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key 'sft.learning_rat' \(did you mean 'sft.learning_rate'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"typo.yaml: unknown key 'sft.learning_rat' \(did you mean 'sft.learning_rate'\?\)"
+    ):
         load_recipe(path)
 
 
@@ -127,3 +136,16 @@ def test_cli_check_is_fast_in_a_fresh_process(recipe):
     assert proc.returncode == 2
     assert "no.such" in proc.stderr and "Traceback" not in proc.stderr
     assert elapsed < 2.0, elapsed
+
+
+def test_partial_nested_section_keeps_the_factory_defaults():
+    """The judge samples greedily by default; setting only its model keeps temperature 0 and 512 tokens."""
+    r = load_recipe(None, ["feedback.judge.model.model=openai:gpt-4@http://127.0.0.1:1/v1"])
+    judge = r.feedback.judge.model
+    assert judge.model == "openai:gpt-4@http://127.0.0.1:1/v1"
+    assert (judge.temperature, judge.max_tokens) == (0.0, 512)
+
+
+def test_feedback_pool_must_cover_completions_per_prompt():
+    with pytest.raises(ConfigError, match="feedback.generators: 2 generators for completions_per_prompt 4"):
+        load_recipe(None, ["feedback.generators=[{model: a}, {model: b}]"])

@@ -75,6 +75,22 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    cfg = _recipe_section(args, "generate")
+    from zephyr.generation.runner import run_generate
+
+    run_generate(cfg)
+    return 0
+
+
+def _cmd_feedback(args: argparse.Namespace) -> int:
+    cfg = _recipe_section(args, "feedback")
+    from zephyr.feedback.runner import run_feedback
+
+    run_feedback(cfg)
+    return 0
+
+
 def _cmd_curate(args: argparse.Namespace) -> int:
     cfg = _recipe_section(args, "curate")
     from zephyr.curation import run_curate
@@ -167,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-color", action="store_true")
     p.set_defaults(handler=_cmd_data)
 
+    p = sub.add_parser("generate", help="teacher-written dialogues for dSFT (self-instruct, UltraChat)")
+    _add_recipe_args(p)
+    p.set_defaults(handler=_cmd_generate)
+
     p = sub.add_parser("curate", help="curate teacher dialogues into the dSFT set")
     _add_recipe_args(p)
     p.set_defaults(handler=_cmd_curate)
@@ -175,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.set_defaults(handler=_cmd_sft)
+
+    p = sub.add_parser("feedback", help="AI feedback: completions from several models, a judge, pairs")
+    _add_recipe_args(p)
+    p.set_defaults(handler=_cmd_feedback)
 
     p = sub.add_parser("dpo", help="direct preference optimisation (dDPO)")
     _add_recipe_args(p)

@@ -26,7 +26,9 @@ from zephyr.errors import ConfigError
 # Field constraints
 
 
-def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+def bounded(
+    default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None
+) -> Any:
     """A dataclass field whose numeric value must lie in a range (checked when the config is built)."""
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
 
@@ -65,7 +67,9 @@ class TrainingConfig:
 
     model: str = "asset:smollm2-135m-instruct"  # model spec: PATH, transformers:ID, asset:NAME
     tokenizer: str | None = None  # defaults to the model's own
-    chat_template: str = "auto"  # auto (the tokenizer's, else zephyr) | zephyr | chatml | path to a .jinja file
+    chat_template: str = (
+        "auto"  # auto (the tokenizer's, else zephyr) | zephyr | chatml | path to a .jinja file
+    )
     train_data: str = ""  # JSONL / Parquet path or hf:NAME[:SPLIT]
     eval_data: str | None = None
     eval_fraction: float = bounded(0.0, ge=0, le=0.5)  # held out from train_data when eval_data is unset
@@ -137,6 +141,91 @@ class DPOConfig(TrainingConfig):
 
 
 @dataclass
+class GeneratorConfig:
+    """One teacher / generator: a model spec plus how to sample from it."""
+
+    model: str = (
+        "asset:smollm2-135m-instruct"  # PATH, transformers:ID, asset:NAME, openai:MODEL@URL, vllm:PATH
+    )
+    name: str | None = None  # label written into outputs; defaults to the model spec
+    system_prompt: str | None = None  # e.g. UltraFeedback's principle prompts (honesty, helpfulness, ...)
+    temperature: float = bounded(0.7, ge=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    max_tokens: int = bounded(256, ge=1)
+    batch_size: int = bounded(8, ge=1)  # local backends
+    max_concurrency: int = bounded(8, ge=1)  # HTTP backends
+    timeout: float = bounded(120.0, gt=0)  # seconds per HTTP request
+    max_retries: int = bounded(5, ge=0)
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never written anywhere
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+
+@dataclass
+class GenerateConfig:
+    """dSFT data: teacher-written dialogues (self-instruct refinement or UltraChat-style multi-turn)."""
+
+    strategy: Literal["self_instruct", "ultrachat"] = "ultrachat"
+    seeds: str = "recipes/data/seeds/questions.jsonl"  # seed prompts / topics / materials (JSONL)
+    output_dir: str = "runs/generate"
+    teacher: GeneratorConfig = field(default_factory=GeneratorConfig)
+    user_simulator: GeneratorConfig | None = None  # ultrachat: the user's side; defaults to the teacher
+    num_prompts: int | None = bounded(None, ge=1)
+    rounds: int = bounded(2, ge=1)  # self_instruct: J refinement rounds
+    keep_all_rounds: bool = False  # self_instruct: keep every (x_j, y_j), not only the final pair
+    min_turns: int = bounded(3, ge=1)  # ultrachat: user/assistant exchanges per dialogue (paper: 3-7)
+    max_turns: int = bounded(7, ge=1)
+    seed: int = 42
+
+    def validate(self, where: str) -> None:
+        if self.max_turns < self.min_turns:
+            raise ConfigError(f"{where}.max_turns: must be >= min_turns ({self.min_turns})")
+
+
+@dataclass
+class JudgeConfig:
+    """The AI judge of completions (shared with evaluation)."""
+
+    model: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(temperature=0.0, max_tokens=512))
+    mode: Literal["text", "logprobs"] = "text"  # logprobs: expected rating from rating-token probabilities
+    scale: int = bounded(10, ge=2)  # ratings 1..scale (UltraFeedback: 1-10 per aspect after rescaling)
+    layout: Literal["all_aspects", "per_aspect"] = "all_aspects"  # one call for all aspects, or one each
+    aspects: list[str] = field(
+        default_factory=lambda: ["instruction_following", "helpfulness", "honesty", "truthfulness"]
+    )
+    template_dir: str | None = None  # overrides the shipped rubric templates by file name
+    repeats: int = bounded(1, ge=1)  # judgments per completion; the median is kept
+    audit_log: bool = True  # every request and raw answer, one JSON line each
+
+
+@dataclass
+class FeedbackConfig:
+    """AI feedback: K completions per prompt from a pool of generators, rated by a judge, binarized."""
+
+    prompts: str = ""  # conversations / pairs / prompt file; the prompt is all but the last assistant turn
+    output_dir: str = "runs/feedback"
+    on_bad_record: Literal["error", "skip"] = "skip"
+    num_prompts: int | None = bounded(None, ge=1)
+    generators: list[GeneratorConfig] = field(default_factory=list)  # the pool (>= completions_per_prompt)
+    completions_per_prompt: int = bounded(4, ge=2)  # paper: 4 models drawn from a pool of 17
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    rejected: Literal["random", "lowest"] = "random"  # paper: a random one of the other three
+    min_margin: float = bounded(0.0, ge=0)
+    drop_ties: bool = True
+    eval_fraction: float = bounded(0.0, ge=0, le=0.5)  # held-out pairs (test_prefs)
+    seed: int = 42
+
+    def validate(self, where: str) -> None:
+        if self.generators and len(self.generators) < self.completions_per_prompt:
+            raise ConfigError(
+                f"{where}.generators: {len(self.generators)} generators for "
+                f"completions_per_prompt {self.completions_per_prompt}; add generators or lower it"
+            )
+
+
+@dataclass
 class CurateConfig:
     """Curation of teacher dialogues into the dSFT set; every filter reports how many rows it removed."""
 
@@ -169,8 +258,10 @@ class CurateConfig:
 class Recipe:
     """A recipe file: one optional section per stage."""
 
+    generate: GenerateConfig | None = None
     curate: CurateConfig | None = None
     sft: SFTConfig | None = None
+    feedback: FeedbackConfig | None = None
     dpo: DPOConfig | None = None
 
 
@@ -270,12 +361,35 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     values = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        value = _over_factory_default(fields[name], value)
         values[name] = _coerce(hints[name], value, key)
         _check_range(key, values[name], fields[name].metadata)
     obj = cls(**values)
     if hasattr(obj, "validate"):
         obj.validate(where)
     return obj
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def _over_factory_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial mapping for a section whose default is built by a factory (e.g. a judge that samples at
+    temperature 0) overrides that default's values, not the section class's own defaults."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return _deep_merge(dataclasses.asdict(default), value)
 
 
 def _check_override_path(cls: type, path: list[str]) -> None:
