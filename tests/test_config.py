@@ -147,5 +147,5 @@ def test_partial_nested_section_keeps_the_factory_defaults():
 
 
 def test_feedback_pool_must_cover_completions_per_prompt():
-    with pytest.raises(ConfigError, match="feedback.generators: 2 generators for completions_per_prompt 4"):
+    with pytest.raises(ConfigError, match=r"feedback\.generators: 2 generators for completions_per_prompt 4"):
         load_recipe(None, ["feedback.generators=[{model: a}, {model: b}]"])
