@@ -128,6 +128,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             limit=args.limit,
             preset=args.preset,
+            max_length=args.max_length,
         )
     return 0
 
@@ -221,10 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     m = esub.add_parser("mc", help="log-likelihood multiple choice (lm-evaluation-harness semantics)")
     m.add_argument("--model", required=True)
     m.add_argument("--data", help="MC JSONL file (or hf:NAME[:SPLIT])")
-    m.add_argument("--preset", default=None, help="arc | hellaswag | mmlu | truthfulqa (Open LLM v1 settings)")
+    m.add_argument(
+        "--preset",
+        default=None,
+        help="arc | hellaswag | mmlu | truthfulqa | truthfulqa_mc1 (Open LLM v1 settings)",
+    )
     m.add_argument("--out", required=True)
     m.add_argument("--fewshot-data", default=None, help="file of few-shot examples (MC format)")
-    m.add_argument("--num-fewshot", type=int, default=0)
+    m.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        help="few-shot examples per item (default: the preset's, else 0)",
+    )
+    m.add_argument("--max-length", type=int, default=None, help="left-truncate contexts to this many tokens")
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--limit", type=int, default=None)
     p.set_defaults(handler=_cmd_eval)
