@@ -1,0 +1,180 @@
+"""Checkpoints: a Hugging Face model folder plus the training state that resumes a run exactly.
+
+```
+output_dir/checkpoint-STEP/
+    config.json  generation_config.json  model.safetensors      the model (in the training precision)
+    tokenizer.json  tokenizer_config.json  chat_template.jinja  the tokenizer with the template trained on
+    resolved_config.yaml                                         the run's config
+    trainer_state.json                                           step, epoch, position in the data order
+    training_state/                                              accelerate's state: fp32 weights,
+                                                                 optimizer, RNG of python/numpy/torch
+output_dir/final/                                                the same model folder, no training state
+```
+
+Every folder is written into `output_dir/.tmp-NAME` and renamed into place once complete, so a run killed
+while saving leaves the previous checkpoint intact and never a half-written one under its final name.
+Ranks: every process takes part in gathering weights and in `save_state`; only the main process writes
+the model folder, renames and deletes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zephyr.config import save_resolved
+
+STATE_FILE = "trainer_state.json"
+STATE_DIR = "training_state"
+FINAL_DIR = "final"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands after an optimizer step: enough, with the RNG and optimizer, to continue it."""
+
+    step: int  # optimizer steps done
+    epoch: int  # epoch the next step belongs to
+    step_in_epoch: int  # steps of that epoch already done (batches to skip on resume)
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: (
+        int  # examples per optimizer step over all processes (per device × accumulation × processes)
+    )
+    num_processes: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainerState:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    return out_dir / f"checkpoint-{step}"
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `out_dir`, oldest first (a folder without its state file is not one)."""
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for child in out_dir.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def _write_model_folder(
+    accelerator: Any, model: torch.nn.Module, tokenizer: Any, target: Path, dtype: torch.dtype, merge: bool
+) -> None:
+    """The deployable Hugging Face folder. A LoRA model is saved as its adapters, or merged when `merge`."""
+    unwrapped = accelerator.unwrap_model(model)
+    if merge and _is_peft(unwrapped):
+        unwrapped = unwrapped.merge_and_unload()
+        state_dict = unwrapped.state_dict() if accelerator.is_main_process else None
+    else:
+        # a collective under ZeRO-3 / FSDP (the full weights are gathered): every process calls it
+        state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    unwrapped.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+    if not _is_peft(unwrapped):
+        # save_pretrained records the in-memory dtype (fp32 master weights); record the dtype written
+        config = copy.deepcopy(unwrapped.config)
+        config.dtype = str(dtype).removeprefix("torch.")
+        config.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def _fresh_tmp(accelerator: Any, out_dir: Path, name: str) -> Path:
+    tmp = out_dir / f".tmp-{name}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    return tmp
+
+
+def save_checkpoint(
+    accelerator: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: Any,
+    state: TrainerState,
+    out_dir: Path,
+    *,
+    dtype: torch.dtype,
+) -> Path:
+    """Write `checkpoint-STEP` atomically: model folder, config, trainer state and accelerate's state."""
+    target = checkpoint_dir(out_dir, state.step)
+    tmp = _fresh_tmp(accelerator, out_dir, target.name)
+    _write_model_folder(accelerator, model, tokenizer, tmp, dtype, merge=False)
+    accelerator.save_state(str(tmp / STATE_DIR))
+    if accelerator.is_main_process:
+        save_resolved(cfg, tmp)
+        (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")  # written last: marks it complete
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _replace(tmp, target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def save_final(
+    accelerator: Any, model: torch.nn.Module, tokenizer: Any, cfg: Any, out_dir: Path, *, dtype: torch.dtype
+) -> Path:
+    """Write `final/` atomically: the model folder (LoRA adapters merged) and the resolved config."""
+    target = out_dir / FINAL_DIR
+    tmp = _fresh_tmp(accelerator, out_dir, target.name)
+    _write_model_folder(accelerator, model, tokenizer, tmp, dtype, merge=True)
+    if accelerator.is_main_process:
+        save_resolved(cfg, tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _replace(tmp, target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def load_checkpoint(accelerator: Any, path: Path) -> TrainerState:
+    """Restore weights, optimizer and RNG states from `path` into the prepared objects; return the state."""
+    accelerator.load_state(str(path / STATE_DIR))
+    return TrainerState.from_file(path / STATE_FILE)
+
+
+def prune_checkpoints(accelerator: Any, out_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (main process); returns the folders deleted."""
+    if keep is None or not accelerator.is_main_process:
+        return []
+    doomed = [path for _, path in list_checkpoints(out_dir)[:-keep]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed

@@ -1,0 +1,608 @@
+"""The training loop: written once, driven by a `TrainingTask` (SFT, DPO).
+
+The loop owns devices and distribution (all through accelerate: one process, DDP, FSDP2, DeepSpeed ZeRO-3),
+the model and optimizer, the learning-rate schedule, gradient accumulation, clipping, evaluation, logging
+and checkpoints. The task owns data, collation and the loss.
+
+Loss normalisation. A task returns, per micro-batch, the SUM of its per-unit losses (units: target tokens
+for SFT, pairs for DPO). Before any backward of an optimizer step the loop sums `task.units` over every
+micro-batch of the step and over all processes (U), then back-propagates `loss_sum / U × P` on each micro-batch,
+P the number of processes: DDP (and FSDP, ZeRO) average gradients over processes, so the factor P turns that
+average back into the sum, and the step's gradient is exactly that of the mean loss per unit over the global
+batch — the same whatever the split into processes and accumulation steps.
+
+Data order. Each epoch visits the training examples in a permutation fixed by (seed, epoch); the data loader
+yields one optimizer step at a time (a list of micro-batches), so a resumed run skips exactly the steps
+already done and meets the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from zephyr.config import TrainingConfig, save_resolved, to_dict
+from zephyr.errors import ConfigError, ZephyrError
+from zephyr.tracking import METRICS_FILE, open_trackers, read_metrics
+from zephyr.training.checkpoint import (
+    FINAL_DIR,
+    TrainerState,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_final,
+)
+from zephyr.training.task import StepOutput, TrainingTask
+
+
+class TrainingDiverged(ZephyrError):
+    """The loss or the gradient norm stopped being a finite number."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule (pure)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: Literal["cosine", "linear", "constant"]
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+
+
+def count_total_steps(steps_per_epoch: int, num_epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps of the run: `max_steps`, else the (possibly fractional) epochs rounded up."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(num_epochs * steps_per_epoch))
+
+
+def make_schedule(kind: str, peak_lr: float, total_steps: int, warmup_ratio: float) -> Schedule:
+    """Warmup is a ratio of the true number of optimizer steps, rounded up (as transformers does)."""
+    return Schedule(kind, peak_lr, total_steps, math.ceil(total_steps * warmup_ratio))  # type: ignore[arg-type]
+
+
+def lr_at(schedule: Schedule, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): transformers' schedules with warmup, exactly.
+
+    Warmup rises linearly from 0 at step 0; then cosine decays to 0 at `total_steps` (half a cycle), linear
+    decays to 0 at `total_steps`, constant stays at the peak.
+    """
+    s = schedule
+    if step < s.warmup_steps:
+        return s.peak_lr * step / max(1, s.warmup_steps)
+    if s.kind == "constant":
+        return s.peak_lr
+    progress = (step - s.warmup_steps) / max(1, s.total_steps - s.warmup_steps)
+    if s.kind == "linear":
+        return s.peak_lr * max(0.0, 1.0 - progress)
+    return s.peak_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch `epoch` visits `n` examples: a permutation fixed by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results and metrics
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path  # output_dir/final: the trained model as a Hugging Face folder
+    metrics_path: Path  # output_dir/metrics.jsonl
+    metrics: dict[str, Any]  # the last training line written to metrics.jsonl
+    eval_metrics: dict[str, Any]  # the last evaluation line ({} without evaluation data)
+    steps: int  # optimizer steps done
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, summed over its micro-batches and all processes."""
+
+    loss_sum: float
+    units: float
+    tokens: float
+    metric_sums: dict[str, float]
+    grad_norm: float
+
+
+@dataclass
+class _Window:
+    """Steps since the last log line: losses weighted by units, grad norm averaged, tokens per second."""
+
+    loss_sum: float = 0.0
+    units: float = 0.0
+    tokens: float = 0.0
+    grad_norm_sum: float = 0.0
+    steps: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, stats: StepStats) -> None:
+        self.loss_sum += stats.loss_sum
+        self.units += stats.units
+        self.tokens += stats.tokens
+        self.grad_norm_sum += stats.grad_norm
+        self.steps += 1
+        for key, value in stats.metric_sums.items():
+            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
+
+    def line(self, step: int, epoch: float, lr: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        line = {
+            "step": step,
+            "epoch": round(epoch, 6),
+            "loss": self.loss_sum / self.units,
+            "lr": lr,
+            "grad_norm": self.grad_norm_sum / self.steps,
+            "tokens_per_s": self.tokens / elapsed,
+            "peak_mem_gib": peak_memory_gib(),
+        }
+        line.update({key: value / self.units for key, value in sorted(self.metric_sums.items())})
+        return line
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory of this process (CUDA), else its peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Set-up: precision, accelerator, model, optimizer, data
+
+
+def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
+    """`auto` is bf16 on a CUDA device that supports it, else fp32."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision  # type: ignore[return-value]
+
+
+def _make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps its state as a process-wide singleton that refuses a second, different configuration;
+    # one process may train several times (a pipeline: dSFT then dDPO), so each run starts from a fresh one.
+    # The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # bf16 is autocast over fp32 master weights (as DeepSpeed's bf16 mode keeps them): plain bf16 weights
+    # would round away AdamW updates at DPO learning rates (5e-7 of a weight is below bf16's resolution).
+    accelerator = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    )
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        # the recipe, not the launch config, decides the micro-batch and the clipping
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+        plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
+    return accelerator
+
+
+def _apply_lora(model: torch.nn.Module, cfg: TrainingConfig) -> torch.nn.Module:
+    lora = cfg.lora
+    assert lora is not None
+    if lora.load_in_4bit:
+        raise ConfigError("lora.load_in_4bit: 4-bit (QLoRA) loading is not supported by the training loop")
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("lora: LoRA needs the peft package: pip install 'zephyr[peft]'") from None
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    peft_config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, peft_config)
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant: works with frozen inputs and LoRA)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.24's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
+    from zephyr import models
+
+    model = models.load_model(
+        cfg.model,
+        dtype=torch.float32,  # master weights; bf16 compute comes from autocast
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=getattr(task, "attn_implementation", None),
+    )
+    models.configure_generation(model, task.tokenizer)  # eos = the template's end of turn, saved with it
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
+    if cfg.lora is not None:
+        model = _apply_lora(model, cfg)
+    model.train()
+    return model
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW; with weight decay, biases and norm weights (1-d tensors) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=fused or None,
+    )
+
+
+class _Ordered(torch.utils.data.Dataset):
+    """The examples in one epoch's order."""
+
+    def __init__(self, examples: Sequence[Any], order: list[int]):
+        self.examples = examples
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.examples[self.order[i]]
+
+
+class _StepCollator:
+    """One optimizer step's examples (of this process) into its micro-batches."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], micro_batch_size: int):
+        self.collate = collate
+        self.micro_batch_size = micro_batch_size
+
+    def __call__(self, examples: list[Any]) -> list[dict[str, Any]]:
+        size = self.micro_batch_size
+        return [self.collate(examples[i : i + size]) for i in range(0, len(examples), size)]
+
+
+def _epoch_loader(
+    accelerator: Any, task: TrainingTask, examples: Sequence[Any], cfg: TrainingConfig, epoch: int
+):
+    loader = torch.utils.data.DataLoader(
+        _Ordered(examples, epoch_order(len(examples), cfg.seed, epoch)),
+        batch_size=cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
+        shuffle=False,
+        collate_fn=_StepCollator(task.collate, cfg.per_device_batch_size),
+        # a loader's own generator: iterating it must not draw from the global RNG, or a resumed run
+        # (which starts iterating mid-epoch) would see different dropout than an uninterrupted one
+        generator=torch.Generator(),
+    )
+    return accelerator.prepare_data_loader(loader)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def _reduce_sum(accelerator: Any, values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="sum").tolist()
+
+
+def _set_lr(optimizer: Any, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _micro_step(
+    accelerator: Any, model: Any, task: TrainingTask, batch: dict[str, Any], scale: float, sync: bool
+):
+    """Forward and backward of one micro-batch; gradients sync across processes only on the step's last."""
+    accelerator.sync_gradients = sync  # DeepSpeed steps its engine on the micro-batch that syncs
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with accelerator.autocast():
+            out: StepOutput = task.loss(model, batch)
+        # accelerate divides by gradient_accumulation_steps (DeepSpeed likewise): multiply it back in
+        accelerator.backward(out.loss_sum * (scale * accelerator.gradient_accumulation_steps))
+    return out
+
+
+def train_step(
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    task: TrainingTask,
+    micro_batches: list[dict[str, Any]],
+    *,
+    step: int,
+    max_grad_norm: float | None,
+) -> StepStats:
+    """One optimizer step over this process's micro-batches, normalised by the step's global unit count."""
+    local_units = float(sum(task.units(batch) for batch in micro_batches))
+    (units,) = _reduce_sum(accelerator, [local_units])
+    if units <= 0:
+        raise TrainingDiverged(f"step {step + 1}: the batch holds no loss units (nothing to train on)")
+    scale = accelerator.num_processes / units
+    # sums stay on the device until the step's one reduction: no host sync between micro-batches
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = 0
+    metric_sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        out = _micro_step(accelerator, model, task, batch, scale, sync=i == len(micro_batches) - 1)
+        loss_sum += out.loss_sum.detach().double()
+        tokens += task.tokens(batch)
+        for key, value in out.metric_sums.items():
+            metric_sums[key] = metric_sums.get(key, 0) + value.detach().double()
+    names = sorted(metric_sums)
+    local = torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), *(metric_sums[k] for k in names)])
+    reduced = accelerator.reduce(local, reduction="sum").tolist()
+    if not math.isfinite(reduced[0]):
+        raise TrainingDiverged(f"step {step + 1}: loss is {reduced[0]}; stopped before applying this step")
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    grad_norm = float(norm) if norm is not None else float("nan")
+    if norm is not None and not math.isfinite(grad_norm):
+        raise TrainingDiverged(
+            f"step {step + 1}: gradient norm is {grad_norm}; stopped before applying this step"
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(reduced[0], units, reduced[1], dict(zip(names, reduced[2:], strict=True)), grad_norm)
+
+
+def evaluate(
+    accelerator: Any, model: Any, task: TrainingTask, examples: Sequence[Any], batch_size: int
+) -> dict:
+    """Mean loss and metrics per unit over `examples`, each example counted once across processes.
+
+    Batches are dealt to processes round-robin; a process with fewer batches runs a weightless copy of
+    one so that every process takes part in every forward (ZeRO-3 and FSDP gather weights collectively).
+    """
+    from accelerate.utils import send_to_device
+
+    starts = range(0, len(examples), batch_size)
+    batches = [[examples[j] for j in range(s, min(s + batch_size, len(examples)))] for s in starts]
+    mine = batches[accelerator.process_index :: accelerator.num_processes]
+    rounds = math.ceil(len(batches) / accelerator.num_processes)
+    sums: dict[str, float] = {}
+    loss_sum = units = 0.0
+    model.eval()
+    with torch.no_grad():
+        for k in range(rounds):
+            real = k < len(mine)
+            batch = send_to_device(task.collate(mine[k] if real else batches[0]), accelerator.device)
+            with accelerator.autocast():
+                out = task.loss(model, batch)
+            if real:
+                loss_sum += float(out.loss_sum)
+                units += task.units(batch)
+                for key, value in out.metric_sums.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+    model.train()
+    names = sorted(sums)
+    reduced = _reduce_sum(accelerator, [loss_sum, units, *(sums[k] for k in names)])
+    total_units = max(reduced[1], 1e-12)
+    metrics = {"eval/loss": reduced[0] / total_units}
+    metrics.update({f"eval/{k}": v / total_units for k, v in zip(names, reduced[2:], strict=True)})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _resume_point(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to continue from; refuses to start a fresh run over an earlier one."""
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            print(f"no checkpoint in {out_dir}: starting from the beginning", file=sys.stderr)
+        return ckpt
+    found = list_checkpoints(out_dir)
+    if found or (out_dir / FINAL_DIR).exists():
+        what = found[-1][1].name if found else FINAL_DIR
+        raise ConfigError(
+            f"output_dir: {out_dir} already holds a run ({what}); pass --resume to continue it "
+            "or choose another output_dir"
+        )
+    return None
+
+
+def _finished_run(out_dir: Path) -> TrainResult | None:
+    """The result of a run that already wrote `final/` (resuming it has nothing left to do)."""
+    final = out_dir / FINAL_DIR
+    if not (final / "config.json").is_file():
+        return None
+    metrics_path = out_dir / METRICS_FILE
+    lines = read_metrics(metrics_path) if metrics_path.is_file() else []
+    train_lines = [line for line in lines if "loss" in line]
+    eval_lines = [line for line in lines if "eval/loss" in line]
+    metrics = train_lines[-1] if train_lines else {}
+    return TrainResult(
+        out_dir, final, metrics_path, metrics, eval_lines[-1] if eval_lines else {}, metrics.get("step", 0)
+    )
+
+
+def _check_same_plan(saved: TrainerState, fresh: TrainerState, ckpt: Path) -> None:
+    for name in ("steps_per_epoch", "total_steps", "global_batch"):
+        if getattr(saved, name) != getattr(fresh, name):
+            raise ConfigError(
+                f"{ckpt}: cannot resume: {name} was {getattr(saved, name)}, the config now gives "
+                f"{getattr(fresh, name)} (resume with the data, batch sizes and processes of the run)"
+            )
+
+
+def _plan_line(
+    task: TrainingTask, state: TrainerState, schedule: Schedule, cfg: TrainingConfig, precision: str
+) -> str:
+    summary = getattr(task, "summary", None)
+    head = f"{task.name}: {summary()}; " if callable(summary) else f"{task.name}: "
+    epochs = state.total_steps / state.steps_per_epoch
+    return (
+        f"{head}{state.total_steps} optimizer steps ({epochs:.3g} epochs × {state.steps_per_epoch} steps; "
+        f"global batch {state.global_batch} = {cfg.per_device_batch_size} per device × "
+        f"{cfg.gradient_accumulation_steps} accumulation × {state.num_processes} processes), "
+        f"{schedule.kind} schedule, warmup {schedule.warmup_steps} steps, precision {precision}"
+    )
+
+
+def _remaining_steps(
+    accelerator: Any, task: TrainingTask, examples: Sequence[Any], cfg: TrainingConfig, state: TrainerState
+) -> Iterator[list[dict[str, Any]]]:
+    """The micro-batches of every optimizer step left, epoch after epoch, from the state's position on.
+
+    The caller advances `state` after each step; a resumed run skips the steps of its epoch already done.
+    """
+    while state.step < state.total_steps:
+        epoch = state.epoch
+        loader = _epoch_loader(accelerator, task, examples, cfg, epoch)
+        if state.step_in_epoch:
+            loader = accelerator.skip_first_batches(loader, state.step_in_epoch)
+        for micro_batches in loader:
+            yield micro_batches
+            if state.step >= state.total_steps:
+                return
+        if state.epoch == epoch:
+            raise RuntimeError(
+                f"epoch {epoch} ended after {state.step_in_epoch} of {state.steps_per_epoch} steps"
+            )
+
+
+def _advance(state: TrainerState) -> None:
+    state.step += 1
+    state.step_in_epoch += 1
+    if state.step_in_epoch == state.steps_per_epoch:
+        state.epoch += 1
+        state.step_in_epoch = 0
+
+
+def train(task: TrainingTask, cfg: TrainingConfig, *, resume: bool = False) -> TrainResult:
+    """Train `cfg.model` on `task`; write checkpoints, `metrics.jsonl` and `final/` under `cfg.output_dir`."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.output_dir)
+    if resume and (finished := _finished_run(out_dir)) is not None:
+        print(f"{out_dir} holds a finished run ({finished.final_dir}): nothing to resume", flush=True)
+        return finished
+    precision = resolve_precision(cfg.precision)
+    save_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    accelerator = _make_accelerator(cfg, precision)
+    main = accelerator.is_main_process
+    ckpt = _resume_point(out_dir, resume)
+    set_seed(cfg.seed)
+
+    model = _load_model(task, cfg)
+    fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"
+    optimizer = _make_optimizer(model, cfg, fused=fused)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    train_examples = task.train_examples()
+    eval_examples = task.eval_examples()
+    if len(train_examples) == 0:
+        raise ConfigError("train_data: no training examples left")
+    steps_per_epoch = len(_epoch_loader(accelerator, task, train_examples, cfg, 0))
+    total_steps = count_total_steps(steps_per_epoch, cfg.num_epochs, cfg.max_steps)
+    schedule = make_schedule(cfg.lr_scheduler, cfg.learning_rate, total_steps, cfg.warmup_ratio)
+    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    state = TrainerState(0, 0, 0, steps_per_epoch, total_steps, global_batch, accelerator.num_processes)
+
+    task.prepare(model, accelerator)
+    if ckpt is not None:
+        saved = load_checkpoint(accelerator, ckpt)  # weights, optimizer, RNG: after any RNG use above
+        _check_same_plan(saved, state, ckpt)
+        state = saved
+        if main:
+            print(
+                f"resuming from {ckpt} (step {state.step} of {total_steps}, epoch {state.epoch})", flush=True
+            )
+    if main:
+        save_resolved(cfg, out_dir)
+        print(_plan_line(task, state, schedule, cfg, precision), flush=True)
+    trackers = (
+        open_trackers(
+            out_dir,
+            list(cfg.trackers),
+            to_dict(cfg),
+            run_name=f"{task.name}-{out_dir.name}",
+            resume_step=state.step if ckpt is not None else None,
+        )
+        if main
+        else None
+    )
+    metrics: dict[str, Any] = {}
+    eval_metrics: dict[str, Any] = {}
+
+    def log(line: dict[str, Any]) -> None:
+        if trackers is not None:
+            trackers.log(line, line["step"])
+
+    def run_eval() -> dict[str, Any]:
+        line = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 6)}
+        line.update(evaluate(accelerator, model, task, eval_examples, cfg.per_device_batch_size))
+        log(line)
+        return line
+
+    progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc=task.name, unit="step")
+    window = _Window()
+    last_eval_step = -1
+    try:
+        for micro_batches in _remaining_steps(accelerator, task, train_examples, cfg, state):
+            lr = lr_at(schedule, state.step)
+            _set_lr(optimizer, lr)
+            stats = train_step(
+                accelerator,
+                model,
+                optimizer,
+                task,
+                micro_batches,
+                step=state.step,
+                max_grad_norm=cfg.max_grad_norm,
+            )
+            _advance(state)
+            window.add(stats)
+            progress.update(1)
+            done = state.step >= total_steps
+            if state.step % cfg.logging_steps == 0 or done:
+                metrics = window.line(state.step, state.step / steps_per_epoch, lr)
+                log(metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                window = _Window()
+            if eval_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+                eval_metrics, last_eval_step = run_eval(), state.step
+                window.started = time.perf_counter()  # tokens/s measures training only
+            if cfg.save_steps and state.step % cfg.save_steps == 0 and not done:
+                save_checkpoint(accelerator, model, task.tokenizer, cfg, state, out_dir, dtype=save_dtype)
+                prune_checkpoints(accelerator, out_dir, cfg.save_total_limit)
+                window.started = time.perf_counter()
+        if eval_examples and last_eval_step != state.step:
+            eval_metrics = run_eval()
+        final_dir = save_final(accelerator, model, task.tokenizer, cfg, out_dir, dtype=save_dtype)
+    finally:
+        progress.close()
+        if trackers is not None:
+            trackers.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(out_dir, final_dir, out_dir / METRICS_FILE, metrics, eval_metrics, state.step)

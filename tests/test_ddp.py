@@ -1,0 +1,71 @@
+"""Data parallel through accelerate on CPU (gloo): 2 processes × 1 bin per device give the loss curve and the
+weights of 1 process × 2 bins per device. The loss of a step is normalised by the target tokens of the whole
+global batch, so the split of the batch over processes does not change a single gradient.
+
+Accumulation (1 bin × 2 micro-batches = 2 bins × 1) is checked in test_loop.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import make_tiny_llama
+from zephyr.cli import main
+from zephyr.tracking import read_metrics
+
+TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, smollm_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = tmp_path / "recipe.yaml"
+    sft = {
+        "model": str(model_dir),
+        "train_data": str(TINY_CHAT),
+        "max_length": 96,
+        "max_steps": 4,  # within the first epoch: no step is padded out with repeated bins
+        "learning_rate": 5e-3,
+        "warmup_ratio": 0.0,
+        "precision": "fp32",
+        "seed": 5,
+    }
+    recipe.write_text(yaml.safe_dump({"sft": sft}))
+
+    two = tmp_path / "two"
+    # `accelerate launch --cpu` starts one process without MPI; torchrun starts the ranks and accelerate
+    # takes them up (ACCELERATE_USE_CPU → MULTI_CPU with the gloo backend).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "zephyr", "sft", str(recipe), f"sft.output_dir={two}", "sft.per_device_batch_size=1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1 per device × 1 accumulation × 2 processes" in run.stdout
+
+    one = tmp_path / "one"
+    assert main(["sft", str(recipe), f"sft.output_dir={one}", "sft.per_device_batch_size=2"]) == 0
+
+    curve_two = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(two / "metrics.jsonl")]
+    curve_one = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(one / "metrics.jsonl")]
+    assert [s for s, _, _ in curve_two] == [1, 2, 3, 4]
+    assert [s for s, _, _ in curve_one] == [1, 2, 3, 4]
+    for (_, loss_two, norm_two), (_, loss_one, norm_one) in zip(curve_two, curve_one, strict=True):
+        assert loss_two == pytest.approx(loss_one, abs=1e-5)
+        assert norm_two == pytest.approx(norm_one, abs=1e-5)
+    weights_two = load_file(two / "final" / "model.safetensors")
+    weights_one = load_file(one / "final" / "model.safetensors")
+    for key, value in weights_one.items():
+        torch.testing.assert_close(weights_two[key], value, atol=1e-5, rtol=0, msg=key)

@@ -1,0 +1,101 @@
+"""Exact resume: a run killed with SIGKILL and continued with --resume ends with the weights of a run
+that was never interrupted (same data order, optimizer state, schedule and RNG: the model has dropout)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import make_tiny_llama
+from zephyr.cli import main
+from zephyr.tracking import read_metrics
+
+TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
+
+
+def write_recipe(path: Path, model_dir: Path) -> Path:
+    recipe = {
+        "sft": {
+            "model": str(model_dir),
+            "train_data": str(TINY_CHAT),
+            "max_samples": 16,
+            "max_length": 96,
+            "per_device_batch_size": 2,
+            "num_epochs": 2,  # the kill lands in the first epoch; the second is reshuffled
+            "learning_rate": 5e-3,
+            "warmup_ratio": 0.2,
+            "precision": "fp32",
+            "save_steps": 2,
+            "save_total_limit": 2,
+            "seed": 7,
+        }
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def zephyr_sft(recipe: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "zephyr", "sft", str(recipe), f"sft.output_dir={out}", *extra]
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, smollm_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(len(tokenizer), attention_dropout=0.1).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = write_recipe(tmp_path / "recipe.yaml", model_dir)
+
+    straight = tmp_path / "straight"  # in process: the same code without another interpreter start-up
+    assert main(["sft", str(recipe), f"sft.output_dir={straight}"]) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        zephyr_sft(recipe, killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists(), "the run finished before it was killed: nothing was tested"
+
+    resumed = subprocess.run(
+        zephyr_sft(recipe, killed, "--resume"), check=True, env=env(), capture_output=True, text=True
+    )
+    assert "resuming from" in resumed.stdout
+
+    expected = load_file(straight / "final" / "model.safetensors")
+    got = load_file(killed / "final" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+    # the metrics file reads as one run: every step once, the same losses
+    straight_losses = [(m["step"], m["loss"]) for m in read_metrics(straight / "metrics.jsonl")]
+    resumed_losses = [(m["step"], m["loss"]) for m in read_metrics(killed / "metrics.jsonl")]
+    assert [s for s, _ in resumed_losses] == [s for s, _ in straight_losses]
+    assert [loss for _, loss in resumed_losses] == pytest.approx(
+        [loss for _, loss in straight_losses], abs=1e-6
+    )
