@@ -149,8 +149,9 @@ def test_curate_errors_exit_2(in_repo, tmp_path, capsys):
     assert curate(tmp_path / "e3", "curate.decontaminate=[asset:nope]") == 2
     assert "curate.decontaminate[0]: unknown eval asset 'nope'" in capsys.readouterr().err
     assert curate(tmp_path / "e4", "curate.max_turns=0") == 2  # the config's own range check
+    assert "curate.max_turns: must be >= 1, got 0" in capsys.readouterr().err
     assert curate(tmp_path / "e5", "curate.min_turns=3", "curate.max_turns=2") == 2
-    assert "curate.max_turns: 2 is below min_turns (3)" in capsys.readouterr().err
+    assert "curate.max_turns: must be >= min_turns (3)" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("e1", "e2", "e3", "e5"))
 
 

@@ -156,10 +156,7 @@ def _progress(records: list[dict], desc: str) -> Iterable[dict]:
 def _check(cfg: CurateConfig) -> None:
     if not cfg.input:
         raise ConfigError("curate.input: required (the conversations file to curate)")
-    if cfg.max_turns is not None and cfg.max_turns < cfg.min_turns:
-        raise ConfigError(f"curate.max_turns: {cfg.max_turns} is below min_turns ({cfg.min_turns})")
-    if cfg.max_chars is not None and cfg.max_chars < cfg.min_chars:
-        raise ConfigError(f"curate.max_chars: {cfg.max_chars} is below min_chars ({cfg.min_chars})")
+    cfg.validate("curate")  # ranges between fields; configs built in code skip the recipe loader
 
 
 def _run_filters(
