@@ -70,3 +70,16 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_llama_factory():
     return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_dir):
+    """A tiny random Llama saved with the SmolLM2 tokenizer (and its chat template): a model folder that
+    every stage accepts, trained or served in milliseconds."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama
 from zephyr.config import SFTConfig
 from zephyr.errors import ConfigError, ZephyrError
 from zephyr.tracking import read_metrics
@@ -89,17 +88,6 @@ def test_epoch_order_is_a_seeded_permutation():
 
 
 # --- runs on a tiny model --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def sft_config(model_dir: Path, out: Path, **overrides) -> SFTConfig:

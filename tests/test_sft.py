@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from zephyr.config import SFTConfig
 from zephyr.data.packing import collate_packed, collate_padded
 from zephyr.tracking import read_metrics
@@ -48,17 +47,6 @@ def test_packing_efficiency_by_hand():
 
 
 # --- the loss ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def sft_config(model_dir: Path, out: Path, **overrides) -> SFTConfig:
