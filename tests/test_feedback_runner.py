@@ -503,3 +503,23 @@ def test_smollm2_generators_and_logprobs_judge_make_pairs_dpo_can_read(tmp_path)
 
     again = run_feedback(cfg)  # nothing left to do: no model is even loaded
     assert (again.already_rated, again.newly_rated, again.pairs) == (4, 0, result.pairs)
+
+    # and the DPO stage trains on them: one step from the same model, which is its own reference
+    from zephyr.training.dpo import run_dpo
+
+    dpo = load_recipe(
+        None,
+        [
+            f"dpo.model={model}",
+            f"dpo.train_data={out / 'pairs.jsonl'}",
+            f"dpo.output_dir={tmp_path / 'dpo'}",
+            "dpo.max_steps=1",
+            f"dpo.per_device_batch_size={len(pairs)}",
+            "dpo.max_length=256",
+            "dpo.max_prompt_length=128",
+        ],
+    ).dpo
+    trained = run_dpo(dpo)
+    assert trained.steps == 1
+    assert trained.metrics["loss"] == pytest.approx(0.6931472, abs=1e-5)  # step 0: policy == reference
+    assert (trained.final_dir / "model.safetensors").exists()
