@@ -116,6 +116,32 @@ def _cmd_logps(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.eval_command == "mt-bench":
+        from zephyr.evaluation.mt_bench_runner import run_mt_bench
+
+        run_mt_bench(
+            model=args.model,
+            judge=args.judge,
+            out=args.out,
+            questions=args.questions,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            judge_max_tokens=args.judge_max_tokens,
+        )
+        return 0
+    if args.eval_command == "alpaca-eval":
+        from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval
+
+        run_alpaca_eval(
+            model=args.model,
+            judge=args.judge,
+            out=args.out,
+            instructions=args.instructions,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            annotator=args.annotator,
+        )
+        return 0
     if args.eval_command == "mc":
         from zephyr.evaluation.multiple_choice import run_mc
 
@@ -217,8 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.set_defaults(handler=_cmd_logps)
 
-    p = sub.add_parser("eval", help="evaluate a model: multiple choice")
+    p = sub.add_parser("eval", help="evaluate a model: MT-Bench, AlpacaEval, multiple choice")
     esub = p.add_subparsers(dest="eval_command", required=True)
+    t = esub.add_parser("mt-bench", help="MT-Bench: two-turn answers graded 1-10 by a judge")
+    t.add_argument("--model", required=True, help="the model to evaluate (spec)")
+    t.add_argument("--judge", required=True, help="judge spec, e.g. openai:gpt-4@https://HOST/v1")
+    t.add_argument("--out", required=True)
+    t.add_argument("--questions", default=None, help="FastChat question.jsonl (default: the mt-bench asset)")
+    t.add_argument("--limit", type=int, default=None, help="first N questions")
+    t.add_argument("--max-new-tokens", type=int, default=1024)
+    t.add_argument("--judge-max-tokens", type=int, default=2048)
+    a = esub.add_parser("alpaca-eval", help="AlpacaEval: pairwise win rate against reference outputs")
+    a.add_argument("--model", required=True)
+    a.add_argument("--judge", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--instructions", default="hf:tatsu-lab/alpaca_eval:eval", help="JSONL or hf:NAME:SPLIT")
+    a.add_argument("--limit", type=int, default=None)
+    a.add_argument("--max-new-tokens", type=int, default=2048)
+    a.add_argument("--annotator", default="alpaca_eval_gpt4", help="annotator config in the templates asset")
     m = esub.add_parser("mc", help="log-likelihood multiple choice (lm-evaluation-harness semantics)")
     m.add_argument("--model", required=True)
     m.add_argument("--data", help="MC JSONL file (or hf:NAME[:SPLIT])")
