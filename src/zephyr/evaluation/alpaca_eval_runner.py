@@ -1,0 +1,291 @@
+"""`zephyr eval alpaca-eval`: generate the model's answers, judge them against the reference outputs, score.
+
+One run writes to `out/`: `outputs.jsonl` (the model's answers), `annotations.jsonl` (one judgment per
+instruction, unparsed ones included), `judge_audit.jsonl` (every judge call, `JudgeClient`'s audit log),
+`results.json` (`alpaca_eval.summarize` plus the run's settings) and `results.md`.
+
+The model answers greedily with its own chat template, all instructions in one batched call. The prompts,
+the order switch, the answer parsing and the metrics are `zephyr.evaluation.alpaca_eval`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zephyr.errors import ConfigError, DataError, ZephyrError
+from zephyr.evaluation import alpaca_eval as ae
+from zephyr.generation.base import Generator, SamplingParams
+
+DEFAULT_INSTRUCTIONS = "hf:tatsu-lab/alpaca_eval:eval"
+DEFAULT_ANNOTATOR = "alpaca_eval_gpt4"  # plain-text answers: any generator can be the judge
+HUB_CONFIG = {"tatsu-lab/alpaca_eval": "alpaca_eval"}  # the hub dataset's config holding the 805 items
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One instruction of the evaluation set; `index` is its position in the full set (before `limit`)."""
+
+    index: int
+    instruction: str
+    reference_output: str
+    reference_generator: str | None = None
+    dataset: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Instructions
+
+
+def _item_of(index: int, record: Any, where: str) -> EvalItem:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str):
+            raise DataError(f"{where}: field {key!r} must be a string (the reference output is 'output')")
+    return EvalItem(
+        index, record["instruction"], record["output"], record.get("generator"), record.get("dataset")
+    )
+
+
+def read_instructions_jsonl(path: str | os.PathLike) -> list[EvalItem]:
+    """alpaca_eval records (`instruction`, `output` = the reference output, `generator`, `dataset`)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the instructions: {exc}") from exc
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        items.append(_item_of(len(items), record, f"{path}:{number}"))
+    if not items:
+        raise DataError(f"{path}: no instructions")
+    return items
+
+
+def read_instructions_hub(source: str) -> list[EvalItem]:
+    """`hf:NAME:SPLIT` through `datasets.load_dataset` (the AlpacaEval set: its `alpaca_eval` config)."""
+    name, _, split = source.removeprefix("hf:").partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise ZephyrError(f"{source}: reading hub datasets needs the `datasets` package") from None
+    try:
+        dataset = datasets.load_dataset(name, HUB_CONFIG.get(name), split=split or "eval")
+    # Offline, unknown name, HTTP errors: to the user all mean the set cannot be read here.
+    except Exception as exc:
+        raise ZephyrError(
+            f"{source}: could not load the AlpacaEval instructions ({type(exc).__name__}: {exc}); the "
+            "Hugging Face hub must be reachable (or the dataset cached), or pass --instructions FILE.jsonl"
+        ) from exc
+    return [_item_of(i, dict(record), f"{source}[{i}]") for i, record in enumerate(dataset)]
+
+
+def read_instructions(source: str | os.PathLike) -> list[EvalItem]:
+    source = str(source)
+    return read_instructions_hub(source) if source.startswith("hf:") else read_instructions_jsonl(source)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Judging
+
+
+def _preference_parser(annotator: ae.Annotator, switched: bool) -> Callable:
+    from zephyr.feedback.judge import Rating
+
+    def parse(answer) -> list:
+        return [Rating(*ae.parse_preference(annotator, answer.text or "", switched))]
+
+    return parse
+
+
+def check_annotator(annotator: ae.Annotator) -> None:
+    """The judge backends return text only: a function-calling annotator cannot be answered."""
+    if annotator.parser == "json_ranking":
+        raise ConfigError(
+            f"annotator {annotator.name!r} answers through a function call (tools / tool_choice), which "
+            f"zephyr's judge backends cannot make; use --annotator {DEFAULT_ANNOTATOR} (plain-text ranking)"
+        )
+
+
+def judge_items(
+    annotator: ae.Annotator,
+    items: Sequence[EvalItem],
+    outputs: Sequence[str],
+    client,
+    seed: int = ae.DEFAULT_SEED,
+) -> list[dict[str, Any]]:
+    """One annotation record per item, in order: identical outputs are a draw without a judge call."""
+    from zephyr.feedback.judge import JudgeRequest
+
+    pairs = [
+        (ae.make_request(annotator, i.instruction, i.reference_output, o, seed), i)
+        for i, o in zip(items, outputs, strict=True)
+    ]
+    asked = [
+        JudgeRequest(
+            key=str(item.index),
+            messages=request.messages,
+            parse=_preference_parser(annotator, request.switched),
+            slots=({"model_position": request.model_position},),
+            meta={"index": item.index, "switched": request.switched},
+        )
+        for request, item in pairs
+        if not request.identical
+    ]
+    replies = iter(client.judge(asked)) if asked else iter(())
+    records = []
+    for request, item in pairs:
+        record = {"index": item.index, "instruction": item.instruction, "switched": request.switched}
+        if request.identical:
+            record |= {"preference": 1.5, "judge_answer": None, "reason": "identical outputs: a draw"}
+        else:
+            reply = next(replies)
+            [rating] = reply.ratings
+            answer = reply.answer
+            record |= {
+                "preference": rating.value,
+                "judge_answer": answer.text if answer.ok else None,
+                "reason": rating.reason,
+            }
+            if not answer.ok:
+                record["judge_error"] = answer.error
+        records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_alpaca_eval(
+    *,
+    model: str,
+    judge: str,
+    out: str | os.PathLike,
+    instructions: str | os.PathLike = DEFAULT_INSTRUCTIONS,
+    limit: int | None = None,
+    max_new_tokens: int = 2048,
+    annotator: str = DEFAULT_ANNOTATOR,
+    seed: int = ae.DEFAULT_SEED,
+    annotators_dir: str | os.PathLike | None = None,
+    model_generator: Generator | None = None,
+    judge_generator: Generator | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` against the reference outputs with `judge`; write `out/` and return results.json.
+
+    `annotators_dir` defaults to the `alpaca-eval-templates` asset; the generators, when given, replace
+    `make_generator(model)` / `make_generator(judge)`.
+    """
+    from zephyr.feedback.judge import JudgeClient
+    from zephyr.generation import make_generator
+    from zephyr.io import write_jsonl
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    if annotators_dir is None:
+        from zephyr import assets
+
+        annotators_dir = assets.fetch("alpaca-eval-templates")
+    spec = ae.load_annotator(annotators_dir, annotator)
+    check_annotator(spec)
+    items = read_instructions(instructions)[:limit]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    generator = model_generator or make_generator(model)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    completions = generator.generate([[{"role": "user", "content": i.instruction}] for i in items], params)
+    write_jsonl(
+        out / "outputs.jsonl", [_output_record(i, c, model) for i, c in zip(items, completions, strict=True)]
+    )
+    failed = [i.index for i, c in zip(items, completions, strict=True) if not c.ok]
+    if failed:  # an empty answer would be judged as if the model wrote it
+        raise ZephyrError(f"{model}: generation failed for items {failed} (see {out / 'outputs.jsonl'})")
+    outputs = [c.text for c in completions]
+
+    audit = out / "judge_audit.jsonl"
+    audit.unlink(missing_ok=True)  # the client appends; one run's calls only
+    kwargs = spec.completions_kwargs
+    judge_params = SamplingParams(
+        max_tokens=int(kwargs.get("max_tokens", 100)), temperature=float(kwargs.get("temperature", 0.0))
+    )
+    client = JudgeClient(
+        judge_generator or make_generator(judge),
+        judge_params,
+        judge_id=f"{judge}|{spec.name}",
+        audit_path=audit,
+    )
+    records = judge_items(spec, items, outputs, client, seed)
+    write_jsonl(out / "annotations.jsonl", records)
+
+    annotations = [
+        ae.Annotation(i.index, r["preference"], o, i.reference_output)
+        for i, r, o in zip(items, records, outputs, strict=True)
+    ]
+    results = {
+        "model": model,
+        "judge": judge,
+        "annotator": spec.name,
+        "instructions": str(instructions),
+        "n_items": len(items),
+        **ae.summarize(annotations),
+        "judge_usage": client.usage(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    return results
+
+
+def _output_record(item: EvalItem, completion, model: str) -> dict[str, Any]:
+    record = {
+        "index": item.index,
+        "instruction": item.instruction,
+        "output": completion.text,
+        "generator": model,
+        "dataset": item.dataset,
+        "reference_output": item.reference_output,
+        "reference_generator": item.reference_generator,
+        "finish_reason": completion.finish_reason,
+    }
+    return record | ({"error": completion.error} if completion.error else {})
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The results as a short Markdown table (None shown as n/a)."""
+    rows = [
+        ("win rate (%)", f"{_number(results['win_rate'])} ± {_number(results['standard_error'])}"),
+        ("discrete win rate (%)", _number(results["discrete_win_rate"])),
+        (
+            f"length-controlled win rate (%, {results['length_controlled_glm']})",
+            f"{_number(results['length_controlled_winrate'])} ± {_number(results['lc_standard_error'])}",
+        ),
+        ("wins / losses / draws", f"{results['n_wins']} / {results['n_wins_base']} / {results['n_draws']}"),
+        ("annotations (failed to parse)", f"{results['n_annotations']} ({results['n_failed']})"),
+        ("average output length (chars)", _number(results["avg_length"])),
+    ]
+    lines = [
+        f"# AlpacaEval: {results['model']}",
+        "",
+        f"Judge `{results['judge']}`, annotator `{results['annotator']}`, instructions `{results['instructions']}`.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in rows),
+    ]
+    if results.get("length_controlled_note"):
+        lines += ["", f"Length-controlled win rate not computed: {results['length_controlled_note']}."]
+    return "\n".join(lines) + "\n"
