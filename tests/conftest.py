@@ -23,6 +23,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: at that size the threads of a pool only wait on each
+    other, and on cores shared with other work two spinning threads make decoding tens of times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm_dir():
     """SmolLM2-135M-Instruct as a Hugging Face folder (the `smollm2-135m-instruct` asset)."""

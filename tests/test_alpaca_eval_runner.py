@@ -44,14 +44,7 @@ LEFT_FIRST = "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]
 RIGHT_FIRST = "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class FakeModel:

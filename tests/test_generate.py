@@ -478,18 +478,6 @@ def test_plain_backends_get_one_seed_per_step(tmp_path):
 # The local backend: a tiny random Llama with SmolLM2's tokenizer
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread while a model generates: on a CPU shared with other work, two spinning threads can make
-    decoding tens of times slower (no effect on the results)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     from conftest import make_tiny_llama

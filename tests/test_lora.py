@@ -32,13 +32,7 @@ TARGETS = ("q_proj", "v_proj")
 LORA = LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=list(TARGETS))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The suite shares two cores; these tiny models gain nothing from more threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ def records(path: Path) -> list[dict]:
     return io.read_records(path, "mc").records
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: starting CPU threads costs more than their math (and far more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
