@@ -81,7 +81,7 @@ def read_records(
     records: list[dict] = []
     bad: list[BadRecord] = []
     total = 0
-    for line, record, decode_problem in _iter_rows(source):
+    for line, record, decode_problem in iter_rows(source):
         total += 1
         problem = decode_problem or checker.check(line, record)
         if problem is None:
@@ -125,7 +125,9 @@ def _undetected(record: Any) -> Problem:
     return Problem("record", f"its keys match no format ({', '.join(FORMATS)})")
 
 
-def _iter_rows(source: str) -> Iterator[_Row]:
+def iter_rows(source: str) -> Iterator[_Row]:
+    """(line, decoded value, decode problem or None) of every record of a source, before any schema check:
+    for readers of files that are not one of the record formats (prompt lists, say)."""
     if source.startswith("hf:"):
         return _iter_hub(source)
     path = Path(source)

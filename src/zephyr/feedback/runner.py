@@ -95,7 +95,7 @@ def read_prompts(path: str, on_bad_record: str = "error", limit: int | None = No
     seen: dict[str, int] = {}
     bad: Counter[str] = Counter()
     total = 0
-    for line, record, problem in io._iter_rows(path):  # the file readers of io, before any schema
+    for line, record, problem in io.iter_rows(path):
         total += 1
         prompt, problem = (None, problem) if problem else _prompt_of(record)
         if prompt is not None and prompt.prompt_id in seen:
