@@ -173,6 +173,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from zephyr.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from zephyr.pipeline import run_pipeline
+
+    run_pipeline(recipe, args.recipe, start_from=args.start_from, only=args.only, output_dir=args.output_dir)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from zephyr.report import write_report
+
+    paths = write_report(args.run, out_dir=args.out)
+    print(paths.html)  # the page to open, last
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from zephyr.terminal_chat import run_chat
+
+    run_chat(
+        args.model,
+        chat_template=args.chat_template,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+    return 0
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.01")
@@ -281,6 +312,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--limit", type=int, default=None)
     p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("run", help="the whole pipeline of a recipe into one run folder (resumable)")
+    _add_recipe_args(p)
+    p.add_argument("--from", dest="start_from", default=None, metavar="STAGE", help="redo STAGE and after")
+    p.add_argument("--only", default=None, metavar="STAGE", help="run only STAGE (its inputs must be done)")
+    p.add_argument("--output-dir", default=None, help="the run folder (default: run.output_dir)")
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("report", help="report.json, report.md and a self-contained report.html of a run")
+    p.add_argument("run", help="run folder written by `zephyr run`")
+    p.add_argument("--out", default=None, help="folder for the report files (default: the run folder)")
+    p.set_defaults(handler=_cmd_report)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal, with its chat template")
+    p.add_argument("model", help="model spec: PATH, transformers:ID, asset:NAME, openai:MODEL@URL")
+    p.add_argument("--chat-template", default="auto")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.set_defaults(handler=_cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat completions server over a checkpoint")
     p.add_argument("model")

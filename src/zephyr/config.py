@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -255,14 +256,137 @@ class CurateConfig:
 
 
 @dataclass
-class Recipe:
-    """A recipe file: one optional section per stage."""
+class McEvalConfig:
+    """One multiple-choice set (lm-evaluation-harness semantics): a preset or an MC JSONL file."""
 
+    name: str = "mc"  # label in results and reports; also the folder name under eval/MODEL/
+    data: str | None = None  # MC JSONL / hf:NAME[:SPLIT]; null with a preset = the preset's hub dataset
+    preset: str | None = None  # arc | hellaswag | mmlu | truthfulqa | truthfulqa_mc1
+    fewshot_data: str | None = None
+    num_fewshot: int | None = bounded(None, ge=0)
+    limit: int | None = bounded(None, ge=1)
+    batch_size: int = bounded(16, ge=1)
+
+    def validate(self, where: str) -> None:
+        if self.data is None and self.preset is None:
+            raise ConfigError(f"{where}.data: set data (an MC file) or preset")
+
+
+@dataclass
+class MtBenchEvalConfig:
+    """MT-Bench: two-turn answers graded 1-10 by a judge (FastChat llm_judge protocol)."""
+
+    judge: str = "asset:smollm2-135m-instruct"  # paper: gpt-4 (openai:gpt-4@URL)
+    questions: str | None = None  # FastChat question.jsonl; null = the mt-bench asset (80 questions)
+    limit: int | None = bounded(None, ge=1)
+    max_new_tokens: int = bounded(1024, ge=1)  # FastChat: 1024
+    judge_max_tokens: int = bounded(2048, ge=1)  # FastChat: 2048
+
+
+@dataclass
+class AlpacaEvalEvalConfig:
+    """AlpacaEval: pairwise win rate against reference outputs."""
+
+    judge: str = "asset:smollm2-135m-instruct"  # paper: gpt-4 (alpaca_eval_gpt4 annotator)
+    instructions: str = "hf:tatsu-lab/alpaca_eval:eval"  # or any JSONL of instruction / output
+    limit: int | None = bounded(None, ge=1)
+    max_new_tokens: int = bounded(2048, ge=1)
+    annotator: str = "alpaca_eval_gpt4"
+
+
+@dataclass
+class EvalConfig:
+    """What `zephyr run` measures for every model of the run (base, dSFT, dDPO, each ablation)."""
+
+    mc: list[McEvalConfig] = field(default_factory=list)
+    mt_bench: MtBenchEvalConfig | None = None
+    alpaca_eval: AlpacaEvalEvalConfig | None = None
+    sample_prompts: list[str] = field(default_factory=list)  # answered greedily by every model, side by side
+    sample_max_new_tokens: int = bounded(128, ge=1)
+
+    def validate(self, where: str) -> None:
+        names = [m.name for m in self.mc]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"{where}.mc: names must be unique, repeated: {', '.join(dup)}")
+
+
+@dataclass
+class AblationConfig:
+    """A dDPO variant trained and evaluated next to the main run: the paper's ablations, runnable."""
+
+    name: str = ""  # folder name under ablations/ and row label in the comparison table
+    start: Literal["base", "sft"] = "sft"  # base: DPO without dSFT (the base model is its own reference)
+    overrides: list[str] = field(
+        default_factory=list
+    )  # dotted dpo keys over the recipe's dpo, e.g. beta=0.01
+
+    def validate(self, where: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(f"{where}.name: letters, digits, '_', '.', '-' only, got {self.name!r}")
+        try:
+            for path, _ in parse_overrides(self.overrides):
+                _check_override_path(DPOConfig, path)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.overrides: {exc}") from None
+
+
+STAGES = ("generate", "curate", "sft", "feedback", "dpo", "ablations", "eval", "report")
+
+
+@dataclass
+class RunConfig:
+    """`zephyr run`: the stages of a pipeline recipe into one run folder (stage outputs are placed there)."""
+
+    output_dir: str = "runs/pipeline"
+    stages: (
+        list[Literal["generate", "curate", "sft", "feedback", "dpo", "ablations", "eval", "report"]] | None
+    ) = None  # null = every stage the recipe has a section for, in pipeline order
+    base_model: str | None = None  # the model before dSFT, evaluated as "base"; null = sft.model
+    ablations: list[AblationConfig] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        names = [a.name for a in self.ablations]
+        reserved = {"base", "sft", "dpo"} & set(names)
+        if reserved:
+            raise ConfigError(
+                f"{where}.ablations: {sorted(reserved)} name the run's own models; pick another"
+            )
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"{where}.ablations: names must be unique, repeated: {', '.join(dup)}")
+
+
+@dataclass
+class Recipe:
+    """A recipe file: one optional section per stage (`run` and `eval` are used by `zephyr run`)."""
+
+    run: RunConfig | None = None
     generate: GenerateConfig | None = None
     curate: CurateConfig | None = None
     sft: SFTConfig | None = None
     feedback: FeedbackConfig | None = None
     dpo: DPOConfig | None = None
+    eval: EvalConfig | None = None
+
+    def validate(self, where: str) -> None:
+        if self.run is None or not self.run.ablations:
+            return
+        if self.dpo is None:
+            raise ConfigError(f"{where}: run.ablations vary the dpo section; add `dpo:`")
+        for i, ablation in enumerate(self.run.ablations):
+            ablation_config(self.dpo, ablation, f"run.ablations[{i}]")
+
+
+def ablation_config(dpo: DPOConfig, ablation: AblationConfig, where: str = "ablation") -> DPOConfig:
+    """The dpo section with an ablation's overrides applied, validated like the section itself."""
+    data = to_dict(dpo)
+    for path, value in parse_overrides(ablation.overrides):
+        _merge(data, path, value)
+    try:
+        return build(DPOConfig, data, "dpo")
+    except ConfigError as exc:
+        raise ConfigError(f"{where} ({ablation.name}): {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
