@@ -127,6 +127,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             judge_max_tokens=args.judge_max_tokens,
+            baseline=args.baseline,
         )
         return 0
     if args.eval_command == "alpaca-eval":
@@ -284,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, default=None, help="first N questions")
     t.add_argument("--max-new-tokens", type=int, default=1024)
     t.add_argument("--judge-max-tokens", type=int, default=2048)
+    t.add_argument(
+        "--baseline",
+        default=None,
+        help="pairwise mode: a baseline model spec or its answers.jsonl; judged both orders (position swap)",
+    )
     a = esub.add_parser("alpaca-eval", help="AlpacaEval: pairwise win rate against reference outputs")
     a.add_argument("--model", required=True)
     a.add_argument("--judge", required=True)
