@@ -10,8 +10,15 @@ import json
 import pytest
 
 from zephyr import assets
+from zephyr.errors import DataError
 from zephyr.evaluation import mt_bench
-from zephyr.evaluation.mt_bench_runner import ANSWER_FAILED, run_mt_bench
+from zephyr.evaluation.mt_bench_runner import (
+    ANSWER_FAILED,
+    BASELINE_FAILED,
+    Answer,
+    read_answer_file,
+    run_mt_bench,
+)
 from zephyr.generation import Completion, Usage
 
 QUESTION_IDS = [81, 82, 83, 84, 111, 141]
@@ -36,12 +43,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class FakeModel:
-    """Answers `answer-QID-tTURN`, recognising the question by its text; records every call."""
+    """Answers `answer-QID-tTURN` (or another prefix), recognising the question by its text; records every
+    call."""
 
-    def __init__(self, questions, fail=()):
+    def __init__(self, questions, fail=(), prefix="answer", model_id="fake-model"):
         self.turn_of = {t: (q.question_id, k) for q in questions for k, t in enumerate(q.turns, start=1)}
         self.fail = fail
-        self.model_id = "fake-model"
+        self.prefix = prefix
+        self.model_id = model_id
         self.calls = []
         self.usage = Usage()
 
@@ -53,7 +62,7 @@ class FakeModel:
             if (qid, turn) in self.fail:
                 out.append(Completion.failed("HTTP 500: boom", prompt_tokens=3))
             else:
-                out.append(Completion(f"  answer-{qid}-t{turn}\n", "stop", 10 * turn, 4))
+                out.append(Completion(f"  {self.prefix}-{qid}-t{turn}\n", "stop", 10 * turn, 4))
         return out
 
 
@@ -223,3 +232,263 @@ def test_smollm2_as_model_and_judge_through_the_cli(tmp_path):
     assert results["n"] == 4 and results["n_scored"] + results["n_failed"] == 4
     assert len(results["failures"]) == results["n_failed"]
     assert len(read_jsonl(out / "answers.jsonl")) == 2 and len(read_jsonl(out / "judgments.jsonl")) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pairwise mode: the model (answers `answer-...`) against a baseline (answers `base-...`)
+
+# The judge's answer per (question, turn): (model shown as A, baseline shown as A).
+PAIR_VERDICTS = {
+    (81, 1): ("Verdict: [[A]]", "[[B]]"),  # model wins in both orders: win
+    (81, 2): ("[[B]]", "[[A]]"),  # baseline wins in both orders: loss
+    (82, 1): ("[[A]]", "[[A]]"),  # always A (position bias): inconsistent, tie
+    (82, 2): ("[[C]]", "[[C]]"),  # tie in both orders: tie, consistent
+    (83, 1): ("[[C]]", "[[B]]"),  # tie, then model: inconsistent, tie
+    (83, 2): ("I cannot decide.", "[[A]]"),  # no verdict in game 1: failed game
+    (84, 1): ("[[A]]", "[[B]]"),  # win
+    (84, 2): ("[[B]]", "[[A]]"),  # loss
+    (111, 1): ("[[A]]", "[[B]]"),  # win (math: reference-guided)
+    (111, 2): ("[[B]]", "[[A]]"),  # loss
+    (141, 1): ("[[A]]", "[[B]]"),  # win
+    (141, 2): ("[[B]]", "[[B]]"),  # always B: inconsistent, tie
+}
+# Outcome for the model, as FastChat's show_result counts it.
+PAIR_OUTCOMES = {
+    (81, 1): "model_1", (81, 2): "model_2", (82, 1): "tie", (82, 2): "tie", (83, 1): "tie", (83, 2): None,
+    (84, 1): "model_1", (84, 2): "model_2", (111, 1): "model_1", (111, 2): "model_2", (141, 1): "model_1",
+    (141, 2): "tie",
+}  # fmt: skip
+
+
+class FakePairJudge:
+    """Answers from PAIR_VERDICTS: the game is the latest model answer in the prompt, the order is whether
+    the model's answer comes before the baseline's."""
+
+    model_id = "fake-judge"
+
+    def __init__(self):
+        self.calls = []
+        self.usage = Usage()
+
+    def generate(self, conversations, params):
+        self.calls.append((list(conversations), params))
+        out = []
+        for messages in conversations:
+            text = messages[-1]["content"]
+            qid, turn = next(k for k in reversed(PAIR_VERDICTS) if f"answer-{k[0]}-t{k[1]}" in text)
+            model_first = text.index(f"answer-{qid}-t1") < text.index(f"base-{qid}-t1")
+            out.append(Completion(PAIR_VERDICTS[(qid, turn)][0 if model_first else 1], "stop", 100, 7))
+        return out
+
+
+def write_baseline(path, questions, fastchat=False):
+    lines = []
+    for q in questions:
+        turns = [f"base-{q.question_id}-t{k}" for k in (1, 2)]
+        if fastchat:  # FastChat model_answer/NAME.jsonl
+            record = {
+                "question_id": q.question_id,
+                "answer_id": "x",
+                "choices": [{"index": 0, "turns": turns}],
+            }
+        else:
+            record = Answer(
+                q.question_id, q.category, "base-model", turns, ["stop"] * 2, [1, 2], [3, 4], [None] * 2
+            )
+            record = record.to_dict()
+        lines.append(json.dumps(record) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def hand_filled(raw_prompts, raw_refs, q, turn, a, b):
+    """The judge messages FastChat's run_judge_pair sends, filled here from the asset's raw lines."""
+    name = ("pair-math-v1" if q.category in ("math", "reasoning", "coding") else "pair-v2") + (
+        "-multi-turn" if turn == 2 else ""
+    )
+    prompt = raw_prompts[name]
+    kwargs = {}
+    if q.question_id in raw_refs and q.category in ("math", "reasoning", "coding"):
+        ref = raw_refs[q.question_id]["choices"][0]["turns"]
+        kwargs = {"ref_answer_1": ref[0], "ref_answer_2": ref[1]}
+    qid = q.question_id
+    if turn == 1:
+        user = prompt["prompt_template"].format(
+            question=q.turns[0], answer_a=f"{a}-{qid}-t1", answer_b=f"{b}-{qid}-t1", **kwargs
+        )
+    else:
+        user = prompt["prompt_template"].format(
+            question_1=q.turns[0], question_2=q.turns[1],
+            answer_a_1=f"{a}-{qid}-t1", answer_b_1=f"{b}-{qid}-t1",
+            answer_a_2=f"{a}-{qid}-t2", answer_b_2=f"{b}-{qid}-t2", **kwargs,
+        )  # fmt: skip
+    return name, [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user}]
+
+
+def test_pairwise_against_a_baseline_file_swaps_positions_and_counts_like_fastchat(tmp_path, setup):
+    path, questions, _, _ = setup
+    (tmp_path / "base").mkdir()
+    baseline = write_baseline(tmp_path / "base" / "answers.jsonl", questions)  # an earlier run's answers
+    judge = FakePairJudge()
+    out = tmp_path / "out"
+    results = run_mt_bench(
+        "fake-model", "fake-judge", out, questions=path, judge_max_tokens=99, baseline=str(baseline),
+        model_generator=FakeModel(questions), judge_generator=judge,
+    )  # fmt: skip
+
+    # one batched greedy judge call, two games per (question, turn)
+    assert len(judge.calls) == 1 and len(judge.calls[0][0]) == 24
+    assert (judge.calls[0][1].temperature, judge.calls[0][1].max_tokens) == (0.0, 99)
+
+    folder = assets.fetch("mt-bench")
+    raw_prompts = {
+        p["name"]: p for p in map(json.loads, (folder / "judge_prompts.jsonl").read_text().splitlines())
+    }
+    raw_refs = {
+        r["question_id"]: r
+        for r in map(json.loads, (folder / "reference_answer" / "gpt-4.jsonl").read_text().splitlines())
+    }
+    lines = read_jsonl(out / "pairwise.jsonl")
+    assert [(x["question_id"], x["turn"]) for x in lines] == list(PAIR_VERDICTS)
+    for line in lines:
+        q = next(q for q in questions if q.question_id == line["question_id"])
+        key = (q.question_id, line["turn"])
+        name, g1 = hand_filled(raw_prompts, raw_refs, q, line["turn"], "answer", "base")
+        _, g2 = hand_filled(raw_prompts, raw_refs, q, line["turn"], "base", "answer")
+        assert line["judge_prompt"] == name and line["category"] == q.category
+        assert (line["model_1"], line["model_2"]) == ("fake-model", "base-model")
+        g1_line, g2_line = line["games"]
+        assert (g1_line["game"], g1_line["a"], g2_line["game"], g2_line["a"]) == (
+            "g1",
+            "model_1",
+            "g2",
+            "model_2",
+        )
+        assert g1_line["messages"] == g1 and g2_line["messages"] == g2  # byte for byte
+        assert (g1_line["raw"], g2_line["raw"]) == PAIR_VERDICTS[key]
+        assert line["outcome"] == PAIR_OUTCOMES[key]
+    # the turn-1 prompt written out by hand once (pair-v2)
+    q81 = questions[0]
+    assert lines[0]["games"][0]["messages"][1]["content"] == (
+        "[User Question]\n" + q81.turns[0] + "\n\n"
+        "[The Start of Assistant A's Answer]\nanswer-81-t1\n[The End of Assistant A's Answer]\n\n"
+        "[The Start of Assistant B's Answer]\nbase-81-t1\n[The End of Assistant B's Answer]"
+    )
+    assert [x["judge_prompt"] for x in lines if x["question_id"] == 111] == [
+        "pair-math-v1", "pair-math-v1-multi-turn",
+    ]  # fmt: skip
+    assert raw_refs[111]["choices"][0]["turns"][1] in lines[9]["games"][1]["messages"][1]["content"]
+
+    # verdicts as written and as winners, FastChat's g1_winner / g2_winner
+    by_key = {(x["question_id"], x["turn"]): x for x in lines}
+    line = by_key[(82, 1)]  # [[A]] twice: the model, then the baseline
+    assert [g["verdict"] for g in line["games"]] == ["A", "A"]
+    assert (line["g1_winner"], line["g2_winner"], line["outcome"]) == ("model_1", "model_2", "tie")
+    line = by_key[(83, 1)]
+    assert (line["g1_winner"], line["g2_winner"], line["outcome"]) == ("tie", "model_1", "tie")
+    line = by_key[(83, 2)]
+    assert [g["verdict"] for g in line["games"]] == [None, "A"] and line["outcome"] is None
+    assert (
+        line["reason"] == f"g1: {mt_bench.NO_VERDICT}" and line["games"][0]["reason"] == mt_bench.NO_VERDICT
+    )
+    assert by_key[(81, 1)]["games"][0]["verdict"] == "A" and by_key[(81, 1)]["g2_winner"] == "model_1"
+
+    # results by hand: 4 wins (81/1 84/1 111/1 141/1), 3 losses (81/2 84/2 111/2),
+    # 4 ties (82/1 82/2 83/1 141/2; all but 82/2 inconsistent), 83/2 failed
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (results["mode"], results["model"], results["baseline"]) == (
+        "pairwise",
+        "fake-model",
+        str(baseline),
+    )
+    assert {k: results[k] for k in ("n", "win", "loss", "tie", "n_failed", "n_inconsistent")} == {
+        "n": 12, "win": 4, "loss": 3, "tie": 4, "n_failed": 1, "n_inconsistent": 3,
+    }  # fmt: skip
+    assert results["win_rate"] == pytest.approx(4 / 11) and results["loss_rate"] == pytest.approx(3 / 11)
+    assert results["win_rate_adjusted"] == pytest.approx(6 / 11)
+    assert results["turns"]["1"]["win_rate_adjusted"] == pytest.approx(5 / 6)  # 4 wins, 2 ties
+    assert results["turns"]["2"]["win_rate_adjusted"] == pytest.approx(1 / 5)  # 3 losses, 2 ties, 1 failed
+    writing = results["categories"]["writing"]
+    assert (writing["win"], writing["loss"], writing["tie"], writing["n_failed"]) == (2, 2, 3, 1)
+    assert writing["win_rate_adjusted"] == pytest.approx(0.5)
+    assert results["categories"]["math"]["win_rate_adjusted"] == pytest.approx(0.5)
+    assert results["categories"]["stem"]["win_rate_adjusted"] == pytest.approx(0.75)
+    assert results["failures"] == [{"question_id": 83, "turn": 2, "reason": f"g1: {mt_bench.NO_VERDICT}"}]
+    assert results["missing"] == []
+    report = (out / "results.md").read_text()
+    assert results["baseline_model"] == "base-model" and report.startswith(
+        "# MT-Bench pairwise: fake-model vs base-model"
+    )
+    assert "**Win rate: 54.5%**" in report and "| writing | 50.0% | 2 | 2 | 3 | 2 | 1 |" in report
+    assert not (out / "judgments.jsonl").exists() and not (out / "categories.png").exists()
+
+
+def test_pairwise_baseline_spec_is_answered_by_the_same_protocol(tmp_path, setup):
+    path, questions, _, _ = setup
+    base = FakeModel(questions, fail={(82, 2)}, prefix="base", model_id="base-gen")
+    judge, out = FakePairJudge(), tmp_path / "out"
+    results = run_mt_bench(
+        "fake-model", "fake-judge", out, questions=path, limit=4, max_new_tokens=55, baseline="base-spec",
+        model_generator=FakeModel(questions), judge_generator=judge, baseline_generator=base,
+    )  # fmt: skip
+    # the baseline: turn 1 then turn 2 (its own answer in the history), writing's temperature and seed
+    assert [(p.temperature, p.seed, p.max_tokens, len(c)) for c, p in base.calls] == [(0.7, 0, 55, 4)] * 2
+    assert base.calls[1][0][0][1] == {"role": "assistant", "content": "base-81-t1"}
+    saved = read_jsonl(out / "baseline_answers.jsonl")
+    assert [a["model"] for a in saved] == ["base-spec"] * 4 and saved[0]["turns"] == [
+        "base-81-t1",
+        "base-81-t2",
+    ]
+    # 82/2 of the baseline failed: not judged, a failed game
+    assert len(judge.calls[0][0]) == 14
+    [line] = [x for x in read_jsonl(out / "pairwise.jsonl") if (x["question_id"], x["turn"]) == (82, 2)]
+    assert line["games"] is None and line["outcome"] is None
+    assert line["reason"] == f"{BASELINE_FAILED}: HTTP 500: boom"
+    # writing only: wins 81/1 84/1, losses 81/2 84/2, ties 82/1 83/1; 82/2 and 83/2 failed
+    assert (results["win"], results["loss"], results["tie"], results["n_failed"]) == (2, 2, 2, 2)
+    assert results["win_rate_adjusted"] == pytest.approx(0.5) and results["baseline"] == "base-spec"
+
+
+def test_baseline_answer_files_fastchat_format_and_errors(tmp_path, setup):
+    _, questions, _, _ = setup
+    fastchat = write_baseline(tmp_path / "gpt-3.5-turbo.jsonl", questions, fastchat=True)
+    answers = read_answer_file(fastchat, questions[:3])
+    assert [a.question_id for a in answers] == [81, 82, 83]
+    assert answers[0].model == "gpt-3.5-turbo" and answers[0].turns == ["base-81-t1", "base-81-t2"]
+    assert answers[0].errors == [None, None]
+    short = tmp_path / "short.jsonl"
+    short.write_text(fastchat.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataError, match=r"short\.jsonl: no answer to question 82"):
+        read_answer_file(short, questions)
+    short.write_text('{"question_id": 81, "model": "m", "turns": ["only one"]}\n')
+    with pytest.raises(DataError, match="question 81: 1 answer turn"):
+        read_answer_file(short, questions[:1])
+    short.write_text('{"question_id": 81, "model": "m", "turns": "text"}\n')
+    with pytest.raises(DataError, match=r"short\.jsonl:1: turns: expected a non-empty list"):
+        read_answer_file(short, questions[:1])
+    short.write_text('{"question_id": 81, "turns": ["a", "b"]}\nnot json\n')
+    with pytest.raises(DataError, match=r"short\.jsonl:2: record: invalid JSON"):
+        read_answer_file(short, questions[:1])
+    with pytest.raises(DataError, match="no such file"):  # a .jsonl baseline is a file, never a model spec
+        run_mt_bench("m", "j", tmp_path / "o", limit=1, baseline=str(tmp_path / "missing.jsonl"),
+                     model_generator=FakeModel(questions), judge_generator=FakePairJudge())  # fmt: skip
+
+
+def test_pairwise_through_the_cli_with_the_tiny_model(tmp_path, setup, tiny_model_dir):
+    from zephyr.cli import main
+
+    _, questions, _, _ = setup
+    baseline = write_baseline(tmp_path / "gpt-3.5-turbo.jsonl", questions, fastchat=True)
+    out, spec = tmp_path / "mt", str(tiny_model_dir)
+    code = main(
+        ["eval", "mt-bench", "--model", spec, "--judge", spec, "--out", str(out), "--limit", "2",
+         "--max-new-tokens", "4", "--judge-max-tokens", "4", "--baseline", str(baseline)]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "pairwise" and results["n"] == 4
+    assert results["win"] + results["loss"] + results["tie"] + results["n_failed"] == 4
+    lines = read_jsonl(out / "pairwise.jsonl")
+    assert [line["model_2"] for line in lines] == ["gpt-3.5-turbo"] * 4
+    assert all(len(line["games"]) == 2 and line["games"][1]["a"] == "model_2" for line in lines)
+    assert "base-81-t2" in lines[1]["games"][0]["messages"][1]["content"]

@@ -54,9 +54,20 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _recipe_section(args: argparse.Namespace, name: str):
-    from zephyr.config import load_recipe, section
+    import dataclasses
 
-    return section(load_recipe(args.recipe, args.overrides), name, args.recipe)
+    from zephyr.config import load_recipe, section
+    from zephyr.errors import ConfigError
+
+    cfg = section(load_recipe(args.recipe, args.overrides), name, args.recipe)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str) and value.startswith("stage:"):
+            raise ConfigError(
+                f"{args.recipe}: {name}.{f.name}: {value!r} names another stage's output, which only "
+                f"`zephyr run` resolves; run the pipeline, or give a path"
+            )
+    return cfg
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:

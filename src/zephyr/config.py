@@ -343,6 +343,9 @@ class RunConfig:
         list[Literal["generate", "curate", "sft", "feedback", "dpo", "ablations", "eval", "report"]] | None
     ) = None  # null = every stage the recipe has a section for, in pipeline order
     base_model: str | None = None  # the model before dSFT, evaluated as "base"; null = sft.model
+    launcher: str | None = (
+        None  # training stages as `LAUNCHER -m zephyr sft|dpo ...`, e.g. "accelerate launch"
+    )
     ablations: list[AblationConfig] = field(default_factory=list)
 
     def validate(self, where: str) -> None:

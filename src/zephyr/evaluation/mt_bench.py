@@ -20,13 +20,16 @@ FastChat writes -1 when neither is found and `show_result.py` drops those rows f
 missing score is kept as a counted parse failure with its reason, and `aggregate` reports the failures next
 to the means (which, like FastChat's, are over the parsed scores only).
 
-Pairwise mode (`pair-v2` family) is here too: `pairwise_messages`, `parse_verdict` and `combine_verdicts`,
-where a win counts only when the judge picks the same answer in both orders (FastChat's position swap).
+Pairwise mode (FastChat's `pairwise-baseline`, the `pair-v2` family of prompts picked by the same table as
+above with `pair-` names) is here too: `pairwise_messages`, `parse_verdict`, `combine_verdicts` and
+`aggregate_pairwise`. Each (question, turn) is one game judged twice, the model as Assistant A and then the
+baseline as A; a win counts only when the judge picks the same answer in both orders, every other pair of
+parsed verdicts is a tie (FastChat's position swap). The win rate is FastChat's `win_rate_adjusted`,
+(win + tie / 2) / games.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from zephyr.errors import DataError
+from zephyr.io import iter_rows
 
 # FastChat llm_judge/common.py `temperature_config`: sampling temperature of the answering model per category.
 CATEGORY_TEMPERATURE: dict[str, float] = {
@@ -101,6 +105,32 @@ class JudgePrompt:
 
 
 @dataclass(frozen=True)
+class PairJudgment:
+    """One game of the model (model 1) against the baseline (model 2) at one turn.
+
+    `first` is the judge's verdict ("A", "B", "tie") with the model as Assistant A, `swapped` with the
+    baseline as A; None when the judge gave none (or was not asked: `reason` says why).
+    """
+
+    question_id: int
+    category: str
+    turn: int
+    first: str | None
+    swapped: str | None
+    reason: str | None = None
+
+    @property
+    def outcome(self) -> str | None:
+        """ "model_1", "model_2", "tie", or None for a failed game (`combine_verdicts`)."""
+        return combine_verdicts(self.first, self.swapped)
+
+    @property
+    def inconsistent(self) -> bool:
+        """Both verdicts parsed but the two orders named different winners (position bias): a tie."""
+        return self.outcome is not None and verdict_winner(self.first, 1) != verdict_winner(self.swapped, 2)
+
+
+@dataclass(frozen=True)
 class Judgment:
     """One graded turn: `score` is None when the judge's answer held no score (`reason` says why)."""
 
@@ -133,18 +163,10 @@ class Judgment:
 
 
 def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict]]:
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+    for number, record, problem in iter_rows(str(path)):
+        if problem is not None:  # a line that does not decode ("invalid JSON: ...", "not valid UTF-8: ...")
+            detail = problem.message.removeprefix("invalid JSON: ")
+            raise DataError(f"{path}:{number}: not valid JSON: {detail}")
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object")
         yield number, record
@@ -399,11 +421,18 @@ def combine_verdicts(first: str | None, swapped: str | None) -> str | None:
     """
     if first is None or swapped is None:
         return None
-    g1 = {"A": "model_1", "B": "model_2"}.get(first, first)
-    g2 = {"A": "model_2", "B": "model_1"}.get(swapped, swapped)
+    g1, g2 = verdict_winner(first, 1), verdict_winner(swapped, 2)
     if g1 == "tie" or g1 != g2:
         return "tie"
     return g1
+
+
+def verdict_winner(verdict: str | None, game: int) -> str | None:
+    """The model a verdict ("A", "B", "tie" or None) names in game 1 (model 1 shown as A) or game 2 (model 2
+    shown as A): "model_1", "model_2", or the verdict itself ("tie", None)."""
+    if verdict not in ("A", "B"):
+        return verdict
+    return "model_1" if (verdict == "A") == (game == 1) else "model_2"
 
 
 def pairwise_summary(outcomes: Iterable[str | None]) -> dict[str, Any]:
@@ -420,3 +449,46 @@ def pairwise_summary(outcomes: Iterable[str | None]) -> dict[str, Any]:
         "loss_rate": loss / n if n else None,
         "win_rate_adjusted": (win + 0.5 * tie) / n if n else None,
     }
+
+
+def _pair_summary(games: Sequence[PairJudgment]) -> dict[str, Any]:
+    return {
+        "n": len(games),
+        **pairwise_summary(g.outcome for g in games),
+        "n_inconsistent": sum(g.inconsistent for g in games),
+    }
+
+
+def aggregate_pairwise(
+    games: Iterable[PairJudgment], questions: Iterable[Question] | None = None
+) -> dict[str, Any]:
+    """Pairwise results: wins, losses and ties of the model against the baseline overall, per turn and per
+    category (`pairwise_summary` with `n` games and `n_inconsistent`, the ties that the position swap made).
+
+    As FastChat's show_result, every (question, turn) is one game and failed games are left out of the
+    rates; here they are counted in `n_failed` and listed in `failures`, and given `questions`, games never
+    judged are listed in `missing`.
+    """
+    games = list(games)
+    by_turn: dict[int, list[PairJudgment]] = {}
+    by_category: dict[str, list[PairJudgment]] = {}
+    for game in games:
+        by_turn.setdefault(game.turn, []).append(game)
+        by_category.setdefault(game.category, []).append(game)
+    result = _pair_summary(games)
+    result["turns"] = {str(turn): _pair_summary(items) for turn, items in sorted(by_turn.items())}
+    result["categories"] = {category: _pair_summary(items) for category, items in sorted(by_category.items())}
+    result["failures"] = [
+        {"question_id": g.question_id, "turn": g.turn, "reason": g.reason or NO_VERDICT}
+        for g in games
+        if g.outcome is None
+    ]
+    if questions is not None:
+        seen = {(g.question_id, g.turn) for g in games}
+        result["missing"] = [
+            {"question_id": q.question_id, "turn": turn}
+            for q in questions
+            for turn in range(1, len(q.turns) + 1)
+            if (q.question_id, turn) not in seen
+        ]
+    return result

@@ -1,0 +1,149 @@
+"""The run folder's manifest: what each stage of `zephyr run` did, and what it was made from.
+
+`manifest.json` holds, per stage id, a status (`running` while it works, so a killed run shows where it
+stopped; `done`; `failed` with the error), the fingerprint of the stage's inputs, timings, attempts and its
+output files, plus the package versions of the run. It is rewritten atomically (write, fsync, rename) at
+every change of state, so a crash never leaves it half-written.
+
+A stage's fingerprint hashes its resolved config, the fingerprints of the stages it reads from, and the
+content of the local files it reads: a stage is redone exactly when one of those changed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zephyr.errors import ZephyrError
+
+MANIFEST = "manifest.json"
+HASH_LIMIT = 256 << 20  # files up to this size are hashed by content; larger ones by size and mtime
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class StageRecord:
+    status: str = "pending"  # running | done | failed
+    fingerprint: str = ""
+    started: str | None = None
+    finished: str | None = None
+    seconds: float | None = None
+    attempts: int = 0
+    outputs: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Manifest:
+    recipe: str
+    run_dir: str
+    created: str = field(default_factory=now)
+    updated: str = field(default_factory=now)
+    versions: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        stages = {k: StageRecord(**v) for k, v in data.get("stages", {}).items()}
+        return cls(**{**data, "stages": stages})
+
+
+def load_manifest(run_dir: Path, recipe: str) -> Manifest:
+    """The run's manifest, or a new one; an unreadable manifest is an error (never silently replaced)."""
+    path = run_dir / MANIFEST
+    if not path.exists():
+        return Manifest(recipe=recipe, run_dir=str(run_dir))
+    try:
+        return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:
+        raise ZephyrError(
+            f"{path}: not a zephyr manifest ({exc}); move it away to start the run over"
+        ) from None
+
+
+def save_manifest(manifest: Manifest, run_dir: Path) -> None:
+    manifest.updated = now()
+    write_text_atomic(run_dir / MANIFEST, json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def path_fingerprint(path: Path) -> str:
+    """Content hash of a file, or of a folder's files (names, sizes and content up to HASH_LIMIT each)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else ''}\0{stat.st_size}\0".encode())
+        if stat.st_size > HASH_LIMIT:
+            digest.update(str(stat.st_mtime_ns).encode())
+            continue
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(kind: str, config: Any, upstream: Mapping[str, str], files: Mapping[str, str]) -> str:
+    """A stage's fingerprint from its kind, its resolved config, upstream fingerprints and input files."""
+    payload = {"kind": kind, "config": config, "upstream": dict(upstream), "files": dict(files)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Versions
+
+
+def package_versions() -> dict[str, str]:
+    """What made the run: Python, zephyr and the libraries whose behaviour shapes the numbers."""
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("zephyr", "torch", "transformers", "accelerate", "datasets"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["device"] = _device_name()
+    return versions
+
+
+def _device_name() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "unknown"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({os.cpu_count()} cores)"

@@ -1,0 +1,324 @@
+"""`zephyr run`: the plan a recipe becomes, stage references, fingerprints, skip / resume / redo, --from and
+--only, and a SIGKILL in the middle of a run that the rerun completes with the outputs of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from zephyr.cli import main
+from zephyr.config import load_recipe
+from zephyr.errors import ConfigError, ZephyrError
+from zephyr.manifest import fingerprint, path_fingerprint
+from zephyr.pipeline import build_plan, parse_ref, resolve_refs, run_pipeline, stage_names
+
+ROOT = Path(__file__).parents[1]
+RAW = ROOT / "recipes" / "data" / "raw_dialogues.jsonl"
+PAIRS = ROOT / "recipes" / "data" / "tiny_pairs.jsonl"
+MC = ROOT / "recipes" / "data" / "mc_sample.jsonl"
+
+
+def tiny_recipe(model_dir: Path, run_dir: Path, **extra) -> dict:
+    """curate -> sft -> dpo (+ a DPO-without-SFT ablation) -> mc and sample answers, on the tiny model."""
+    train = {"precision": "fp32", "per_device_batch_size": 4, "seed": 3, "learning_rate": 1e-3}
+    recipe = {
+        "run": {"output_dir": str(run_dir), "ablations": [{"name": "dpo_only", "start": "base"}]},
+        "curate": {"input": str(RAW), "decontaminate": [], "test_fraction": 0.2, "near_dup_threshold": None},
+        "sft": {
+            "model": str(model_dir),
+            "train_data": "stage:curate",
+            "max_length": 128,
+            "max_steps": 4,
+            **train,
+        },
+        "dpo": {
+            "model": "stage:sft",
+            "train_data": str(PAIRS),
+            "eval_fraction": 0.25,
+            "max_samples": 16,
+            "max_length": 128,
+            "max_prompt_length": 64,
+            "max_steps": 2,
+            **train,
+        },
+        "eval": {
+            "mc": [{"name": "arc", "data": str(MC), "limit": 4, "batch_size": 8}],
+            "sample_prompts": ["Say hello."],
+            "sample_max_new_tokens": 4,
+        },
+    }
+    for key, value in extra.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+def write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def statuses(run_dir: Path) -> dict[str, str]:
+    return {k: v["status"] for k, v in manifest(run_dir)["stages"].items()}
+
+
+def no_report(recipe: dict) -> dict:
+    recipe["run"]["stages"] = ["curate", "sft", "dpo", "ablations", "eval"]
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan (pure)
+
+
+def test_parse_ref_defaults_to_the_main_output_and_names_bad_ones():
+    assert parse_ref("stage:curate", "sft.train_data") == ("curate", "train")
+    assert parse_ref("stage:feedback:test", "dpo.eval_data") == ("feedback", "test")
+    with pytest.raises(ConfigError, match=r"sft.train_data: 'stage:curat'.*no stage 'curat'"):
+        parse_ref("stage:curat", "sft.train_data")
+    with pytest.raises(ConfigError, match=r"no output 'eval'.*train, test"):
+        parse_ref("stage:curate:eval", "sft.eval_data")
+
+
+def test_plan_of_a_full_recipe(tmp_path):
+    recipe = load_recipe(write(tmp_path / "r.yaml", tiny_recipe(tmp_path / "m", tmp_path / "run")))
+    plan = build_plan(recipe, tmp_path / "run")
+    assert [s.id for s in plan] == [
+        "curate",
+        "sft",
+        "dpo",
+        "ablations/dpo_only",
+        "eval/base/mc-arc",
+        "eval/base/samples",
+        "eval/sft/mc-arc",
+        "eval/sft/samples",
+        "eval/dpo/mc-arc",
+        "eval/dpo/samples",
+        "eval/dpo_only/mc-arc",
+        "eval/dpo_only/samples",
+        "report",
+    ]
+    by_id = {s.id: s for s in plan}
+    run = tmp_path / "run"
+    assert by_id["sft"].config.train_data == str(run / "curate" / "train.jsonl")
+    assert by_id["sft"].config.output_dir == str(run / "sft")
+    assert by_id["dpo"].config.model == str(run / "sft" / "final") and by_id["dpo"].upstream == ["sft"]
+    ablation = by_id["ablations/dpo_only"].config
+    assert ablation.model == str(tmp_path / "m") and ablation.ref_model is None  # DPO without dSFT
+    assert ablation.output_dir == str(run / "ablations" / "dpo_only")
+    assert by_id["eval/dpo_only/mc-arc"].upstream == ["ablations/dpo_only"]
+    assert by_id["eval/base/mc-arc"].upstream == []
+
+
+def test_empty_inputs_are_wired_to_the_stage_before(tmp_path):
+    recipe = load_recipe(
+        None, ["curate.input=x.jsonl", "sft.model=m", "dpo.model=stage:sft", "feedback.generators=[]"]
+    )
+    plan = {s.id: s for s in build_plan(recipe, tmp_path)}
+    assert plan["sft"].config.train_data == str(tmp_path / "curate" / "train.jsonl")
+    assert plan["feedback"].config.prompts == str(tmp_path / "curate" / "train.jsonl")
+    assert plan["dpo"].config.train_data == str(tmp_path / "feedback" / "pairs.jsonl")
+    assert plan["dpo"].upstream == ["sft", "feedback"]
+
+
+def test_a_reference_to_a_stage_the_run_lacks_is_an_error(tmp_path):
+    recipe = load_recipe(None, ["sft.model=m", "sft.train_data=stage:curate"])
+    with pytest.raises(ConfigError, match=r"sft.train_data: 'stage:curate' reads stage 'curate'"):
+        build_plan(recipe, tmp_path)
+    cfg = load_recipe(None, ["dpo.model=stage:sft", "dpo.train_data=p.jsonl"]).dpo
+    with pytest.raises(ConfigError, match=r"dpo\.model"):
+        resolve_refs(cfg, "dpo", tmp_path, set())
+
+
+def test_run_stages_picks_and_orders_and_refuses_missing_sections():
+    recipe = load_recipe(None, ["sft.train_data=x", "curate.input=y", "run.stages=[sft, curate]"])
+    assert stage_names(recipe) == ["curate", "sft"]
+    recipe = load_recipe(None, ["sft.train_data=x", "run.stages=[sft, dpo]"])
+    with pytest.raises(ConfigError, match=r"run\.stages: dpo listed"):
+        stage_names(recipe)
+
+
+def test_ablation_overrides_are_checked_when_the_recipe_loads():
+    with pytest.raises(ConfigError, match=r"run.ablations\[0\] \(b\): dpo.beta: must be > 0"):
+        load_recipe(None, ["dpo.train_data=p", "run.ablations=[{name: b, overrides: [beta=0]}]"])
+    with pytest.raises(ConfigError, match="bta"):
+        load_recipe(None, ["dpo.train_data=p", "run.ablations=[{name: b, overrides: [bta=0.1]}]"])
+    with pytest.raises(ConfigError, match="name the run's own models"):
+        load_recipe(None, ["dpo.train_data=p", "run.ablations=[{name: sft}]"])
+
+
+def test_fingerprint_follows_config_upstream_and_file_content(tmp_path):
+    base = fingerprint("sft", {"lr": 1}, {"curate": "a"}, {})
+    assert base == fingerprint("sft", {"lr": 1}, {"curate": "a"}, {})
+    assert base != fingerprint("sft", {"lr": 2}, {"curate": "a"}, {})
+    assert base != fingerprint("sft", {"lr": 1}, {"curate": "b"}, {})
+    f = tmp_path / "data.jsonl"
+    f.write_text("one\n")
+    first = path_fingerprint(f)
+    f.write_text("two\n")
+    assert path_fingerprint(f) != first
+    folder = tmp_path / "dir"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.txt").write_text("x")
+    before = path_fingerprint(folder)
+    (folder / "sub" / "a.txt").write_text("y")
+    assert path_fingerprint(folder) != before
+
+
+def test_a_stage_reference_outside_zephyr_run_exits_2(tmp_path, capsys):
+    recipe = write(tmp_path / "r.yaml", {"sft": {"train_data": "stage:curate"}})
+    assert main(["sft", str(recipe)]) == 2
+    assert "sft.train_data: 'stage:curate' names another stage's output" in capsys.readouterr().err
+
+
+def test_unknown_stage_for_from_and_only(tmp_path, tiny_model_dir, capsys):
+    recipe = write(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "run"))
+    assert main(["run", str(recipe), "--only", "sfft"]) == 2
+    assert "--only sfft: no such stage" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running
+
+
+@pytest.mark.slow
+def test_run_skips_done_stages_redoes_changed_ones_and_honours_only_and_from(
+    tmp_path, tiny_model_dir, one_thread
+):
+    run_dir = tmp_path / "run"
+    path = write(tmp_path / "r.yaml", no_report(tiny_recipe(tiny_model_dir, run_dir)))
+    run_pipeline(load_recipe(path), str(path))
+    first = manifest(run_dir)
+    assert set(statuses(run_dir).values()) == {"done"}
+    assert len(first["stages"]) == 12 and first["versions"]["torch"] == torch.__version__
+    for model in ("base", "sft", "dpo", "dpo_only"):
+        results = json.loads((run_dir / "eval" / model / "mc-arc" / "results.json").read_text())
+        assert results["counts"]["items"] == 4
+        samples = [
+            json.loads(x) for x in (run_dir / "eval" / model / "samples.jsonl").read_text().splitlines()
+        ]
+        assert [s["prompt"] for s in samples] == ["Say hello."] and samples[0]["model"] == model
+    assert (run_dir / "sft" / "final" / "config.json").is_file()
+    assert (run_dir / "ablations" / "dpo_only" / "final" / "config.json").is_file()
+    dpo_cfg = yaml.safe_load((run_dir / "dpo" / "resolved_config.yaml").read_text())
+    assert dpo_cfg["model"] == str(run_dir / "sft" / "final")
+
+    # Rerun: everything is done, nothing is touched.
+    run_pipeline(load_recipe(path), str(path))
+    again = manifest(run_dir)
+    assert {k: v["started"] for k, v in again["stages"].items()} == {
+        k: v["started"] for k, v in first["stages"].items()
+    }
+
+    # A changed dpo section redoes dpo, the ablation built from it and their evals; dSFT stays.
+    run_pipeline(load_recipe(path, ["dpo.beta=0.2"]), str(path))
+    changed = manifest(run_dir)["stages"]
+    redone = {k for k in changed if changed[k]["started"] != first["stages"][k]["started"]}
+    assert redone == {
+        "dpo",
+        "ablations/dpo_only",
+        "eval/dpo/mc-arc",
+        "eval/dpo/samples",
+        "eval/dpo_only/mc-arc",
+        "eval/dpo_only/samples",
+    }
+    assert yaml.safe_load((run_dir / "dpo" / "resolved_config.yaml").read_text())["beta"] == 0.2
+
+    # --only runs just that stage's steps; --from redoes it and everything after.
+    before = manifest(run_dir)["stages"]
+    run_pipeline(load_recipe(path, ["dpo.beta=0.2"]), str(path), only="eval/sft", start_from="eval/sft")
+    after = manifest(run_dir)["stages"]
+    assert {k for k in after if after[k]["started"] != before[k]["started"]} == {
+        "eval/sft/mc-arc",
+        "eval/sft/samples",
+    }
+
+
+def test_only_refuses_a_stage_whose_inputs_are_not_done(tmp_path, tiny_model_dir):
+    path = write(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "run"))
+    with pytest.raises(ZephyrError, match="--only dpo: needs sft done first"):
+        run_pipeline(load_recipe(path), str(path), only="dpo")
+
+
+def test_a_failed_stage_is_recorded_and_the_run_stops(tmp_path, tiny_model_dir):
+    recipe = no_report(tiny_recipe(tiny_model_dir, tmp_path / "run"))
+    recipe["sft"]["train_data"] = str(tmp_path / "missing.jsonl")
+    path = write(tmp_path / "r.yaml", recipe)
+    with pytest.raises(ZephyrError):
+        run_pipeline(load_recipe(path), str(path))
+    record = manifest(tmp_path / "run")["stages"]["sft"]
+    assert record["status"] == "failed" and "missing.jsonl" in record["error"]
+    assert "dpo" not in manifest(tmp_path / "run")["stages"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SIGKILL in the middle of a run
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    def recipe_for(run_dir: Path) -> Path:
+        recipe = tiny_recipe(tiny_model_dir, run_dir)
+        recipe["run"]["stages"] = ["curate", "sft", "dpo", "eval"]
+        recipe["sft"].update({"max_steps": 12, "save_steps": 2, "per_device_batch_size": 1})
+        recipe["eval"] = {"mc": [{"name": "arc", "data": str(MC), "limit": 4}]}
+        return write(tmp_path / f"{run_dir.name}.yaml", recipe)
+
+    straight = tmp_path / "straight"
+    assert main(["run", str(recipe_for(straight))]) == 0
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "zephyr", "run", str(recipe_for(killed))]
+    proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "sft" / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert statuses(killed) == {"curate": "done", "sft": "running"}
+    curate_started = manifest(killed)["stages"]["curate"]["started"]
+
+    rerun = subprocess.run(command, env=env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "curate: done, skipped" in rerun.stdout and "sft: resuming" in rerun.stdout
+    stages = manifest(killed)["stages"]
+    assert stages["curate"]["started"] == curate_started and stages["sft"]["attempts"] == 2
+    assert set(statuses(killed).values()) == {"done"}
+
+    for rel in ("curate/train.jsonl", "curate/test.jsonl"):
+        assert (killed / rel).read_bytes() == (straight / rel).read_bytes()
+    for stage in ("sft", "dpo"):
+        expected = load_file(straight / stage / "final" / "model.safetensors")
+        got = load_file(killed / stage / "final" / "model.safetensors")
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=f"{stage}: {key}")
+    for model in ("base", "sft", "dpo"):
+        got = json.loads((killed / "eval" / model / "mc-arc" / "results.json").read_text())
+        expected = json.loads((straight / "eval" / model / "mc-arc" / "results.json").read_text())
+        assert got["acc_norm"] == expected["acc_norm"]
