@@ -64,3 +64,52 @@ def test_launch_configs_parse_with_accelerate(name, kind):
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 3
         assert config.deepspeed_config["zero3_save_16bit_model"] is True  # checkpoints gather full weights
+
+
+def test_quickstart_pipeline_has_every_stage(tmp_path):
+    from zephyr.pipeline import build_plan
+
+    recipe = load_recipe(RECIPES / "quickstart.yaml")
+    ids = [s.id for s in build_plan(recipe, tmp_path)]
+    assert ids[:6] == ["generate", "curate", "sft", "feedback", "dpo", "ablations/dpo_only"]
+    assert ids[-1] == "report"
+    models = {i.split("/")[1] for i in ids if i.startswith("eval/")}
+    assert models == {"base", "sft", "dpo", "dpo_only"}
+    for model in models:  # every model is measured the same way
+        assert {i for i in ids if i.startswith(f"eval/{model}/")} == {
+            f"eval/{model}/{e}" for e in ("mc-arc_sample", "samples", "mt-bench", "alpaca-eval")
+        }
+    plan = {s.id: s for s in build_plan(recipe, tmp_path)}
+    assert plan["dpo"].config.model == str(tmp_path / "sft" / "final")
+    assert plan["dpo"].config.eval_data == str(tmp_path / "feedback" / "pairs_test.jsonl")
+    assert plan["feedback"].config.completions_per_prompt == 4  # the paper's K
+
+
+@pytest.mark.parametrize("name", ["zephyr-7b-beta", "zephyr-7b-beta-handbook"])
+def test_7b_pipelines_wire_the_training_recipes_next_to_them(name, tmp_path):
+    from zephyr.pipeline import build_plan
+
+    pipeline = load_recipe(RECIPES / name / "pipeline.yaml")
+    sft = load_recipe(RECIPES / name / "sft.yaml").sft
+    dpo = load_recipe(RECIPES / name / "dpo.yaml").dpo
+    assert pipeline.sft == sft  # included as is
+    assert {k: v for k, v in vars(pipeline.dpo).items() if k != "model"} == {
+        k: v for k, v in vars(dpo).items() if k != "model"
+    }
+    assert pipeline.dpo.model == "stage:sft"
+    plan = {s.id: s for s in build_plan(pipeline, tmp_path)}
+    assert plan["ablations/dpo_only"].config.model == "transformers:mistralai/Mistral-7B-v0.1"
+    assert [m.preset for m in pipeline.eval.mc] == ["arc", "hellaswag", "mmlu", "truthfulqa"]
+    assert pipeline.eval.mt_bench.judge.startswith("openai:gpt-4@")
+
+
+def test_include_merges_sections_and_refuses_cycles(tmp_path):
+    from zephyr.errors import ConfigError
+
+    (tmp_path / "base.yaml").write_text("sft:\n  train_data: a.jsonl\n  learning_rate: 1.0e-4\n")
+    (tmp_path / "top.yaml").write_text("include: [base.yaml]\nsft:\n  learning_rate: 3.0e-4\n")
+    sft = load_recipe(tmp_path / "top.yaml").sft
+    assert (sft.train_data, sft.learning_rate) == ("a.jsonl", 3e-4)
+    (tmp_path / "loop.yaml").write_text("include: [loop.yaml]\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_recipe(tmp_path / "loop.yaml")

@@ -281,6 +281,7 @@ class MtBenchEvalConfig:
     limit: int | None = bounded(None, ge=1)
     max_new_tokens: int = bounded(1024, ge=1)  # FastChat: 1024
     judge_max_tokens: int = bounded(2048, ge=1)  # FastChat: 2048
+    baseline: str | None = None  # pairwise mode against this model spec or answers.jsonl (position swap)
 
 
 @dataclass
@@ -557,21 +558,36 @@ def _merge(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _read_recipe_file(path: Path, seen: tuple[Path, ...]) -> dict:
+    """A recipe's mapping, with the files it `include`s (relative to it) merged under its own sections."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of stage sections")
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: include: expected a list of recipe files, got {includes!r}")
+    merged: dict = {}
+    for name in includes:
+        target = (path.parent / name).resolve()
+        if target in seen or target == path.resolve():
+            raise ConfigError(f"{path}: include: {name} includes itself")
+        merged = _deep_merge(merged, _read_recipe_file(target, (*seen, path.resolve())))
+    return _deep_merge(merged, data)
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file (or none), apply dotted overrides and validate; errors name the file and key."""
     source = str(path) if path else "<command line>"
-    data: dict = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read recipe: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: a recipe must be a mapping of stage sections")
+    data = _read_recipe_file(Path(path), ()) if path is not None else {}
     try:
         parsed = parse_overrides(overrides or [])
         for key_path, _ in parsed:

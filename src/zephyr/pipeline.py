@@ -370,6 +370,7 @@ def _run_mt_bench(spec: str, mt: Any, out: Path) -> None:
         limit=mt.limit,
         max_new_tokens=mt.max_new_tokens,
         judge_max_tokens=mt.judge_max_tokens,
+        baseline=mt.baseline,
     )
 
 
