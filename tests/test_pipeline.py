@@ -322,3 +322,15 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_m
         got = json.loads((killed / "eval" / model / "mc-arc" / "results.json").read_text())
         expected = json.loads((straight / "eval" / model / "mc-arc" / "results.json").read_text())
         assert got["acc_norm"] == expected["acc_norm"]
+
+
+@pytest.mark.slow
+def test_launcher_runs_training_stages_in_a_process_of_their_own(tmp_path, tiny_model_dir, capfd):
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run")
+    recipe["run"].update({"stages": ["curate", "sft"], "launcher": sys.executable})
+    path = write(tmp_path / "r.yaml", recipe)
+    run_pipeline(load_recipe(path), str(path))
+    out = capfd.readouterr().out
+    assert f"$ {sys.executable} -m zephyr sft {tmp_path / 'run' / 'sft' / 'launch_recipe.yaml'}" in out
+    assert (tmp_path / "run" / "sft" / "final" / "config.json").is_file()
+    assert statuses(tmp_path / "run") == {"curate": "done", "sft": "done"}

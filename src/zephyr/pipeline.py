@@ -327,7 +327,8 @@ def _run_training(kind: str, cfg: Any, resume: bool, launcher: str | None) -> No
 
 
 def _launch(kind: str, cfg: Any, resume: bool, launcher: str) -> None:
-    recipe_path = Path(cfg.output_dir).parent / f".{Path(cfg.output_dir).name}.{kind}.yaml"
+    recipe_path = Path(cfg.output_dir) / "launch_recipe.yaml"
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump({kind: to_dict(cfg)}, sort_keys=False), encoding="utf-8")
     command = [
         *shlex.split(launcher),
