@@ -334,3 +334,57 @@ def test_launcher_runs_training_stages_in_a_process_of_their_own(tmp_path, tiny_
     assert f"$ {sys.executable} -m zephyr sft {tmp_path / 'run' / 'sft' / 'launch_recipe.yaml'}" in out
     assert (tmp_path / "run" / "sft" / "final" / "config.json").is_file()
     assert statuses(tmp_path / "run") == {"curate": "done", "sft": "done"}
+
+
+@pytest.mark.slow
+def test_an_api_key_is_never_written_to_the_run_folder_caches_or_output(
+    tmp_path, tiny_model_dir, capfd, monkeypatch
+):
+    from zephyr.assets import home as zephyr_home
+    from zephyr.generation.local import LocalGenerator
+    from zephyr.models import load_model, load_tokenizer
+    from zephyr.serve import start_server
+
+    key = "sk-zephyr-PLANTED-7f3a9c"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    generator = LocalGenerator(
+        load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), model_id="tiny"
+    )
+    server, _, url = start_server(generator, api_key=key, max_tokens_limit=16)
+    try:
+        endpoint = f"openai:tiny@{url}"
+        recipe = tiny_recipe(tiny_model_dir, tmp_path / "run")
+        recipe["run"] = {"output_dir": str(tmp_path / "run"), "base_model": str(tiny_model_dir)}
+        recipe["run"]["stages"] = ["feedback", "eval", "report"]
+        gens = [{"model": endpoint, "name": f"g{i}", "max_tokens": 8, "temperature": 1.0} for i in range(2)]
+        recipe["feedback"] = {
+            "prompts": str(ROOT / "recipes" / "data" / "feedback_prompts.jsonl"),
+            "num_prompts": 2,
+            "completions_per_prompt": 2,
+            "generators": gens,
+            "judge": {"model": {"model": endpoint, "max_tokens": 8}, "scale": 5},
+        }
+        recipe["eval"] = {
+            "mt_bench": {"judge": endpoint, "limit": 1, "max_new_tokens": 4, "judge_max_tokens": 8},
+            "alpaca_eval": {
+                "judge": endpoint,
+                "instructions": str(ROOT / "recipes" / "data" / "alpaca_sample.jsonl"),
+                "limit": 1,
+                "max_new_tokens": 4,
+            },
+        }
+        path = write(tmp_path / "r.yaml", recipe)
+        run_pipeline(load_recipe(path), str(path))
+    finally:
+        server.close()
+    assert statuses(tmp_path / "run")["eval/base/mt-bench"] == "done"
+    answers = [json.loads(x) for x in (tmp_path / "run" / "eval" / "base" / "mt-bench" / "answers.jsonl").open()]
+    assert answers and all(a["ok"] if "ok" in a else a.get("turns") for a in answers)  # the key was accepted
+    captured = capfd.readouterr()
+    assert key not in captured.out and key not in captured.err
+    searched = [
+        p for root in (tmp_path / "run", zephyr_home() / "cache") for p in root.rglob("*") if p.is_file()
+    ]
+    assert len(searched) > 10
+    leaks = [str(p) for p in searched if key.encode() in p.read_bytes()]
+    assert leaks == []

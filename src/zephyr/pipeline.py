@@ -24,6 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,7 @@ def _ablation_step(ablation: AblationConfig, recipe: Recipe, run_dir: Path, avai
     folder = run_dir / "ablations" / ablation.name
     cfg, upstream = resolve_refs(dataclasses.replace(cfg, output_dir=str(folder)), "dpo", run_dir, available)
     launcher = recipe.run.launcher if recipe.run else None
-    action = lambda resume: _run_training("dpo", cfg, resume, launcher)  # noqa: E731
+    action = partial(_run_training, "dpo", cfg, launcher=launcher)
     return Step(f"ablations/{ablation.name}", "ablation", folder, cfg, action, upstream)
 
 
@@ -238,37 +239,29 @@ def _models(recipe: Recipe, names: list[str], run_dir: Path) -> dict[str, tuple[
 
 def _eval_steps(cfg: EvalConfig, model: str, spec: str, upstream: list[str], run_dir: Path) -> list[Step]:
     folder = run_dir / "eval" / model
-    steps = []
-    for mc in cfg.mc:
-        out = folder / f"mc-{mc.name}"
-        action = lambda resume, mc=mc, out=out: _run_mc(spec, mc, out)  # noqa: E731
-        steps.append(
-            Step(f"eval/{model}/mc-{mc.name}", "mc", out, {"model": spec, **to_dict(mc)}, action, upstream)
-        )
+    base = {"model": spec}
+    steps = [
+        Step(f"eval/{model}/mc-{mc.name}", "mc", folder / f"mc-{mc.name}", {**base, **to_dict(mc)},
+             partial(_run_mc, spec, mc, folder / f"mc-{mc.name}"), upstream)
+        for mc in cfg.mc
+    ]  # fmt: skip
     if cfg.sample_prompts:
-        out = folder / "samples.jsonl"
-        action = lambda resume: _run_samples(spec, model, cfg, out)  # noqa: E731
-        config = {"model": spec, "prompts": cfg.sample_prompts, "max_new_tokens": cfg.sample_max_new_tokens}
+        config = {**base, "prompts": cfg.sample_prompts, "max_new_tokens": cfg.sample_max_new_tokens}
+        action = partial(_run_samples, spec, model, cfg, folder / "samples.jsonl")
         steps.append(Step(f"eval/{model}/samples", "samples", None, config, action, upstream))
     if cfg.mt_bench is not None:
-        out, mt = folder / "mt-bench", cfg.mt_bench
-        action = lambda resume: _run_mt_bench(spec, mt, out)  # noqa: E731
-        steps.append(
-            Step(f"eval/{model}/mt-bench", "mt_bench", out, {"model": spec, **to_dict(mt)}, action, upstream)
-        )
-    if cfg.alpaca_eval is not None:
-        out, ae = folder / "alpaca-eval", cfg.alpaca_eval
-        action = lambda resume: _run_alpaca_eval(spec, ae, out)  # noqa: E731
+        out = folder / "mt-bench"
+        action = partial(_run_mt_bench, spec, cfg.mt_bench, out)
         steps.append(
             Step(
-                f"eval/{model}/alpaca-eval",
-                "alpaca_eval",
-                out,
-                {"model": spec, **to_dict(ae)},
-                action,
-                upstream,
+                f"eval/{model}/mt-bench", "mt_bench", out, {**base, **to_dict(cfg.mt_bench)}, action, upstream
             )
         )
+    if cfg.alpaca_eval is not None:
+        out = folder / "alpaca-eval"
+        action = partial(_run_alpaca_eval, spec, cfg.alpaca_eval, out)
+        config = {**base, **to_dict(cfg.alpaca_eval)}
+        steps.append(Step(f"eval/{model}/alpaca-eval", "alpaca_eval", out, config, action, upstream))
     return steps
 
 
@@ -344,7 +337,7 @@ def _launch(kind: str, cfg: Any, resume: bool, launcher: str) -> None:
         raise ZephyrError(f"{kind}: `{shlex.join(command)}` exited with {code}")
 
 
-def _run_mc(spec: str, mc: Any, out: Path) -> None:
+def _run_mc(spec: str, mc: Any, out: Path, resume: bool = False) -> None:
     from zephyr.evaluation.multiple_choice import run_mc
 
     run_mc(
@@ -359,7 +352,7 @@ def _run_mc(spec: str, mc: Any, out: Path) -> None:
     )
 
 
-def _run_mt_bench(spec: str, mt: Any, out: Path) -> None:
+def _run_mt_bench(spec: str, mt: Any, out: Path, resume: bool = False) -> None:
     # Resuming keeps the folder: answers already written are reused and only the judging is redone.
     from zephyr.evaluation.mt_bench_runner import run_mt_bench
 
@@ -375,7 +368,7 @@ def _run_mt_bench(spec: str, mt: Any, out: Path) -> None:
     )
 
 
-def _run_alpaca_eval(spec: str, ae: Any, out: Path) -> None:
+def _run_alpaca_eval(spec: str, ae: Any, out: Path, resume: bool = False) -> None:
     from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval
 
     run_alpaca_eval(
@@ -389,7 +382,7 @@ def _run_alpaca_eval(spec: str, ae: Any, out: Path) -> None:
     )
 
 
-def _run_samples(spec: str, model: str, cfg: EvalConfig, out: Path) -> None:
+def _run_samples(spec: str, model: str, cfg: EvalConfig, out: Path, resume: bool = False) -> None:
     """Greedy answers of one model to the sample prompts: the report shows them side by side."""
     from zephyr.generation import SamplingParams, make_generator
     from zephyr.io import write_jsonl
