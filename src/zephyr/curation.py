@@ -202,6 +202,7 @@ def run_curate(cfg: CurateConfig) -> CurateResult:
     index = filters.build_ngram_index(eval_prompts, cfg.ngram) if eval_prompts else None
 
     read = io.read_records(cfg.input, "conversations", on_bad_record=cfg.on_bad_record)
+    io.check_output_dir(cfg.output_dir)  # before the filters run: an unwritable or full folder fails now
     ledger = _Ledger(read.records)
     hits = _run_filters(cfg, ledger, patterns, index)
     train, test = io.train_eval_split(ledger.records, cfg.test_fraction, cfg.seed)

@@ -7,11 +7,14 @@ Reading checks every record and applies a bad-record policy: `error` stops at th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -162,7 +165,12 @@ def _decode_line(raw: bytes) -> tuple[Any, Problem | None]:
         # Without its line break, an error at the end of a cut line is placed on this line, not the next.
         return json.loads(text.rstrip("\r\n")), None
     except json.JSONDecodeError as exc:
-        return None, Problem("record", f"invalid JSON: {exc.msg} at column {exc.colno}")
+        # ("Unterminated string starting at" + " at column 7": say "at" once)
+        return None, Problem("record", f"invalid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}")
+    except RecursionError:  # json's decoder recurses once per level: `[[[[...` exhausts the stack
+        return None, Problem(
+            "record", f"invalid JSON: nested too deeply (over {sys.getrecursionlimit()} levels)"
+        )
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -186,6 +194,8 @@ def _iter_json_list(source: str) -> Iterator[_Row]:
         raise DataError(
             f"{source}:{exc.lineno}: record: invalid JSON: {exc.msg} at column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise DataError(f"{source}:1: record: invalid JSON: nested too deeply") from None
     if not isinstance(value, list):
         raise DataError(
             f"{source}:1: record: a .json file must hold a list of records, got {json_type(value)}"
@@ -284,6 +294,60 @@ def summarize(result: ReadResult, path: str | os.PathLike, fmt: str) -> str:
 # Writing
 
 
+# Write failures the user fixes on the machine (space, quota, permissions), not bugs: they stop a run with a
+# ZephyrError; the outputs written so far stay complete and a rerun resumes from them.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+DEFAULT_MIN_FREE_BYTES = 1 << 30
+
+
+def storage_error(path: str | os.PathLike, exc: OSError) -> ZephyrError | None:
+    """The user-facing error for a failed write of `path` (disk full, quota, read-only, permission), or
+    None when `exc` is another kind of OSError (a bug, to be raised as it is)."""
+    if exc.errno not in _STORAGE_ERRNOS:
+        return None
+    reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "it is not writable"
+    return ZephyrError(f"{path}: cannot write: {reason} ({exc.strerror or exc})")
+
+
+def _bytes_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_output_dir(path: str | os.PathLike, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES) -> Path:
+    """Make sure a stage can write its outputs under `path` before it starts working; return the folder.
+
+    Creates the folder, writes and removes a probe file in it, and checks that the file system holds at
+    least `min_free_bytes` free. Raises ZephyrError naming the folder when it cannot be created or written,
+    or when less space is free.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ZephyrError(f"output folder {folder}: cannot create it ({exc.strerror or exc})") from None
+    probe = folder / f".zephyr-write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(probe, "xb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ZephyrError(f"output folder {folder}: not writable ({exc.strerror or exc})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < min_free_bytes:
+        raise ZephyrError(
+            f"output folder {folder}: only {_bytes_text(free)} free on its disk, at least "
+            f"{_bytes_text(min_free_bytes)} needed; free some space or choose another folder"
+        )
+    return folder
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable: the directory entry is data too (POSIX only)."""
     if not hasattr(os, "O_DIRECTORY"):
@@ -295,24 +359,47 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder` (before it is renamed into place: a crash after the
+    rename must not leave a complete-looking folder of empty or partial files)."""
+    root = Path(folder)
+    for parent, _, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(parent) / name)
+        _fsync_dir(Path(parent))
+
+
+def rename_into_place(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename `tmp` over `target` and make the rename durable."""
+    os.replace(tmp, target)
+    _fsync_dir(Path(target).parent)
+
+
 @contextmanager
 def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path in the same folder as `path`; on success it is synced and renamed over `path`, so
-    readers see the old file or the new one, never a part. On failure it is removed."""
+    readers see the old file or the new one, never a part. On failure it is removed; a full disk or an
+    unwritable folder becomes a ZephyrError naming `path`."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # A temp file of our own naming (not mkstemp) keeps the usual permissions (umask), not 0600.
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (error := storage_error(target, exc)) is not None:
+            raise error from exc
         raise
     _fsync_dir(target.parent)
 
@@ -356,13 +443,28 @@ def write_records(path: str | os.PathLike, records: Sequence[dict]) -> None:
     writers[suffix](path, records)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (a results.json, a report) atomically."""
+    with _atomic_target(path) as tmp, tmp.open("x", encoding="utf-8") as f:
+        f.write(text)
+
+
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
-    """Append one record and make it durable before returning (outputs that a crashed run resumes from)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(_json_line(record))
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one record and make it durable before returning (outputs that a crashed run resumes from).
+
+    A full disk stops with a ZephyrError; a line it cut short is repaired by `read_jsonl_resumable`.
+    """
+    line = _json_line(record)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if (error := storage_error(path, exc)) is not None:
+            raise error from exc
+        raise
 
 
 def read_jsonl_resumable(path: str | os.PathLike) -> list[Any]:

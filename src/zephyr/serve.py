@@ -508,6 +508,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RequestError(400, f"the body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:  # `[[[[...`: the decoder recurses once per level
+            raise RequestError(400, "the body is not valid JSON: nested too deeply") from exc
         request = parse_chat_request(
             body, model_id=self.server.generator.model_id, max_tokens_limit=self.server.max_tokens_limit
         )
@@ -589,6 +591,11 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or header, an unknown method) as JSON."""
+        text = message or self.responses.get(code, ("error",))[0]
+        self._send_json(code, error_body(text, "invalid_request_error"), close=True)
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.access_log:

@@ -5,6 +5,15 @@ carries the target of the prediction made there, `labels[t] = input_ids[t + 1]` 
 the same document and its loss mask is set, else −100. So the log-prob of `labels[t]` is read from the
 logits at t directly, with no shift later; the last token of a document never predicts the first token of
 the next one, and a document's first token is never a target (nothing before it predicts it).
+
+Shared prefixes (`collate_shared_prefix`): several answers to one prefix (a DPO pair's chosen and rejected
+answers to its prompt) run the prefix once. The first answer forms an ordinary causal segment
+[prefix; answer₀]; every further answer j forms a segment [prefix[-1]; answerⱼ] (positions continuing from
+the prefix) whose keys are [prefix; answerⱼ]: the prefix's keys and values but its last are gathered from the
+first segment, in every layer, by the index `kv_index`. The prefix's last token is repeated so that the
+prediction of answerⱼ's first token sits in answerⱼ's own segment and the label convention stays as above;
+its keys and values are the first segment's to the last bit of the computation (same token, position and
+context).
 """
 
 from __future__ import annotations
@@ -76,6 +85,20 @@ class PackedBatch(TypedDict):
     doc_ids: torch.Tensor  # long, index of each token's document in `docs`, −1 on padding
     cu_seqlens: torch.Tensor  # int32 [segments + 1]: segment boundaries (documents, then padding if any)
     max_seqlen: int  # longest segment
+
+
+class SharedPrefixBatch(TypedDict):
+    """One row of shared-prefix groups (module docstring); tensors are [1, T] unless noted."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor  # continuing from the prefix in the segments of later answers
+    labels: torch.Tensor
+    doc_ids: torch.Tensor  # index of each token's answer (document), in group order
+    cu_seqlens: torch.Tensor  # int32 [segments + 1]: query segments of the row
+    max_seqlen: int
+    cu_seqlens_k: torch.Tensor  # int32 [segments + 1]: the same segments' keys within `kv_index`
+    max_seqlen_k: int
+    kv_index: torch.Tensor  # long [keys]: row position of each key, segment by segment
 
 
 class PaddedBatch(TypedDict):
@@ -172,3 +195,56 @@ def collate_padded(docs: Sequence[Document], pad_to: int | None = None, pad_id: 
         batch["labels"][d, :n] = torch.tensor(next_token_labels(input_ids, loss_mask), dtype=torch.long)
         batch["doc_ids"][d, :n] = d
     return batch
+
+
+def collate_shared_prefix(
+    groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+) -> SharedPrefixBatch:
+    """Groups (prefix ids, [answer ids, ...]) into one row that runs each prefix once (module docstring).
+
+    Documents are the answers in order (group 0's answers, then group 1's, ...); every answer token is a
+    target, no prefix token is. A document's log-probs equal those of [prefix; answer] run alone.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    labels: list[int] = []
+    doc_ids: list[int] = []
+    kv_index: list[int] = []
+    bounds_q, bounds_k = [0], [0]
+    doc = 0
+    for g, (prefix, answers) in enumerate(groups):
+        if not prefix:
+            raise ValueError(f"group {g} has an empty prefix (a first answer token needs a token before it)")
+        if not answers or any(not a for a in answers):
+            raise ValueError(f"group {g} has no answer or an empty one")
+        p = len(prefix)
+        first = len(ids)  # row position of the group's first segment, [prefix; answer 0]
+        for j, answer in enumerate(answers):
+            start = len(ids)
+            if j == 0:
+                segment, mask, offset = [*prefix, *answer], [0] * p + [1] * len(answer), 0
+                kv_index.extend(range(start, start + len(segment)))
+            else:
+                segment, mask, offset = [prefix[-1], *answer], [0] + [1] * len(answer), p - 1
+                kv_index.extend(range(first, first + p - 1))  # the prefix but its last, from segment 0
+                kv_index.extend(range(start, start + len(segment)))
+            ids.extend(segment)
+            positions.extend(range(offset, offset + len(segment)))
+            labels.extend(next_token_labels(segment, mask))
+            doc_ids.extend([doc] * len(segment))
+            bounds_q.append(bounds_q[-1] + len(segment))
+            bounds_k.append(bounds_k[-1] + offset + len(segment))
+            doc += 1
+    if not ids:
+        raise ValueError("no groups to collate")
+    return SharedPrefixBatch(
+        input_ids=_row(ids),
+        position_ids=_row(positions),
+        labels=_row(labels),
+        doc_ids=_row(doc_ids),
+        cu_seqlens=torch.tensor(bounds_q, dtype=torch.int32),
+        max_seqlen=max(b - a for a, b in itertools.pairwise(bounds_q)),
+        cu_seqlens_k=torch.tensor(bounds_k, dtype=torch.int32),
+        max_seqlen_k=max(b - a for a, b in itertools.pairwise(bounds_k)),
+        kv_index=torch.tensor(kv_index, dtype=torch.long),
+    )

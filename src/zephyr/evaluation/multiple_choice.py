@@ -600,10 +600,8 @@ def write_outputs(out: str | Path, results: dict[str, Any], lines: Sequence[dict
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     io.write_jsonl(folder / "items.jsonl", lines)
-    (folder / "results.json").write_text(
-        json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    (folder / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    io.write_text(folder / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    io.write_text(folder / "results.md", render_markdown(results))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -662,6 +660,9 @@ def run_mc(
     and results.md into `out`; return the results. `num_fewshot` None: the preset's (0 without one);
     `max_length` None: the model's (as lm-eval resolves it)."""
     _check_args(batch_size, num_fewshot, limit)
+    from zephyr.io import check_output_dir
+
+    check_output_dir(out)  # before the model loads: an unwritable or full folder fails now
     task = load_task(
         data=data, fewshot_data=fewshot_data, num_fewshot=num_fewshot, limit=limit, preset=preset
     )

@@ -352,8 +352,7 @@ def run_feedback(
     _check(cfg)
     templates = check_judge_config(cfg.judge)  # template mistakes fail before any model loads
     prompts_ = read_prompts(cfg.prompts, cfg.on_bad_record, cfg.num_prompts)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = io.check_output_dir(cfg.output_dir)  # before any model loads: unwritable or full fails now
     save_resolved(cfg, out)
     rated_path = out / RATED
     done = _rated_ids(rated_path, judge_id(cfg.judge, templates))

@@ -236,7 +236,7 @@ def run_generate(
     """
     seeds = read_seeds(cfg.seeds)
     items = select_seeds(seeds, cfg)
-    out = Path(cfg.output_dir)
+    out = io.check_output_dir(cfg.output_dir)  # before any teacher loads: unwritable or full fails now
     done = _done_ids(out / DIALOGUES)
     if done:
         _check_same_recipe(cfg, out)

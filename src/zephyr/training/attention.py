@@ -11,12 +11,20 @@ Kernels: on CUDA with `torch.nn.attention.varlen` (torch ≥ 2.10) the flash var
 `window_size=(-1, 0)`; elsewhere one dense SDPA call under a block-diagonal causal boolean mask, which is
 exact and is what the tests compare the kernel against. Batches with a padding mask, and decoding with a
 cache, take transformers' SDPA path unchanged.
+
+Shared prefixes (`zephyr.data.packing.collate_shared_prefix`): the forward kwarg `shared_kv_index` (long
+[keys]) lists, segment by segment, the row positions whose keys and values each query segment attends to, and
+`cu_seq_lens_k` / `max_length_k` describe those key segments. Every layer gathers its keys and values by that
+index; a query segment shorter than its keys is aligned to their end (query i of a segment with Lq queries and
+Lk keys sees keys 0..Lk − Lq + i), which is the flash kernels' own causal convention when query and key
+lengths differ, so the varlen kernel takes the gathered keys as they are, and the dense path builds that mask.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,40 +85,86 @@ def packed_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention hook. query [B, H, T, D], key/value [B, H_kv, T, D] → ([B, T, H, D], None)."""
     if attention_mask is not None or query.shape[2] != key.shape[2]:
+        if kwargs.get("shared_kv_index") is not None:
+            raise ValueError("shared_kv_index needs a packed row without attention mask or cache")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    cu_seqlens, max_seqlen = _segments(query, kwargs)
-    if cu_seqlens is not None and _varlen_available(query):
+    segments = _segments(query, kwargs)
+    if segments is not None and _varlen_available(query):
         if dropout:
             raise ValueError("the varlen attention kernel has no dropout; set attention_dropout to 0")
-        out = varlen_causal_attention(query, key, value, cu_seqlens, max_seqlen, scaling)
+        out = varlen_causal_attention(
+            query,
+            key,
+            value,
+            segments.cu_q,
+            segments.max_q,
+            scaling,
+            cu_seqlens_k=segments.cu_k,
+            max_seqlen_k=segments.max_k,
+            kv_index=segments.kv_index,
+        )
+    elif segments is not None and segments.kv_index is not None:
+        out = dense_shared_attention(query, key, value, segments, dropout, scaling)
     else:
         out = dense_causal_attention(
-            query, key, value, cu_seqlens, kwargs.get("position_ids"), dropout, scaling
+            query,
+            key,
+            value,
+            None if segments is None else segments.cu_q,
+            kwargs.get("position_ids"),
+            dropout,
+            scaling,
         )
     return out, None
 
 
-def _segments(query: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, int]:
+@dataclass(frozen=True)
+class Segments:
+    """Segment boundaries of one packed row: queries, and keys (the same, unless keys are gathered)."""
+
+    cu_q: torch.Tensor  # int32 [segments + 1], over the row
+    cu_k: torch.Tensor  # int32 [segments + 1], over the row or over `kv_index`
+    max_q: int
+    max_k: int
+    kv_index: torch.Tensor | None = None  # long [keys]: row position of each key (shared prefixes)
+
+
+def _segments(query: torch.Tensor, kwargs: dict[str, Any]) -> Segments | None:
     """Boundaries of a single packed row from the flash-attention kwargs (None when not given)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None:
-        return None, 0
-    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
-        raise ValueError("zephyr_packed attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention)")
-    # (the total is checked only on CPU: reading a CUDA tensor would synchronise in every layer)
+        return None
+    kv_index = kwargs.get("shared_kv_index")
+    # (totals are checked only on CPU: reading a CUDA tensor would synchronise in every layer)
     if query.shape[0] != 1 or (not cu_q.is_cuda and int(cu_q[-1]) != query.shape[2]):
         raise ValueError(
             f"cu_seq_lens_q {cu_q.tolist()} does not describe a packed row of shape {tuple(query.shape[::2])}"
             " (batch, tokens): packed batches are one row holding every token"
         )
-    max_seqlen = kwargs.get("max_length_q")
-    if max_seqlen is None:
-        max_seqlen = int((cu_q[1:] - cu_q[:-1]).max())
-    return cu_q, int(max_seqlen)
+    max_q = kwargs.get("max_length_q")
+    if max_q is None:
+        max_q = int((cu_q[1:] - cu_q[:-1]).max())
+    if kv_index is None:
+        if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+            raise ValueError(
+                "zephyr_packed attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention) unless "
+                "shared_kv_index gathers the keys"
+            )
+        return Segments(cu_q, cu_q, int(max_q), int(max_q))
+    if cu_k is None or cu_k.numel() != cu_q.numel():
+        raise ValueError("shared_kv_index needs cu_seq_lens_k with one key segment per query segment")
+    if not cu_k.is_cuda and int(cu_k[-1]) != kv_index.numel():
+        raise ValueError(
+            f"cu_seq_lens_k ends at {int(cu_k[-1])}, shared_kv_index holds {kv_index.numel()} keys"
+        )
+    max_k = kwargs.get("max_length_k")
+    if max_k is None:
+        max_k = int((cu_k[1:] - cu_k[:-1]).max())
+    return Segments(cu_q, cu_k, int(max_q), int(max_k), kv_index)
 
 
 def _varlen_available(query: torch.Tensor) -> bool:
@@ -144,20 +198,74 @@ def varlen_causal_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scaling: float | None,
+    *,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    kv_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Flash varlen kernel over one packed row (CUDA only). Returns [1, T, H, D]."""
+    """Flash varlen kernel over one packed row (CUDA only). Returns [1, T, H, D].
+
+    With `kv_index` (and its key segments `cu_seqlens_k`, `max_seqlen_k`), each segment's keys and values are
+    gathered first; the kernel aligns a query segment shorter than its keys to their end.
+    """
     varlen_attn = _varlen_attn()
-    cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
+    cu_q = cu_seqlens.to(device=query.device, dtype=torch.int32)
     q = query[0].transpose(0, 1).contiguous()  # [T, H, D]
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
+    if kv_index is None:
+        cu_k, max_k = cu_q, max_seqlen
+    else:
+        if cu_seqlens_k is None or max_seqlen_k is None:
+            raise ValueError("kv_index needs cu_seqlens_k and max_seqlen_k")
+        cu_k, max_k = cu_seqlens_k.to(device=query.device, dtype=torch.int32), max_seqlen_k
+        index = kv_index.to(query.device)
+        k, v = k.index_select(0, index), v.index_select(0, index)  # [keys, H_kv, D]
     groups = query.shape[1] // key.shape[1]
     gqa: dict[str, Any] = {}
     if _varlen_has_gqa():
         gqa["enable_gqa"] = groups > 1
-    else:  # torch 2.10/2.11: no GQA in the kernel
-        key, value = repeat_kv_heads(key, groups), repeat_kv_heads(value, groups)
-    k, v = key[0].transpose(0, 1).contiguous(), value[0].transpose(0, 1).contiguous()
-    out = varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scaling, window_size=(-1, 0), **gqa)
+    elif groups > 1:  # torch 2.10/2.11: no GQA in the kernel
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    k, v = k.contiguous(), v.contiguous()
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_seqlen, max_k, scale=scaling, window_size=(-1, 0), **gqa)
     return out.unsqueeze(0)
+
+
+def shared_causal_mask(cu_q: torch.Tensor, cu_k: torch.Tensor) -> torch.Tensor:
+    """[1, 1, T_q, T_k] boolean mask of segments whose queries are aligned to the end of their keys.
+
+    Query i of a segment with Lq queries sees key j of the same segment when j ≤ i + (Lk − Lq); with equal
+    lengths this is `block_causal_mask`.
+    """
+    cu_q, cu_k = cu_q.long(), cu_k.long()
+    len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    seg_q = torch.arange(len_q.numel(), device=cu_q.device).repeat_interleave(len_q)
+    seg_k = torch.arange(len_k.numel(), device=cu_k.device).repeat_interleave(len_k)
+    # each position measured from the end of its segment: query i ↔ key j when j − Lk ≤ i − Lq
+    from_end_q = torch.arange(seg_q.numel(), device=cu_q.device) - cu_q[1:][seg_q]
+    from_end_k = torch.arange(seg_k.numel(), device=cu_k.device) - cu_k[1:][seg_k]
+    mask = (seg_q[:, None] == seg_k[None, :]) & (from_end_k[None, :] <= from_end_q[:, None])
+    return mask[None, None]
+
+
+def dense_shared_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: Segments,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Exact shared-prefix attention: keys gathered by `segments.kv_index`, one SDPA call under
+    `shared_causal_mask`. Returns [1, T, H, D]."""
+    assert segments.kv_index is not None
+    index = segments.kv_index.to(query.device)
+    groups = query.shape[1] // key.shape[1]
+    key = repeat_kv_heads(key.index_select(2, index), groups)
+    value = repeat_kv_heads(value.index_select(2, index), groups)
+    mask = shared_causal_mask(segments.cu_q.to(query.device), segments.cu_k.to(query.device))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous()
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,10 @@ output_dir/checkpoint-STEP/
 output_dir/final/                                                the same model folder, no training state
 ```
 
-Every folder is written into `output_dir/.tmp-NAME` and renamed into place once complete, so a run killed
-while saving leaves the previous checkpoint intact and never a half-written one under its final name.
+Every folder is written into `output_dir/.tmp-NAME`, synced to disk and renamed into place once complete, so
+a run killed while saving leaves the previous checkpoint intact and never a half-written one under its final
+name. A save that fails for want of space (or permission) removes its temporary folder and stops the run with
+a ZephyrError naming the last complete checkpoint, which `--resume` continues from.
 Ranks: every process takes part in gathering weights and in `save_state`; only the main process writes
 the model folder, renames and deletes.
 """
@@ -23,13 +25,16 @@ import copy
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from zephyr import io
 from zephyr.config import save_resolved
+from zephyr.errors import ZephyrError
 
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "training_state"
@@ -108,9 +113,29 @@ def _write_model_folder(
 
 
 def _replace(tmp: Path, target: Path) -> None:
+    io.sync_tree(tmp)
     if target.exists():
         shutil.rmtree(target)
-    tmp.rename(target)
+    io.rename_into_place(tmp, target)
+
+
+def _write_or_stop(accelerator: Any, out_dir: Path, tmp: Path, write: Callable[[], None]) -> None:
+    """Run `write` (which fills `tmp`); a full disk or an unwritable folder removes `tmp`, to give the space
+    back, and stops the run with the last complete checkpoint named."""
+    try:
+        write()
+    except OSError as exc:
+        error = io.storage_error(tmp.parent / tmp.name.removeprefix(".tmp-"), exc)
+        if error is None:
+            raise
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(out_dir)
+        if last is None:
+            resume = "no checkpoint was saved yet"
+        else:
+            resume = f"the last complete checkpoint is {last}; free space and rerun with --resume"
+        raise ZephyrError(f"{error}; {resume}") from exc
 
 
 def _fresh_tmp(accelerator: Any, out_dir: Path, name: str) -> Path:
@@ -136,14 +161,19 @@ def save_checkpoint(
     """Write `checkpoint-STEP` atomically: model folder, config, trainer state and accelerate's state."""
     target = checkpoint_dir(out_dir, state.step)
     tmp = _fresh_tmp(accelerator, out_dir, target.name)
-    _write_model_folder(accelerator, model, tokenizer, tmp, dtype, merge=False)
-    accelerator.save_state(str(tmp / STATE_DIR))
-    if accelerator.is_main_process:
-        save_resolved(cfg, tmp)
-        (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")  # written last: marks it complete
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _replace(tmp, target)
+
+    def write() -> None:
+        _write_model_folder(accelerator, model, tokenizer, tmp, dtype, merge=False)
+        accelerator.save_state(str(tmp / STATE_DIR))
+        if accelerator.is_main_process:
+            save_resolved(cfg, tmp)
+            # written last: its presence marks the checkpoint complete
+            (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _replace(tmp, target)
+
+    _write_or_stop(accelerator, out_dir, tmp, write)
     accelerator.wait_for_everyone()
     return target
 
@@ -154,12 +184,16 @@ def save_final(
     """Write `final/` atomically: the model folder (LoRA adapters merged) and the resolved config."""
     target = out_dir / FINAL_DIR
     tmp = _fresh_tmp(accelerator, out_dir, target.name)
-    _write_model_folder(accelerator, model, tokenizer, tmp, dtype, merge=True)
-    if accelerator.is_main_process:
-        save_resolved(cfg, tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _replace(tmp, target)
+
+    def write() -> None:
+        _write_model_folder(accelerator, model, tokenizer, tmp, dtype, merge=True)
+        if accelerator.is_main_process:
+            save_resolved(cfg, tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _replace(tmp, target)
+
+    _write_or_stop(accelerator, out_dir, tmp, write)
     accelerator.wait_for_everyone()
     return target
 

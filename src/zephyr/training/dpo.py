@@ -6,6 +6,10 @@ the policy; the reference's come from `zephyr.training.reference` (precomputed a
 the loss is picked once from `zephyr.training.losses` by name. Losses and metrics are sums over the pairs
 of the micro-batch: the loop divides by the number of pairs in the whole optimizer step.
 
+Prefix sharing (`prefix_sharing`): each pair's prompt runs once, in the policy's step, in the online
+reference and in the precomputed reference pass (`zephyr.training.logps.pack_pairs`). tokens/s still counts
+the prompt once per answer, so that it reads the same with and without sharing.
+
 Metrics (TRL's names): rewards/chosen, rewards/rejected (β × log-ratio; SimPO: β × mean token log-prob),
 rewards/margins, rewards/accuracies (share of pairs with chosen reward > rejected reward), logps/chosen,
 logps/rejected (the policy's summed answer log-probs); the loop adds loss, lr, grad_norm, tokens/s.
@@ -27,7 +31,7 @@ import torch
 from zephyr.config import DPOConfig
 from zephyr.training import reference as ref_mod
 from zephyr.training.logps import PairStats, TokenizedPair, pack_pairs, pair_logps, tokenize_pairs
-from zephyr.training.losses import LossParams, PairLogps, get_preference_loss
+from zephyr.training.losses import LossParams, PairLogps, PreferenceLossFn, get_preference_loss
 from zephyr.training.task import StepOutput
 
 logger = logging.getLogger(__name__)
@@ -63,6 +67,39 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def preference_step(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    reference: ref_mod.Reference,
+    loss_fn: PreferenceLossFn,
+    params: LossParams,
+) -> StepOutput:
+    """The loss and metric sums of one micro-batch of pairs (a `pack_pairs` batch): the policy's log-probs,
+    the reference's, the loss."""
+    policy = pair_logps(model, batch)
+    ref = reference.logps(model, batch)
+    if ref is not None:
+        ref = PairLogps(
+            *(
+                t.to(device=policy.chosen.device, dtype=policy.chosen.dtype)
+                for t in (ref.chosen, ref.rejected)
+            ),
+            ref.chosen_tokens.to(policy.chosen.device),
+            ref.rejected_tokens.to(policy.chosen.device),
+        )
+    out = loss_fn(policy, ref, params)
+    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+        "logps/chosen": policy.chosen.detach().sum(),
+        "logps/rejected": policy.rejected.detach().sum(),
+    }
+    return StepOutput(loss_sum=out.losses.sum(), metric_sums=metrics)
+
+
 class DPOTask:
     """A `TrainingTask` over preference pairs (units: pairs)."""
 
@@ -89,6 +126,8 @@ class DPOTask:
             trust_remote_code=cfg.trust_remote_code,
         )
         self.attn_implementation = register_packed_attention()  # read by the loop when it loads the model
+        # read with getattr: configs written before the field existed (and their saved copies) lack it
+        self.prefix_sharing = bool(getattr(cfg, "prefix_sharing", False))
         self.loss_fn = get_preference_loss(cfg.loss)
         self.params = LossParams(cfg.beta, cfg.label_smoothing, cfg.rpo_alpha, cfg.simpo_gamma)
 
@@ -129,6 +168,7 @@ class DPOTask:
             f"truncated to {self.cfg.max_length}/{self.cfg.max_prompt_length}: {s.truncated_prompts} prompts, "
             f"{s.truncated_chosen} chosen, {s.truncated_rejected} rejected answers), loss {self.cfg.loss} "
             f"β={self.cfg.beta}, reference {self.cfg.reference}"
+            + (", prompts shared" if self.prefix_sharing else "")
         )
 
     def train_examples(self) -> Sequence[PairExample]:
@@ -138,7 +178,7 @@ class DPOTask:
         return self._eval
 
     def collate(self, examples: list[PairExample]) -> dict[str, Any]:
-        batch = pack_pairs([e.pair for e in examples])
+        batch = pack_pairs([e.pair for e in examples], prefix_sharing=self.prefix_sharing)
         batch.update(self.reference.fields([(e.split, e.index) for e in examples]))
         return batch
 
@@ -146,7 +186,8 @@ class DPOTask:
         return int(batch["num_pairs"])
 
     def tokens(self, batch: dict[str, Any]) -> int:
-        return int(batch["input_ids"].numel())
+        """prompt + chosen plus prompt + rejected tokens, shared or not."""
+        return int(batch["num_tokens"])
 
     def prepare(self, model: torch.nn.Module, accelerator: Any) -> None:
         """Dropout off; the reference made ready (the precomputed pass runs here, or is read from cache).
@@ -164,28 +205,7 @@ class DPOTask:
             self._write_data_report()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
-        policy = pair_logps(model, batch)
-        ref = self.reference.logps(model, batch)
-        if ref is not None:
-            ref = PairLogps(
-                *(
-                    t.to(device=policy.chosen.device, dtype=policy.chosen.dtype)
-                    for t in (ref.chosen, ref.rejected)
-                ),
-                ref.chosen_tokens.to(policy.chosen.device),
-                ref.rejected_tokens.to(policy.chosen.device),
-            )
-        out = self.loss_fn(policy, ref, self.params)
-        chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
-        metrics = {
-            "rewards/chosen": chosen.sum(),
-            "rewards/rejected": rejected.sum(),
-            "rewards/margins": (chosen - rejected).sum(),
-            "rewards/accuracies": (chosen > rejected).float().sum(),
-            "logps/chosen": policy.chosen.detach().sum(),
-            "logps/rejected": policy.rejected.detach().sum(),
-        }
-        return StepOutput(loss_sum=out.losses.sum(), metric_sums=metrics)
+        return preference_step(model, batch, self.reference, self.loss_fn, self.params)
 
     # --- references ---------------------------------------------------------------------------------------
 
@@ -254,6 +274,7 @@ class DPOTask:
             max_prompt_length=self.cfg.max_prompt_length,
             precision=str(getattr(accelerator, "mixed_precision", "no")),
             device_type=torch.device(accelerator.device).type,
+            prefix_sharing=self.prefix_sharing,
         )
         result = ref_mod.precompute(
             {name: pairs for name, pairs in splits.items() if pairs},
@@ -262,6 +283,7 @@ class DPOTask:
             reference_model=lambda: self._reference_for_pass(model, accelerator),
             accelerator=accelerator,
             batch_size=REFERENCE_BATCH_FACTOR * self.cfg.per_device_batch_size,
+            prefix_sharing=self.prefix_sharing,
         )
         self.reference_status = result.status
         self._cache_files = {name: str(path) for name, path in result.files.items()}
@@ -277,6 +299,7 @@ class DPOTask:
             "bad_examples": self.stats.bad[:20],
             **{k: v for k, v in asdict(self.stats).items() if k.startswith("truncated")},
             "reference": self.cfg.reference,
+            "prefix_sharing": self.prefix_sharing,
             "reference_status": self.reference_status,
             "reference_cache": getattr(self, "_cache_files", {}),
         }

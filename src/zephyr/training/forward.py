@@ -1,6 +1,7 @@
 """Log-probabilities of target tokens, with the LM head applied only to those tokens, in chunks.
 
-A batch comes from `zephyr.data.packing`: packed (one row, `cu_seqlens`, per-document `position_ids`) or
+A batch comes from `zephyr.data.packing`: packed (one row, `cu_seqlens`, per-document `position_ids`),
+packed with shared prefixes (also `cu_seqlens_k` and `kv_index`, for "zephyr_packed" attention only) or
 padded (`attention_mask`), with `labels[t]` the target predicted at position t, −100 where there is none.
 
 The model is called through its own `__call__` (so DDP, FSDP2 and DeepSpeed wrappers run their hooks) with
@@ -77,7 +78,16 @@ def model_inputs(batch: Mapping[str, Any], device: torch.device) -> dict[str, An
         "input_ids": batch["input_ids"].to(device),
         "position_ids": batch["position_ids"].to(device),
     }
-    if "cu_seqlens" in batch:
+    if "kv_index" in batch:  # shared prefixes: only "zephyr_packed" attention reads the key index
+        inputs.update(
+            attention_mask=None,
+            cu_seq_lens_q=batch["cu_seqlens"].to(device=device, dtype=torch.int32),
+            cu_seq_lens_k=batch["cu_seqlens_k"].to(device=device, dtype=torch.int32),
+            max_length_q=int(batch["max_seqlen"]),
+            max_length_k=int(batch["max_seqlen_k"]),
+            shared_kv_index=batch["kv_index"].to(device),
+        )
+    elif "cu_seqlens" in batch:
         cu_seqlens = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
         max_seqlen = int(batch["max_seqlen"])
         inputs.update(
@@ -95,6 +105,8 @@ def model_inputs(batch: Mapping[str, Any], device: torch.device) -> dict[str, An
 def decoder_hidden_states(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """Final hidden states [B, T, H] of the decoder body, taken during a forward that projects nothing."""
     causal_lm = unwrap_model(model)
+    if "kv_index" in batch:
+        _check_shared_prefix_attention(causal_lm)
     device = causal_lm.get_input_embeddings().weight.device
     captured: list[torch.Tensor] = []
 
@@ -110,6 +122,18 @@ def decoder_hidden_states(model: torch.nn.Module, batch: Mapping[str, Any]) -> t
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder call in the forward, saw {len(captured)}")
     return captured[0]
+
+
+def _check_shared_prefix_attention(causal_lm: torch.nn.Module) -> None:
+    from zephyr.training.attention import ATTN_IMPLEMENTATION
+
+    implementation = getattr(causal_lm.config, "_attn_implementation", None)
+    if implementation != ATTN_IMPLEMENTATION:
+        # any other attention would let the later answers of a group attend to the wrong keys, silently
+        raise ValueError(
+            f"a shared-prefix batch needs attn_implementation={ATTN_IMPLEMENTATION!r}, "
+            f"the model uses {implementation!r}"
+        )
 
 
 def target_logps(

@@ -13,7 +13,10 @@ tokens. A pair whose answer keeps no token is a bad record.
 
 Batches: the micro-batch's pairs become one packed row of documents [prompt; chosen], [prompt; rejected],
 ... with targets on answer tokens only, positions restarting per document and attention that never crosses
-a document ("zephyr_packed"): no padding. The prompt runs twice; sharing it is `pack_pairs`' business alone.
+a document ("zephyr_packed"): no padding. With prefix sharing the prompt runs once per pair: the row holds
+[prompt; chosen] and [last prompt token; rejected], the rejected side's queries attending to the prompt's
+keys of the chosen side (`zephyr.data.packing.collate_shared_prefix`); the log-probs are those of the
+unshared row, to float rounding.
 """
 
 from __future__ import annotations
@@ -188,21 +191,28 @@ def tokenize_pairs(
 # Batches and log-probs
 
 
-def pack_pairs(pairs: Sequence[TokenizedPair]) -> dict[str, Any]:
-    """A micro-batch of pairs as one packed row: documents [prompt; chosen], [prompt; rejected] per pair.
+def pack_pairs(pairs: Sequence[TokenizedPair], *, prefix_sharing: bool = False) -> dict[str, Any]:
+    """A micro-batch of pairs as one packed row: documents [prompt; chosen], [prompt; rejected] per pair
+    (with `prefix_sharing`, [prompt; chosen] and [last prompt token; rejected] over the shared prompt).
 
     Document 2i is pair i's chosen side, 2i + 1 its rejected side; targets are the answer tokens.
-    `num_pairs` rides along so that the step knows how to fold the per-document sums.
+    `num_pairs` rides along so that the step knows how to fold the per-document sums, and `num_tokens`, the
+    tokens of the unshared row (prompt twice), so that tokens/s means the same with and without sharing.
     """
-    from zephyr.data.packing import collate_packed
+    from zephyr.data.packing import collate_packed, collate_shared_prefix
 
-    docs = []
-    for pair in pairs:
-        prompt = list(pair.prompt_ids)
-        for answer in (pair.chosen_ids, pair.rejected_ids):
-            docs.append((prompt + list(answer), [0] * len(prompt) + [1] * len(answer)))
-    batch: dict[str, Any] = dict(collate_packed(docs))
+    if prefix_sharing:
+        groups = [(list(p.prompt_ids), [list(p.chosen_ids), list(p.rejected_ids)]) for p in pairs]
+        batch: dict[str, Any] = dict(collate_shared_prefix(groups))
+    else:
+        docs = []
+        for pair in pairs:
+            prompt = list(pair.prompt_ids)
+            for answer in (pair.chosen_ids, pair.rejected_ids):
+                docs.append((prompt + list(answer), [0] * len(prompt) + [1] * len(answer)))
+        batch = dict(collate_packed(docs))
     batch["num_pairs"] = len(pairs)
+    batch["num_tokens"] = sum(pair.num_tokens for pair in pairs)
     return batch
 
 
@@ -276,8 +286,10 @@ def compute_logps(
     device: torch.device | str | None = None,
     autocast: Any = None,
     progress: bool = False,
+    prefix_sharing: bool = False,
 ) -> LogpsTable:
-    """One no-grad pass of `model` over `pairs`, `batch_size` pairs per packed row, in order.
+    """One no-grad pass of `model` over `pairs`, `batch_size` pairs per packed row, in order (each prompt
+    run once per pair with `prefix_sharing`).
 
     `autocast` is a context-manager factory (the accelerator's): a reference computed here must see the
     precision the training step sees, or step 0 would not start at ln 2. The model runs in eval mode and its
@@ -298,7 +310,9 @@ def compute_logps(
             for group in tqdm(
                 batches_of(pairs, batch_size), desc="log-probs", unit="batch", disable=not progress
             ):
-                batch = send_to_device(pack_pairs([pairs[i] for i in group]), device)
+                batch = send_to_device(
+                    pack_pairs([pairs[i] for i in group], prefix_sharing=prefix_sharing), device
+                )
                 with autocast() if autocast is not None else nullcontext():
                     out = pair_logps(model, batch)
                 for column, value in zip(
@@ -360,6 +374,7 @@ def run_logps(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     on_bad_record: str = "error",
+    prefix_sharing: bool = False,
 ) -> LogpsTable:
     """`zephyr logps`: one JSON line per kept pair with `prompt_id`, `chosen_logps`, `rejected_logps`,
     `chosen_tokens`, `rejected_tokens`, in the input's order; the model's own chat template ("auto").
@@ -393,6 +408,7 @@ def run_logps(
         device=device,
         autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None,
         progress=True,
+        prefix_sharing=prefix_sharing,
     )
     io.write_jsonl(out, table.rows([p.prompt_id for p in pairs]))
     print(f"{out}: {stats.describe()}")

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from zephyr import io
 from zephyr.config import TrainingConfig, save_resolved, to_dict
 from zephyr.errors import ConfigError, ZephyrError
 from zephyr.tracking import METRICS_FILE, open_trackers, read_metrics
@@ -490,6 +491,20 @@ def _remaining_steps(
             )
 
 
+def checkpoint_bytes(model: torch.nn.Module, save_dtype: torch.dtype) -> int:
+    """Bytes one checkpoint takes: the model folder in `save_dtype`, accelerate's fp32 copy of the weights
+    and AdamW's two fp32 moments of the trainable parameters (the preflight's free-space floor)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total * (save_dtype.itemsize + 4) + trainable * 8
+
+
+def _diverged(exc: TrainingDiverged, out_dir: Path) -> TrainingDiverged:
+    last = latest_checkpoint(out_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    return TrainingDiverged(f"{exc}; {kept}")
+
+
 def _advance(state: TrainerState) -> None:
     state.step += 1
     state.step_in_epoch += 1
@@ -507,6 +522,7 @@ def train(task: TrainingTask, cfg: TrainingConfig, *, resume: bool = False) -> T
     if resume and (finished := _finished_run(out_dir)) is not None:
         print(f"{out_dir} holds a finished run ({finished.final_dir}): nothing to resume", flush=True)
         return finished
+    io.check_output_dir(out_dir)  # before the model loads: an unwritable folder fails in a second
     precision = resolve_precision(cfg.precision)
     save_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     accelerator = _make_accelerator(cfg, precision)
@@ -515,6 +531,7 @@ def train(task: TrainingTask, cfg: TrainingConfig, *, resume: bool = False) -> T
     set_seed(cfg.seed)
 
     model = _load_model(task, cfg)
+    io.check_output_dir(out_dir, min_free_bytes=checkpoint_bytes(model, save_dtype))
     fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"
     optimizer = _make_optimizer(model, cfg, fused=fused)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -541,6 +558,8 @@ def train(task: TrainingTask, cfg: TrainingConfig, *, resume: bool = False) -> T
     if main:
         save_resolved(cfg, out_dir)
         print(_plan_line(task, state, schedule, cfg, precision), flush=True)
+        if ckpt is not None:
+            io.read_jsonl_resumable(out_dir / METRICS_FILE)  # repairs a line cut short by the crash
     trackers = (
         open_trackers(
             out_dir,
@@ -600,6 +619,8 @@ def train(task: TrainingTask, cfg: TrainingConfig, *, resume: bool = False) -> T
         if eval_examples and last_eval_step != state.step:
             eval_metrics = run_eval()
         final_dir = save_final(accelerator, model, task.tokenizer, cfg, out_dir, dtype=save_dtype)
+    except TrainingDiverged as exc:
+        raise _diverged(exc, out_dir) from None
     finally:
         progress.close()
         if trackers is not None:

@@ -128,9 +128,10 @@ class CacheKey:
     max_prompt_length: int | None
     precision: str  # the run's autocast: "no" | "bf16"
     device_type: str  # "cpu" | "cuda": kernels differ in the last bits
+    prefix_sharing: bool = False  # other kernels and row shapes: the same numbers to float rounding
 
     def fingerprint(self, pairs: Sequence[TokenizedPair]) -> str:
-        head = {
+        head: dict[str, Any] = {
             "format": CACHE_FORMAT,
             "weights": self.weights,
             "template": hashlib.sha256(self.template.encode()).hexdigest(),
@@ -140,6 +141,8 @@ class CacheKey:
             "device_type": self.device_type,
             "pairs": pairs_fingerprint(pairs),
         }
+        if self.prefix_sharing:  # only when set, so that caches written without sharing keep their names
+            head["prefix_sharing"] = True
         return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -183,7 +186,12 @@ def write_cache(path: Path, table: LogpsTable, pairs: Sequence[TokenizedPair]) -
 
 
 def sharded_logps(
-    model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, batch_size: int, accelerator: Any
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    *,
+    batch_size: int,
+    accelerator: Any,
+    prefix_sharing: bool = False,
 ) -> LogpsTable:
     """`compute_logps` with the pairs dealt round-robin to the processes and the results gathered.
 
@@ -192,16 +200,15 @@ def sharded_logps(
     """
     world = accelerator.num_processes
     device, autocast = accelerator.device, accelerator.autocast
+    run = {"batch_size": batch_size, "device": device, "autocast": autocast, "prefix_sharing": prefix_sharing}
     if world == 1 or not pairs:
-        return logps_mod.compute_logps(model, pairs, batch_size=batch_size, device=device, autocast=autocast)
+        return logps_mod.compute_logps(model, pairs, **run)
     from accelerate.utils import gather_object
 
     mine = list(range(accelerator.process_index, len(pairs), world))
     per_process = math.ceil(len(pairs) / world)
     mine += [mine[-1] if mine else 0] * (per_process - len(mine))
-    table = logps_mod.compute_logps(
-        model, [pairs[i] for i in mine], batch_size=batch_size, device=device, autocast=autocast
-    )
+    table = logps_mod.compute_logps(model, [pairs[i] for i in mine], **run)
     rows = [
         (
             i,
@@ -256,6 +263,7 @@ def precompute(
     reference_model: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]],
     accelerator: Any,
     batch_size: int,
+    prefix_sharing: bool = False,
 ) -> PrecomputeResult:
     """Reference tables for every split: read from the cache, or computed with the model that
     `reference_model()` yields (entered only when some split is missing) and written to the cache."""
@@ -271,7 +279,11 @@ def precompute(
         with reference_model() as model:
             for name in missing:
                 tables[name] = sharded_logps(
-                    model, splits[name], batch_size=batch_size, accelerator=accelerator
+                    model,
+                    splits[name],
+                    batch_size=batch_size,
+                    accelerator=accelerator,
+                    prefix_sharing=prefix_sharing,
                 )
                 status[name] = "computed"
                 if accelerator.is_main_process:
