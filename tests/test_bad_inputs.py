@@ -354,12 +354,6 @@ def test_a_missing_template_file_is_named(capsys, tokenizer_without_template, tm
     assert error_line(err) == f"error: chat template file {missing}: No such file or directory"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="models.load_tokenizer catches OSError only; transformers raises ValueError for a folder without "
-    "tokenizer files (fix: catch (OSError, ValueError), then drop this mark)",
-)
 def test_a_folder_without_tokenizer_files_is_a_clear_error(capsys, tmp_path):
     empty = tmp_path / "empty-model"
     empty.mkdir()

@@ -378,7 +378,9 @@ def test_an_api_key_is_never_written_to_the_run_folder_caches_or_output(
     finally:
         server.close()
     assert statuses(tmp_path / "run")["eval/base/mt-bench"] == "done"
-    answers = [json.loads(x) for x in (tmp_path / "run" / "eval" / "base" / "mt-bench" / "answers.jsonl").open()]
+    answers = [
+        json.loads(x) for x in (tmp_path / "run" / "eval" / "base" / "mt-bench" / "answers.jsonl").open()
+    ]
     assert answers and all(a["ok"] if "ok" in a else a.get("turns") for a in answers)  # the key was accepted
     captured = capfd.readouterr()
     assert key not in captured.out and key not in captured.err

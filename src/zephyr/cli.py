@@ -122,6 +122,7 @@ def _cmd_logps(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
         on_bad_record=args.on_bad_record,
+        prefix_sharing=args.prefix_sharing,
     )
     return 0
 
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--max-prompt-length", type=int, default=None)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
+    p.add_argument("--prefix-sharing", action="store_true", help="run each pair's prompt once (same numbers)")
     p.set_defaults(handler=_cmd_logps)
 
     p = sub.add_parser("eval", help="evaluate a model: MT-Bench, AlpacaEval, multiple choice")

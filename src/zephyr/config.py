@@ -124,6 +124,9 @@ class DPOConfig(TrainingConfig):
     rpo_alpha: float = bounded(1.0, ge=0)
     simpo_gamma: float = bounded(0.5, ge=0)
     reference: Literal["precomputed", "online", "none"] = "precomputed"
+    # Each pair's prompt runs once (rejected tokens attend to the chosen side's prompt keys): the same
+    # log-probs with less compute. Off by default until its CUDA path is verified on a GPU (docs/dpo.md).
+    prefix_sharing: bool = False
     max_length: int = bounded(1024, ge=16)  # paper: 1024
     max_prompt_length: int = bounded(512, ge=1)  # paper: 512
     learning_rate: float = bounded(5e-7, gt=0)  # paper: 5e-7

@@ -21,7 +21,6 @@ table of the counts is printed.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,11 +215,9 @@ def run_curate(cfg: CurateConfig) -> CurateResult:
     result = CurateResult(out, read.total, len(read.bad), ledger.steps, len(train), len(test), hits)
     # Written last and atomically: its presence means the outputs are complete.
     report = out / "curation_report.json"
-    tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text(
-        json.dumps(_report(cfg, read, result, eval_prompts), indent=2, ensure_ascii=False) + "\n", "utf-8"
+    io.write_text(
+        report, json.dumps(_report(cfg, read, result, eval_prompts), indent=2, ensure_ascii=False) + "\n"
     )
-    os.replace(tmp, report)
     print(format_table(result, cfg))
     return result
 

@@ -17,13 +17,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zephyr.errors import ZephyrError
+from zephyr.io import write_text
 
 MANIFEST = "manifest.json"
 HASH_LIMIT = 256 << 20  # files up to this size are hashed by content; larger ones by size and mtime
@@ -78,21 +78,7 @@ def load_manifest(run_dir: Path, recipe: str) -> Manifest:
 
 def save_manifest(manifest: Manifest, run_dir: Path) -> None:
     manifest.updated = now()
-    write_text_atomic(run_dir / MANIFEST, json.dumps(manifest.to_dict(), indent=2) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(run_dir / MANIFEST, json.dumps(manifest.to_dict(), indent=2) + "\n")  # atomic, durable
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -55,8 +55,11 @@ def load_tokenizer(spec: str, chat_template: str = "auto", trust_remote_code: bo
     path = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:  # missing files, unreachable hub: the user's to fix, not a crash
-        raise ZephyrError(f"cannot load a tokenizer from {spec!r}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # missing files (ValueError for a folder without any), no hub
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        if Path(path).is_dir() and not any(Path(path).glob("tokenizer*")):
+            lines = [f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {path}"]
+        raise ZephyrError(f"cannot load a tokenizer from {spec!r}: {lines[0].rstrip(': ')}") from exc
     template = _template_text(chat_template, has_own=bool(getattr(tokenizer, "chat_template", None)))
     if template is not None:
         tokenizer.chat_template = template

@@ -39,6 +39,7 @@ from zephyr.config import (
     to_dict,
 )
 from zephyr.errors import ConfigError, ZephyrError
+from zephyr.io import check_output_dir
 from zephyr.manifest import (
     Manifest,
     StageRecord,
@@ -447,7 +448,7 @@ def run_pipeline(
     plan = build_plan(recipe, run_dir)
     _check_stage_name(start_from, plan, "--from")
     _check_stage_name(only, plan, "--only")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(run_dir)  # an unwritable or full disk fails before the first stage
     manifest = load_manifest(run_dir, str(recipe_path))
     manifest.versions = package_versions()
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False), encoding="utf-8")

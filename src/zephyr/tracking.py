@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from zephyr.errors import ConfigError
+from zephyr.io import write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -107,7 +108,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() and json.loads(line).get("step", 0) <= after_step:
             kept.append(line + "\n")
-    path.write_text("".join(kept), encoding="utf-8")
+    write_text(path, "".join(kept))  # atomic: a crash here must not lose the metrics kept
 
 
 def open_trackers(

@@ -188,7 +188,7 @@ def run_alpaca_eval(
     """
     from zephyr.feedback.judge import JudgeClient
     from zephyr.generation import make_generator
-    from zephyr.io import write_jsonl
+    from zephyr.io import check_output_dir, write_jsonl, write_text
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
@@ -200,7 +200,7 @@ def run_alpaca_eval(
     check_annotator(spec)
     items = read_instructions(instructions)[:limit]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)  # before any model loads: an unwritable or full folder fails now
 
     generator = model_generator or make_generator(model)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
@@ -241,8 +241,8 @@ def run_alpaca_eval(
         **ae.summarize(annotations),
         "judge_usage": client.usage(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(out / "results.md", results_markdown(results))
     return results
 
 

@@ -40,7 +40,7 @@ from zephyr.errors import DataError
 from zephyr.evaluation import mt_bench
 from zephyr.evaluation.mt_bench import Judgment, PairJudgment, Question
 from zephyr.generation import Completion, Generator, SamplingParams, make_generator
-from zephyr.io import iter_rows
+from zephyr.io import check_output_dir, iter_rows, write_jsonl, write_text
 
 # FastChat gen_model_answer.py: `do_sample = temperature >= 1e-4`.
 GREEDY_BELOW = 1e-4
@@ -96,7 +96,7 @@ def run_mt_bench(
     judge_prompts = mt_bench.load_judge_prompts(folder / "judge_prompts.jsonl")
     references = mt_bench.load_references(folder / "reference_answer" / "gpt-4.jsonl")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)  # before any model loads: an unwritable or full folder fails now
     loaded = _Generators()
     for spec, generator in (
         (model, model_generator),
@@ -132,8 +132,8 @@ def run_mt_bench(
         scores = mt_bench.aggregate_pairwise([pair_judgment(r) for r in records], question_list)
         results = {"mode": "pairwise", "model": model, "baseline": baseline, "baseline_model": base[0].model}
         results |= {"judge": judge, **scores}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(out / "results.md", results_markdown(results))
     if baseline is None:  # the radar shows 0-10 scores; pairwise results have win rates
         _plot(results, out / "categories.png")
     return results
@@ -606,7 +606,4 @@ def _plot(results: Mapping[str, Any], path: Path) -> None:
 
 
 def _write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp, path)
+    write_jsonl(path, records)  # atomic and durable: a killed run never leaves half a file

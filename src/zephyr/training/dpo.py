@@ -127,7 +127,7 @@ class DPOTask:
         )
         self.attn_implementation = register_packed_attention()  # read by the loop when it loads the model
         # read with getattr: configs written before the field existed (and their saved copies) lack it
-        self.prefix_sharing = bool(getattr(cfg, "prefix_sharing", False))
+        self.prefix_sharing = cfg.prefix_sharing
         self.loss_fn = get_preference_loss(cfg.loss)
         self.params = LossParams(cfg.beta, cfg.label_smoothing, cfg.rpo_alpha, cfg.simpo_gamma)
 

@@ -22,6 +22,7 @@ unshared row, to float rounding.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -398,6 +399,7 @@ def run_logps(
     )
     if not pairs:
         raise DataError(f"{data}: no pairs left to score")
+    io.check_output_dir(os.path.dirname(os.path.abspath(out)))  # before the model loads
     device = default_device()
     net = load_model(model, dtype=torch.float32, attn_implementation=register_packed_attention()).to(device)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
