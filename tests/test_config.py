@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -76,7 +77,7 @@ def test_override_can_create_a_section(tmp_path):
 def test_bad_values_name_the_file_and_key(recipe, override, message):
     with pytest.raises(ConfigError) as err:
         load_recipe(recipe, [override])
-    assert str(err.value).startswith(f"{recipe}: ")
+    assert re.match(rf"{re.escape(str(recipe))}(:\d+)?: ", str(err.value))  # a key from the file: its line
     assert message in str(err.value)
 
 
@@ -84,7 +85,8 @@ def test_unknown_key_in_file_names_file_and_closest_key(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("sft:\n  learning_rat: 1e-5\n", encoding="utf-8")
     with pytest.raises(
-        ConfigError, match=r"typo.yaml: unknown key 'sft.learning_rat' \(did you mean 'sft.learning_rate'\?\)"
+        ConfigError,
+        match=r"typo.yaml:2: unknown key 'sft.learning_rat' \(did you mean 'sft.learning_rate'\?\)",
     ):
         load_recipe(path)
 
@@ -149,3 +151,19 @@ def test_partial_nested_section_keeps_the_factory_defaults():
 def test_feedback_pool_must_cover_completions_per_prompt():
     with pytest.raises(ConfigError, match=r"feedback\.generators: 2 generators for completions_per_prompt 4"):
         load_recipe(None, ["feedback.generators=[{model: a}, {model: b}]"])
+
+
+def test_errors_name_the_line_of_the_key_in_the_file_it_was_written(tmp_path):
+    (tmp_path / "base.yaml").write_text("sft:\n  train_data: a.jsonl\n  lora:\n    r: 0\n")
+    (tmp_path / "top.yaml").write_text(
+        "include: [base.yaml]\nrun:\n  ablations:\n    - name: ok\n    - name: 'bad name'\ndpo:\n  beta: 0.1\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_recipe(tmp_path / "top.yaml")
+    assert str(err.value) == f"{tmp_path / 'base.yaml'}:4: sft.lora.r: must be >= 1, got 0"
+    with pytest.raises(ConfigError) as err:
+        load_recipe(tmp_path / "top.yaml", ["sft.lora.r=4"])
+    assert str(err.value).startswith(f"{tmp_path / 'top.yaml'}:5: run.ablations[1].name: letters, digits")
+    with pytest.raises(ConfigError) as err:  # a value given on the command line has no line
+        load_recipe(tmp_path / "top.yaml", ["sft.lora.r=-1"])
+    assert str(err.value) == f"{tmp_path / 'top.yaml'}: sft.lora.r: must be >= 1, got -1"

@@ -561,8 +561,12 @@ def _merge(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _read_recipe_file(path: Path, seen: tuple[Path, ...]) -> dict:
-    """A recipe's mapping, with the files it `include`s (relative to it) merged under its own sections."""
+KeyLines = dict[str, tuple[Path, int]]  # dotted key ("sft.lora.r", "run.ablations[0].name") -> (file, line)
+
+
+def _read_recipe_file(path: Path, seen: tuple[Path, ...]) -> tuple[dict, KeyLines]:
+    """A recipe's mapping, with the files it `include`s (relative to it) merged under its own sections, and
+    where each key was written (for errors that name the line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -579,18 +583,54 @@ def _read_recipe_file(path: Path, seen: tuple[Path, ...]) -> dict:
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
         raise ConfigError(f"{path}: include: expected a list of recipe files, got {includes!r}")
     merged: dict = {}
+    lines: KeyLines = {}
     for name in includes:
         target = (path.parent / name).resolve()
         if target in seen or target == path.resolve():
             raise ConfigError(f"{path}: include: {name} includes itself")
-        merged = _deep_merge(merged, _read_recipe_file(target, (*seen, path.resolve())))
-    return _deep_merge(merged, data)
+        included, included_lines = _read_recipe_file(target, (*seen, path.resolve()))
+        merged = _deep_merge(merged, included)
+        lines.update(included_lines)
+    lines.update({key: (path, line) for key, line in _key_lines(yaml.compose(text)).items()})
+    return _deep_merge(merged, data), lines
+
+
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """1-based line of every key of a composed YAML document, by dotted path."""
+    found: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = f"{prefix}.{key.value}" if prefix else str(key.value)
+            found[path] = key.start_mark.line + 1
+            found.update(_key_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found[f"{prefix}[{i}]"] = item.start_mark.line + 1
+            found.update(_key_lines(item, f"{prefix}[{i}]"))
+    return found
+
+
+_ERROR_KEY = re.compile(r"^(?:unknown key '([^']+)'|([A-Za-z_][\w.\[\]-]*)(?: \([^)]*\))?:)")
+
+
+def _located(exc: ConfigError, source: str, lines: KeyLines, overridden: list[str]) -> ConfigError:
+    """`FILE:LINE: message` when the key the message names was written in a recipe file, else `FILE: ...`."""
+    match = _ERROR_KEY.match(str(exc))
+    key = (match.group(1) or match.group(2)) if match else ""
+    if key and not any(key == o or key.startswith((o + ".", o + "[")) for o in overridden):
+        while key:
+            if key in lines:
+                file, line = lines[key]
+                return ConfigError(f"{file}:{line}: {exc}")
+            key = re.sub(r"(\.[^.\[]+|\[\d+\])$", "", key) if re.search(r"[.\[]", key) else ""
+    return ConfigError(f"{source}: {exc}")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file (or none), apply dotted overrides and validate; errors name the file and key."""
+    """Read a recipe file (or none), apply dotted overrides and validate; errors name the file, the line
+    where the key was written (for keys from a file) and the key."""
     source = str(path) if path else "<command line>"
-    data = _read_recipe_file(Path(path), ()) if path is not None else {}
+    data, lines = _read_recipe_file(Path(path), ()) if path is not None else ({}, {})
     try:
         parsed = parse_overrides(overrides or [])
         for key_path, _ in parsed:
@@ -602,7 +642,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return build(Recipe, data)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise _located(exc, source, lines, [".".join(k) for k, _ in parsed]) from None
 
 
 def section(recipe: Recipe, name: str, source: str) -> Any:
