@@ -250,6 +250,27 @@ def test_next_token_logprobs_match_a_forward_pass(tiny):
 # Failures stay with their request
 
 
+def test_prefix_logprobs_run_the_shared_prompt_once_with_the_same_numbers(tiny):
+    conversations = [
+        [{"role": "user", "content": "Rate the answers one, two and three."}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "?"},
+        ],
+    ]
+    prefixes = ["Output 1\nRating: ", "Output 2\nRating: ", "Output 10\nRating: ", ""]
+    branched = tiny.prefix_logprobs(conversations, prefixes, 5, candidates=["1", "2"])
+    assert [len(b) for b in branched] == [4, 4]
+    for conversation, tops in zip(conversations, branched, strict=True):
+        for prefix, top in zip(prefixes, tops, strict=True):
+            (alone,) = tiny.next_token_logprobs(
+                [conversation], 5, candidates=["1", "2"], answer_prefix=prefix
+            )
+            assert list(top) == list(alone)  # the same tokens, in the same order
+            assert [top[t] for t in alone] == pytest.approx(list(alone.values()), abs=1e-5)
+
+
 def test_bad_requests_fail_alone(tokenizer):
     short = LocalGenerator(make_tiny_llama(len(tokenizer), max_position_embeddings=40), tokenizer)
     long_prompt = ask("word " * 60)

@@ -221,6 +221,8 @@ class JudgeClient:
                 f"judge {self.judge_id}: forced answer prefixes need a generator with next_token_logprobs "
                 "(the transformers backend)"
             )
+        if hasattr(self.generator, "prefix_logprobs"):
+            return self._branched_tokens(requests)
         by_prefix: dict[str, list[tuple[int, int]]] = {}
         for i, request in enumerate(requests):
             for j, prefix in enumerate(request.prefixes):
@@ -240,6 +242,21 @@ class JudgeClient:
             else JudgeAnswer(next_tokens=[t for t in tops[i] if t is not None])
             for i in range(len(requests))
         ]
+
+    def _branched_tokens(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
+        """As `_next_tokens`, with each request's prompt run once for all of its prefixes (one rating per
+        answer shown: the prompt is most of the tokens)."""
+        scorer = self.generator.prefix_logprobs
+        candidates = self.candidates if self._candidates_usable(self.generator.next_token_logprobs) else ()
+        answers = []
+        for request in requests:
+            try:
+                (tops,) = scorer([request.messages], request.prefixes, self.top_k, candidates=candidates)
+            except (ZephyrError, RuntimeError) as exc:  # one request (too long, say) must not fail the others
+                answers.append(JudgeAnswer(error=f"{type(exc).__name__}: {exc}"))
+                continue
+            answers.append(JudgeAnswer(next_tokens=list(tops)))
+        return answers
 
     def _score(self, scorer: Callable, conversations: list, prefix: str) -> list[dict[str, float] | str]:
         """Top log-probs per conversation, or the error text of a conversation that could not be scored."""

@@ -180,6 +180,66 @@ class LocalGenerator:
                     results[i] = self._merge_by_text(pairs, logp[j], candidate_ids)
         return results
 
+    def prefix_logprobs(
+        self,
+        conversations: Sequence[Conversation],
+        prefixes: Sequence[str],
+        top_k: int = 20,
+        *,
+        candidates: Sequence[str] = (),
+    ) -> list[list[dict[str, float]]]:
+        """`next_token_logprobs` after each of `prefixes`, for every conversation: [conversation][prefix].
+
+        A judge asks for the rating of answer 1, 2, ... of one long prompt; the tokens the prefixes share
+        (the prompt) run once per conversation and each prefix continues from that cache, instead of one full
+        prompt per prefix. Same numbers as `next_token_logprobs` up to float rounding.
+        """
+        import torch
+
+        if not prefixes:
+            return [[] for _ in conversations]
+        candidate_ids = {text: self._single_token_id(text) for text in candidates}
+        results = []
+        with self._model_lock, torch.inference_mode():
+            for i, conversation in enumerate(conversations):
+                rows = [self._prompt_ids(conversation, prefix) for prefix in prefixes]
+                longest = max(len(r) for r in rows)
+                if self.max_context is not None and longest > self.max_context:
+                    raise ZephyrError(
+                        f"conversation {i}: {longest} tokens exceed the context of {self.max_context}"
+                    )
+                results.append(self._branch_logprobs(rows, top_k, candidate_ids))
+        return results
+
+    def _branch_logprobs(
+        self, rows: list[list[int]], top_k: int, candidate_ids: dict[str, int]
+    ) -> list[dict[str, float]]:
+        """Next-token log-probs at the end of each row, running the rows' shared first tokens once."""
+        import torch
+
+        device = self.model.device
+        shared = _shared_length(rows)
+        trunk = torch.tensor([rows[0][:shared]], device=device)
+        ones = torch.ones_like(trunk)
+        _, cache = self._forward(trunk, ones, torch.arange(shared, device=device)[None], cache=None)
+        cache.batch_repeat_interleave(len(rows))
+        tails = [r[shared:] for r in rows]  # each keeps at least one token: its logits are the answer
+        width = max(len(t) for t in tails)
+        # Right padding: a row's last real token never attends to the pads after it.
+        ids = torch.tensor([t + [self.pad_id] * (width - len(t)) for t in tails], device=device)
+        mask = torch.ones((len(rows), shared + width), dtype=torch.long, device=device)
+        positions = (shared + torch.arange(width, device=device))[None].expand(len(rows), -1)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+        logits = self.model(**kwargs, **{self._cache_kwarg: cache}).logits.float()
+        last = torch.tensor([len(t) - 1 for t in tails], device=device)
+        logp = torch.log_softmax(logits[torch.arange(len(rows), device=device), last], dim=-1)
+        k = min(top_k, logp.shape[-1])
+        top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+        return [
+            self._merge_by_text(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True), logp[j], candidate_ids)
+            for j in range(len(rows))
+        ]
+
     def count_prompt_tokens(self, messages: Conversation) -> int:
         return len(self._prompt_ids(messages))
 
@@ -498,6 +558,15 @@ def _bind_choice(on_text: Callable[[int, str], None] | None, choice: int) -> Cal
     if on_text is None:
         return None
     return lambda delta: on_text(choice, delta)
+
+
+def _shared_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    shared = min(len(r) for r in rows) - 1
+    for n in range(shared):
+        if any(r[n] != rows[0][n] for r in rows):
+            return n
+    return shared
 
 
 def _cache_kwarg(model: Any) -> str:
