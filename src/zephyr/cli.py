@@ -140,6 +140,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             judge_max_tokens=args.judge_max_tokens,
             baseline=args.baseline,
+            judge_mode=args.judge_mode,
         )
         return 0
     if args.eval_command == "alpaca-eval":
@@ -153,6 +154,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             annotator=args.annotator,
+            judge_mode=args.judge_mode,
         )
         return 0
     if args.eval_command == "mc":
@@ -220,6 +222,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.01")
+
+
+JUDGE_MODE_HELP = "text: parse the judge's answer; logprobs: from its token probabilities (local judges)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="pairwise mode: a baseline model spec or its answers.jsonl; judged both orders (position swap)",
     )
+    t.add_argument("--judge-mode", choices=["text", "logprobs"], default="text", help=JUDGE_MODE_HELP)
     a = esub.add_parser("alpaca-eval", help="AlpacaEval: pairwise win rate against reference outputs")
     a.add_argument("--model", required=True)
     a.add_argument("--judge", required=True)
@@ -311,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=int, default=None)
     a.add_argument("--max-new-tokens", type=int, default=2048)
     a.add_argument("--annotator", default="alpaca_eval_gpt4", help="annotator config in the templates asset")
+    a.add_argument("--judge-mode", choices=["text", "logprobs"], default="text", help=JUDGE_MODE_HELP)
     m = esub.add_parser("mc", help="log-likelihood multiple choice (lm-evaluation-harness semantics)")
     m.add_argument("--model", required=True)
     m.add_argument("--data", help="MC JSONL file (or hf:NAME[:SPLIT])")

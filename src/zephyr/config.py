@@ -285,6 +285,9 @@ class MtBenchEvalConfig:
     max_new_tokens: int = bounded(1024, ge=1)  # FastChat: 1024
     judge_max_tokens: int = bounded(2048, ge=1)  # FastChat: 2048
     baseline: str | None = None  # pairwise mode against this model spec or answers.jsonl (position swap)
+    judge_mode: Literal["text", "logprobs"] = (
+        "text"  # logprobs: expected score from the judge's token probabilities
+    )
 
 
 @dataclass
@@ -296,6 +299,9 @@ class AlpacaEvalEvalConfig:
     limit: int | None = bounded(None, ge=1)
     max_new_tokens: int = bounded(2048, ge=1)
     annotator: str = "alpaca_eval_gpt4"
+    judge_mode: Literal["text", "logprobs"] = (
+        "text"  # logprobs: preference from the judge's token probabilities
+    )
 
 
 @dataclass

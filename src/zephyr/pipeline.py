@@ -366,6 +366,7 @@ def _run_mt_bench(spec: str, mt: Any, out: Path, resume: bool = False) -> None:
         max_new_tokens=mt.max_new_tokens,
         judge_max_tokens=mt.judge_max_tokens,
         baseline=mt.baseline,
+        judge_mode=mt.judge_mode,
     )
 
 
@@ -380,6 +381,7 @@ def _run_alpaca_eval(spec: str, ae: Any, out: Path, resume: bool = False) -> Non
         limit=ae.limit,
         max_new_tokens=ae.max_new_tokens,
         annotator=ae.annotator,
+        judge_mode=ae.judge_mode,
     )
 
 
