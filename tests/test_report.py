@@ -692,3 +692,10 @@ def test_pairwise_mt_bench_results_are_not_read_as_scores():
     assert "| x | 7.00 | 8.00 | – |" in render_markdown(report)
     report["eval"]["x"]["mt_bench"] = pairwise
     assert "MT-Bench" not in render_markdown(report)
+
+
+def test_the_report_step_that_writes_the_page_is_not_shown_as_running():
+    from zephyr.report import _stage_rows
+
+    rows = _stage_rows({"sft": {"status": "running"}, "report": {"status": "running"}})
+    assert [r["status"] for r in rows] == ["running", "writing this report"]
