@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -270,15 +269,6 @@ def test_a_failed_stage_is_recorded_and_the_run_stops(tmp_path, tiny_model_dir):
 # SIGKILL in the middle of a run
 
 
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-
-
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
     def recipe_for(run_dir: Path) -> Path:
@@ -293,7 +283,8 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_m
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "zephyr", "run", str(recipe_for(killed))]
-    proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The offline settings of tests/conftest.py are in os.environ: the child inherits them.
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (killed / "sft" / "checkpoint-4" / "trainer_state.json").exists():
         assert proc.poll() is None, "the run ended before the kill point"
@@ -304,7 +295,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_m
     assert statuses(killed) == {"curate": "done", "sft": "running"}
     curate_started = manifest(killed)["stages"]["curate"]["started"]
 
-    rerun = subprocess.run(command, env=env(), capture_output=True, text=True)
+    rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "curate: done, skipped" in rerun.stdout and "sft: resuming" in rerun.stdout
     stages = manifest(killed)["stages"]

@@ -3,7 +3,6 @@ that was never interrupted (same data order, optimizer state, schedule and RNG: 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -47,15 +46,6 @@ def zephyr_sft(recipe: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "zephyr", "sft", str(recipe), f"sft.output_dir={out}", *extra]
 
 
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, smollm_dir):
     from transformers import AutoTokenizer
@@ -70,9 +60,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, smollm_dir)
     assert main(["sft", str(recipe), f"sft.output_dir={straight}"]) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        zephyr_sft(recipe, killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(zephyr_sft(recipe, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (killed / "checkpoint-2" / "trainer_state.json").exists():
         assert proc.poll() is None, "the run ended before its first checkpoint"
@@ -83,7 +71,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, smollm_dir)
     assert not (killed / "final").exists(), "the run finished before it was killed: nothing was tested"
 
     resumed = subprocess.run(
-        zephyr_sft(recipe, killed, "--resume"), check=True, env=env(), capture_output=True, text=True
+        zephyr_sft(recipe, killed, "--resume"), check=True, capture_output=True, text=True
     )
     assert "resuming from" in resumed.stdout
 
