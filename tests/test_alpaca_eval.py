@@ -107,6 +107,41 @@ def test_parse_ranking_preference(annotators):
     assert ae.parse_preference(gpt4, "model_1 is better", switched=False) == (None, ae.NO_RANKING)
 
 
+def test_ranking_prefix_follows_the_prompts_answer_format(annotators):
+    gpt4 = annotators["alpaca_eval_gpt4"]
+    prefix = ae.ranking_prefix(gpt4)
+    assert prefix == "[\n    {'model': 'model_"
+    # the layout the prompt shows, with the model names the prompt gives the outputs
+    assert "[\n    {'model': <model-name>, 'rank': <model-rank>}," in gpt4.template
+    assert '"model": "model_1"' in gpt4.template and '"model": "model_2"' in gpt4.template
+    # the forced start continues into answers the text mode reads: model_2 ranked first is preference 2
+    answer = prefix + "2', 'rank': 1},\n    {'model': 'model_1', 'rank': 2}\n]"
+    assert ae.parse_preference(gpt4, answer, switched=False) == (2.0, None)
+    with pytest.raises(ConfigError, match="judge_mode logprobs"):
+        ae.ranking_prefix(annotators["alpaca_eval_gpt4_turbo_fn"])
+
+
+def test_preference_from_logprobs_is_fractional_and_undoes_the_switch():
+    ln = math.log
+    # the output shown first ranked first with .75 ("1"), the second with .25; other tokens do not count
+    top = {"1": ln(0.6), "2": ln(0.2), "3": ln(0.1), "A": ln(0.1)}
+    read = ae.preference_from_logprobs(top, switched=False)
+    assert (
+        read.preference == pytest.approx(1.25) and read.reason is None
+    )  # mostly the reference (shown first)
+    assert read.mass == pytest.approx(0.8) and read.first == {
+        "1": pytest.approx(0.75),
+        "2": pytest.approx(0.25),
+    }
+    switched = ae.preference_from_logprobs(top, switched=True)  # the model was shown first: mostly the model
+    assert switched.preference == pytest.approx(1.75)
+    assert ae.preference_from_logprobs({"2": 0.0}, switched=False).preference == 2.0
+    assert ae.preference_from_logprobs({"2": 0.0}, switched=True).preference == 1.0
+    low = ae.preference_from_logprobs({"model": 0.0, "1": ln(5e-4), "2": ln(4e-4)}, switched=False)
+    assert (low.preference, low.reason, low.first) == (None, ae.LOW_MASS, {})
+    assert low.mass == pytest.approx(9e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Win rates, by hand
 
@@ -453,6 +488,50 @@ def test_parsers_equal_alpaca_eval(alpaca, annotators):
                 assert ae.parse_preference(annotator, text, switched=False)[0] == reference(
                     annotator, text
                 ), text
+
+
+def _three_minus_preference(df):
+    """alpaca_eval PairwiseAnnotator's `_fn_replace_if_switch`: 3 - x on the preference, once there is one."""
+    return df if df.empty or "preference" not in df.columns else df.assign(preference=3 - df["preference"])
+
+
+@pytest.mark.slow
+def test_logprob_preference_equals_alpaca_eval_weighted_parser(alpaca):
+    """alpaca_eval's weighted annotators read 2 - P(first) from the top log-probs (`logprob_parser`), then
+    undo the switch with its `RandomSwitchTwoColumnsProcessor` (3 - x)."""
+    parsers, processors, pd = alpaca["parsers"], alpaca["processors"], alpaca["pd"]
+    tops = [
+        {"1": -0.1, "2": -2.5, "x": -4.0},
+        {"2": -0.3, "1": -1.4},
+        {"1": -0.7},
+        {"2": -0.01, "A": -5.0},
+    ]
+    expected = []
+    for top in tops:
+        content = [{"top_logprobs": [{"token": t, "logprob": v} for t, v in top.items()]}]
+        [value] = parsers.logprob_parser(
+            {"logprobs": {"content": content}}, numerator_token="1", denominator_tokens=["1", "2"],
+            is_binarize=False,
+        )  # fmt: skip
+        expected.append(value)
+    frame = pd.DataFrame(
+        {"instruction": [f"item {i}" for i in range(4)], "output_1": ["r"] * 4, "output_2": ["m"] * 4}
+    )
+    switch = processors.RandomSwitchTwoColumnsProcessor(  # as alpaca_eval's PairwiseAnnotator sets it up
+        two_columns_to_switch=["output_1", "output_2"],
+        fn_replace_if_switch=_three_minus_preference,
+        random_seed_columns=["instruction"],
+        _switch_column="is_switched_outputs",
+        seed=123,
+    )
+    shown = switch.preprocess(frame)
+    assert 0 < shown["is_switched_outputs"].sum() < 4
+    undone = switch.postprocess(shown.assign(preference=expected))["preference"].tolist()
+    for i, top in enumerate(tops):
+        switched = bool(shown["is_switched_outputs"][i])
+        assert switched == ae.is_switched(f"item {i}")
+        assert ae.preference_from_logprobs(top, switched).preference == pytest.approx(undone[i], abs=1e-12)
+        assert ae.preference_from_logprobs(top, False).preference == pytest.approx(expected[i], abs=1e-12)
 
 
 def _quiet_logging():

@@ -17,6 +17,7 @@ import pytest
 from zephyr import assets
 from zephyr.cli import main
 from zephyr.errors import ConfigError, DataError
+from zephyr.evaluation import alpaca_eval as ae
 from zephyr.evaluation.alpaca_eval import is_switched
 from zephyr.evaluation.alpaca_eval_runner import read_instructions, run_alpaca_eval
 from zephyr.feedback.judge import JUDGE_CALL_FAILED
@@ -218,3 +219,106 @@ def test_cli_hub_unreachable_exits_2_with_a_clear_message(tmp_path, monkeypatch,
     assert code == 2
     err = capsys.readouterr().err
     assert "hf:tatsu-lab/alpaca_eval:eval" in err and "hub" in err and "--instructions" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logprobs judge mode: the preference from the judge's probability of ranking each shown output first
+
+
+class FakeLogprobJudge:
+    """A local judge's scorer: after the forced ranking start, P("1") = 0.8 when the output shown first is
+    the longer one, else 0.3 (P("2") the rest); `low` instructions get (almost) no mass on "1" and "2"."""
+
+    model_id = "fake-logprob-judge"
+
+    def __init__(self, low=()):
+        self.low = low
+        self.calls = []
+
+    def generate(self, conversations, params):
+        raise AssertionError("a logprobs judge writes no answer")
+
+    def next_token_logprobs(self, conversations, top_k=20, *, candidates=(), answer_prefix=""):
+        return [{c: -30.0 for c in candidates} for _ in conversations]  # the client's candidate probe
+
+    def prefix_logprobs(self, conversations, prefixes, top_k=20, *, candidates=()):
+        self.calls.append((list(conversations), tuple(prefixes), tuple(candidates)))
+        out = []
+        for messages in conversations:
+            if any(f'"""{i}"""' in messages[-1]["content"] for i in self.low):
+                out.append([{"name": 0.0, "1": math.log(3e-4), "2": math.log(3e-4)}] * len(prefixes))
+                continue
+            first, second = _ANSWERS.findall(messages[-1]["content"])
+            p = 0.8 if len(first) > len(second) else 0.3
+            out.append([{"1": math.log(p), "2": math.log(1 - p), "A": math.log(1e-3)}] * len(prefixes))
+        return out
+
+
+def test_logprobs_mode_gives_fractional_preferences_with_switches_undone(tmp_path):
+    judge = FakeLogprobJudge()
+    results, _, _ = run(tmp_path, judge, judge_mode="logprobs")
+    instructions = list(MODEL_ANSWERS)
+    assert [is_switched(i) for i in instructions] == [False, True, True, False, False, True, True, True]
+    # longer model answer: shown second P(second ranked first) = .7 -> 1.7; shown first (switched)
+    # 1 + .2 = 1.2 -> 3 - 1.2 = 1.8. Shorter: shown second 1.2; shown first 1.7 -> 1.3. Identical: 1.5.
+    annotations = read_jsonl(tmp_path / "annotations.jsonl")
+    assert [a["preference"] for a in annotations] == pytest.approx([1.7, 1.3, 1.8, 1.2, 1.7, 1.5, 1.8, 1.3])
+    assert all(a["judge_mode"] == "logprobs" for a in annotations)
+    prefix = "[\n    {'model': 'model_"
+    for i in LONGER + SHORTER:
+        assert annotations[i]["answer_prefix"] == prefix and annotations[i]["judge_answer"] is None
+        assert set(annotations[i]["top_logprobs"]) == {"1", "2", "A"}
+        assert annotations[i]["evidence"]["mass"] == pytest.approx(1.0)
+    assert annotations[2]["evidence"]["ranked_first"] == {"1": pytest.approx(0.8), "2": pytest.approx(0.2)}
+
+    # the prompts are text mode's, byte for byte; one forced start, the digits always scored
+    text_dir = tmp_path / "text"
+    _, _, text_judge = run(text_dir)
+    assert [c[0][0] for c in judge.calls] == text_judge.prompts
+    assert {(c[1], c[2]) for c in judge.calls} == {((prefix,), ("1", "2"))}
+    audit = read_jsonl(tmp_path / "judge_audit.jsonl")
+    assert len(audit) == 7 and all(a["answer_prefixes"] == [prefix] for a in audit)
+    assert audit[0]["judge"] == "fake-judge|alpaca_eval_gpt4|logprobs"
+
+    # values .7 .3 .8 .2 .7 .5 .8 .3: mean .5375; squared deviations sum to .41875
+    assert results["judge_mode"] == "logprobs"
+    assert results["win_rate"] == pytest.approx(53.75)
+    assert results["standard_error"] == pytest.approx(100 * math.sqrt(0.41875 / 7 / 8))
+    assert results["discrete_win_rate"] == pytest.approx(56.25)  # rounded: 4 wins, 3 losses, the draw
+    assert (results["n_wins"], results["n_wins_base"], results["n_draws"]) == (4, 3, 1)
+    assert results["n_failed"] == 0 and results["length_controlled_winrate"] is not None
+
+
+def test_logprobs_mode_counts_too_little_mass_as_a_failure(tmp_path):
+    low = ["Red.", "Joyful."]  # the reference outputs of items 0 and 2
+    results, _, _ = run(tmp_path, FakeLogprobJudge(low=low), judge_mode="logprobs")
+    annotations = read_jsonl(tmp_path / "annotations.jsonl")
+    assert [annotations[i]["preference"] for i in (0, 2)] == [None, None]
+    assert annotations[0]["reason"] == ae.LOW_MASS
+    assert annotations[0]["evidence"]["mass"] == pytest.approx(6e-4)
+    assert results["n_failed"] == 2 and results["judge_usage"]["parse_failures"] == {ae.LOW_MASS: 2}
+    # the others as before: .3 .2 .7 .5 .8 .3
+    assert results["win_rate"] == pytest.approx(100 * 2.8 / 6)
+
+
+def test_logprobs_mode_needs_a_local_judge_and_a_ranking_annotator(tmp_path):
+    with pytest.raises(ConfigError, match=r"judge_mode logprobs.*'fake-judge'"):
+        run(tmp_path, FakeJudge(), judge_mode="logprobs")
+    assert not (tmp_path / "outputs.jsonl").exists()  # refused before the model answers
+    with pytest.raises(ConfigError, match="judge_mode: 'logits'"):
+        run(tmp_path, FakeLogprobJudge(), judge_mode="logits")
+
+
+@pytest.mark.slow
+def test_smollm2_logprobs_judge_prefers_fractionally_through_the_cli(tmp_path):
+    out = tmp_path / "ae"
+    spec = "asset:smollm2-135m-instruct"
+    argv = ["eval", "alpaca-eval", "--model", spec, "--judge", spec, "--out", str(out), "--limit", "2"]
+    assert (
+        main([*argv, "--instructions", str(DATA), "--max-new-tokens", "8", "--judge-mode", "logprobs"]) == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge_mode"] == "logprobs" and results["n_failed"] == 0
+    for annotation in read_jsonl(out / "annotations.jsonl"):
+        assert 1.0 < annotation["preference"] < 2.0  # a probability, not a parsed rank
+        assert annotation["evidence"]["mass"] >= 1e-3 and {"1", "2"} <= set(annotation["top_logprobs"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -262,6 +263,86 @@ def test_parse_score(text, expected):
 )
 def test_parse_score_failures(text):
     assert mt_bench.parse_score(text) == (None, mt_bench.NO_SCORE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logprobs mode
+
+
+def test_expected_score_hand_computed():
+    ln = math.log
+    half = mt_bench.expected_score({"7": ln(0.5), "8": ln(0.5)})
+    assert half.score == pytest.approx(7.5) and half.reason is None
+    assert half.mass == pytest.approx(1.0) and half.distribution == {
+        7: pytest.approx(0.5),
+        8: pytest.approx(0.5),
+    }
+    # other tokens are not ratings (dropped before renormalising); " 6" and "6" are the same rating; "0" and
+    # "11" are out of range
+    mixed = mt_bench.expected_score(
+        {"R": ln(0.3), "6": ln(0.1), " 6": ln(0.1), "9": ln(0.2), "0": ln(0.1), "11": ln(0.1)}
+    )
+    assert mixed.mass == pytest.approx(0.4)  # 6, 6, 9
+    assert mixed.score == pytest.approx((6 * 0.2 + 9 * 0.2) / 0.4)
+
+
+def test_expected_score_splits_one_into_one_and_ten():
+    ln = math.log
+    # P(1)=.4, P(9)=.2; after "1": P("0")=.25, P("]]")=.75 -> 10 gets .1, 1 keeps .3; over .6 in all
+    scored = mt_bench.expected_score(
+        {"1": ln(0.4), "9": ln(0.2), "R": ln(0.4)}, {"0": ln(0.25), "]]": ln(0.75)}
+    )
+    assert scored.distribution == {1: pytest.approx(0.5), 9: pytest.approx(1 / 3), 10: pytest.approx(1 / 6)}
+    assert scored.score == pytest.approx(0.5 + 3 + 10 / 6)
+    assert scored.mass == pytest.approx(0.6)
+    # only "1" written: "0" -> 10 (.2), "]" and "]]" -> 1 (.6), "2" -> 12, not a rating (dropped)
+    ten_or_one = mt_bench.expected_score(
+        {"1": 0.0}, {"0": ln(0.2), "]": ln(0.3), "]]": ln(0.3), "2": ln(0.2)}
+    )
+    assert ten_or_one.distribution == {1: pytest.approx(0.75), 10: pytest.approx(0.25)}
+    assert ten_or_one.score == pytest.approx(3.25)
+    # without the second distribution "1" is 1
+    assert mt_bench.expected_score({"1": ln(0.5), "3": ln(0.5)}).score == pytest.approx(2.0)
+
+
+def test_expected_score_with_too_little_rating_mass_is_a_failure():
+    ln_ = math.log
+    low = mt_bench.expected_score({"R": ln_(0.9995), "5": ln_(4e-4)})
+    assert (low.score, low.reason) == (None, mt_bench.LOW_RATING_MASS)
+    assert low.mass == pytest.approx(4e-4)
+    assert mt_bench.expected_score({"5": ln_(2e-3)}).score == pytest.approx(5.0)  # above the threshold
+    assert mt_bench.expected_score({}).reason == mt_bench.LOW_RATING_MASS
+    assert mt_bench.expected_score({"R": 0.0}).reason == mt_bench.LOW_RATING_MASS
+
+
+def test_likeliest_verdict():
+    ln = math.log
+    read = mt_bench.likeliest_verdict({"A": ln(0.2), "B": ln(0.3), "C": ln(0.1), "I": ln(0.4)})
+    assert read.verdict == "B" and read.reason is None and read.mass == pytest.approx(0.6)
+    assert read.probabilities == {
+        "A": pytest.approx(1 / 3),
+        "B": pytest.approx(0.5),
+        "tie": pytest.approx(1 / 6),
+    }
+    assert mt_bench.likeliest_verdict({"C": ln(0.5), "A": ln(0.2)}).verdict == "tie"
+    assert mt_bench.likeliest_verdict({" A": 0.0, "A": ln(0.01)}).verdict == "A"  # "[[ A]]" is not the format
+    low = mt_bench.likeliest_verdict({"I": 0.0, "A": ln(5e-4)})
+    assert (low.verdict, low.reason, low.probabilities) == (None, mt_bench.LOW_VERDICT_MASS, {})
+
+
+def test_forced_prefixes_follow_the_prompts_answer_format(mt_files):
+    prompts = mt_files["prompts"]
+    for name in mt_bench.SINGLE_PROMPTS.values():
+        prompt = prompts[name]
+        assert prompt.output_format == "[[rating]]"
+        assert 'example: "Rating: [[5]]"' in prompt.system_prompt + prompt.prompt_template
+    for name in mt_bench.PAIR_PROMPTS.values():
+        assert prompts[name].output_format == "[[A]]"
+        assert '"[[A]]"' in prompts[name].system_prompt and '"[[C]]" for a tie' in prompts[name].system_prompt
+    # the forced starts continue into answers the text mode reads
+    assert mt_bench.parse_score(mt_bench.RATING_PREFIX + "7]]") == (7.0, None)
+    assert mt_bench.parse_score(mt_bench.RATING_PREFIXES[1] + "0]]") == (10.0, None)
+    assert mt_bench.parse_verdict(mt_bench.VERDICT_PREFIX + "C]]") == ("tie", None)
 
 
 def test_aggregate_counts_failures():

@@ -6,20 +6,22 @@ as model and judge through the CLI.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from zephyr import assets
-from zephyr.errors import DataError
+from zephyr.errors import ConfigError, DataError
 from zephyr.evaluation import mt_bench
 from zephyr.evaluation.mt_bench_runner import (
     ANSWER_FAILED,
     BASELINE_FAILED,
     Answer,
+    judge_id,
     read_answer_file,
     run_mt_bench,
 )
-from zephyr.generation import Completion, Usage
+from zephyr.generation import Completion, SamplingParams, Usage
 
 QUESTION_IDS = [81, 82, 83, 84, 111, 141]
 # What the judge answers per (question, turn): 83/1 and 111/2 hold no score; 82/2 only the backup `[x]`.
@@ -492,3 +494,211 @@ def test_pairwise_through_the_cli_with_the_tiny_model(tmp_path, setup, tiny_mode
     assert [line["model_2"] for line in lines] == ["gpt-3.5-turbo"] * 4
     assert all(len(line["games"]) == 2 and line["games"][1]["a"] == "model_2" for line in lines)
     assert "base-81-t2" in lines[1]["games"][0]["messages"][1]["content"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logprobs judge mode: the judge's next-token probabilities after a forced answer start
+
+LN = math.log
+# Top log-probs per (question, turn): after "Rating: [[" and after "Rating: [[1". Unlisted keys get RATED_6.
+RATED_6 = ({"6": 0.0}, {"]]": 0.0})
+LOGPROB_TOPS = {
+    (81, 1): ({"7": LN(0.5), "8": LN(0.5)}, {"]]": 0.0}),  # 7.5
+    (81, 2): ({"1": LN(0.4), "9": LN(0.2), "R": LN(0.4)}, {"0": LN(0.25), "]]": LN(0.75)}),  # 31/6
+    (82, 1): ({"R": LN(0.9995), "5": LN(4e-4)}, {"]]": 0.0}),  # the rating tokens hold 4e-4: a failure
+}
+# Per (question, turn): the top log-probs after "[[" in game 1 (model shown as A) and game 2 (baseline as A).
+PAIR_TOPS = {
+    (81, 1): ({"A": LN(0.6), "B": LN(0.3), "C": LN(0.1)}, {"A": LN(0.2), "B": LN(0.7)}),  # model both: win
+    (81, 2): ({"A": LN(0.1), "B": LN(0.5)}, {"A": LN(0.5), "C": LN(0.4)}),  # baseline both: loss
+    (82, 1): ({"A": LN(0.5), "B": LN(0.4)}, {"A": LN(0.5), "B": LN(0.4)}),  # A both: inconsistent tie
+    (82, 2): ({"C": LN(0.5), "A": LN(0.2)}, {"I": 0.0, "A": LN(1e-4)}),  # game 2 not in the format: failed
+}
+
+
+class FakeLogprobJudge:
+    """A local judge's scorer: fixed top log-probs per (question, turn, prefix); `generate` must not run."""
+
+    model_id = "fake-logprob-judge"
+
+    def __init__(self, tops, keys):
+        self.tops = tops
+        self.keys = keys  # (question, turn) keys, latest turn last: the prompt names the latest answer
+        self.calls = []
+        self.usage = Usage()
+
+    def generate(self, conversations, params):
+        raise AssertionError("a logprobs judge writes no answer")
+
+    def next_token_logprobs(self, conversations, top_k=20, *, candidates=(), answer_prefix=""):
+        return [{c: -30.0 for c in candidates} for _ in conversations]  # the client's candidate probe
+
+    def prefix_logprobs(self, conversations, prefixes, top_k=20, *, candidates=()):
+        self.calls.append((list(conversations), tuple(prefixes), top_k, tuple(candidates)))
+        return [[self.top(c, p) for p in prefixes] for c in conversations]
+
+    def top(self, messages, prefix):
+        text = messages[-1]["content"]
+        qid, turn = next(k for k in reversed(self.keys) if f"answer-{k[0]}-t{k[1]}" in text)
+        if prefix == mt_bench.VERDICT_PREFIX:
+            model_first = text.index(f"answer-{qid}-t1") < text.index(f"base-{qid}-t1")
+            return dict(self.tops.get((qid, turn), ({"C": 0.0}, {"C": 0.0}))[0 if model_first else 1])
+        return dict(self.tops.get((qid, turn), RATED_6)[mt_bench.RATING_PREFIXES.index(prefix)])
+
+
+def test_logprobs_mode_scores_the_expected_rating_of_the_official_prompt(tmp_path, setup):
+    path, questions, prompts, references = setup
+    judge = FakeLogprobJudge(LOGPROB_TOPS, list(JUDGE_ANSWERS))
+    out = tmp_path / "out"
+    results = run_mt_bench(
+        "fake-model", "fake-judge", out, questions=path, judge_mode="logprobs",
+        model_generator=FakeModel(questions), judge_generator=judge,
+    )  # fmt: skip
+
+    # one scoring call per judge prompt, both prefixes at once, the rating digits always scored
+    assert len(judge.calls) == 12
+    for conversations, prefixes, top_k, candidates in judge.calls:
+        assert prefixes == ("Rating: [[", "Rating: [[1") and top_k == 20
+        assert candidates == tuple("0123456789") and len(conversations) == 1
+    lines = read_jsonl(out / "judgments.jsonl")
+    assert [(x["question_id"], x["turn"]) for x in lines] == list(JUDGE_ANSWERS)
+    for line, (conversations, _, _, _) in zip(lines, judge.calls, strict=True):
+        q = next(q for q in questions if q.question_id == line["question_id"])
+        qid = q.question_id
+        messages, name = mt_bench.judge_messages(
+            q, [f"answer-{qid}-t1", f"answer-{qid}-t2"], line["turn"], prompts, references.get(qid)
+        )
+        # the prompt of text mode, byte for byte, sent and recorded
+        assert conversations[0] == messages and line["messages"] == messages and line["judge_prompt"] == name
+        assert line["judge_mode"] == "logprobs" and line["raw"] is None
+        assert line["answer_prefixes"] == ["Rating: [[", "Rating: [[1"]
+        assert line["top_logprobs"] == [
+            pytest.approx(t) for t in LOGPROB_TOPS.get((qid, line["turn"]), RATED_6)
+        ]
+        assert line["score"] == line["ratings"][0]["value"]
+    # the turn-1 prompt filled from the asset's template by hand (single-v1)
+    q81 = questions[0]
+    assert judge.calls[0][0][0] == [
+        {"role": "system", "content": prompts["single-v1"].system_prompt},
+        {
+            "role": "user",
+            "content": prompts["single-v1"].prompt_template.format(
+                question=q81.turns[0], answer="answer-81-t1"
+            ),
+        },
+    ]
+
+    by_key = {(x["question_id"], x["turn"]): x for x in lines}
+    assert by_key[(81, 1)]["score"] == pytest.approx(7.5)
+    evidence = by_key[(81, 2)]["ratings"][0]["evidence"]
+    assert by_key[(81, 2)]["score"] == pytest.approx(31 / 6)  # 1: .5, 9: 1/3, 10: 1/6
+    assert evidence["rating_mass"] == pytest.approx(0.6)
+    assert evidence["distribution"] == {
+        "1": pytest.approx(0.5),
+        "9": pytest.approx(1 / 3),
+        "10": pytest.approx(1 / 6),
+    }
+    failed = by_key[(82, 1)]
+    assert (failed["score"], failed["reason"]) == (None, mt_bench.LOW_RATING_MASS)
+    assert failed["ratings"][0]["evidence"]["rating_mass"] == pytest.approx(4e-4)
+
+    # results by hand: turn 1 7.5, (82/1 failed), 6 x 4; turn 2 31/6, 6 x 5
+    assert results["judge_mode"] == "logprobs"
+    assert (results["n"], results["n_scored"], results["n_failed"]) == (12, 11, 1)
+    assert results["score"] == pytest.approx((7.5 + 31 / 6 + 9 * 6) / 11)
+    assert results["turns"]["1"]["score"] == pytest.approx((7.5 + 24) / 5)
+    assert results["turns"]["2"]["score"] == pytest.approx((31 / 6 + 30) / 6)
+    assert results["failures"] == [{"question_id": 82, "turn": 1, "reason": mt_bench.LOW_RATING_MASS}]
+    assert json.loads((out / "results.json").read_text()) == results
+    assert "expected rating" in (out / "results.md").read_text()
+    # a judge id of its own: logprobs scores are never mixed with text scores unnoticed
+    params = SamplingParams(max_tokens=2048, temperature=0.0)
+    assert lines[0]["judge"] == judge_id(judge, params, mode="mt-bench-single-logprobs")
+    assert lines[0]["judge"] != judge_id(judge, params)
+
+
+def test_logprobs_mode_needs_a_judge_that_scores_forced_answers(tmp_path, setup):
+    path, questions, _, _ = setup
+    model = FakeModel(questions)
+    with pytest.raises(ConfigError, match=r"judge_mode logprobs.*'text-judge'"):
+        run_mt_bench("m", "text-judge", tmp_path / "o", questions=path, judge_mode="logprobs",
+                     model_generator=model, judge_generator=FakeJudge())  # fmt: skip
+    assert model.calls == []  # refused before any answer is generated
+    with pytest.raises(ConfigError, match="judge_mode: 'probs'"):
+        run_mt_bench("m", "j", tmp_path / "o", questions=path, judge_mode="probs", model_generator=model)
+
+
+def test_pairwise_logprobs_mode_takes_the_likeliest_verdict_per_order(tmp_path, setup):
+    path, questions, _, _ = setup
+    baseline = write_baseline(tmp_path / "answers.jsonl", questions)
+    judge = FakeLogprobJudge(PAIR_TOPS, list(PAIR_VERDICTS))
+    out = tmp_path / "out"
+    results = run_mt_bench(
+        "fake-model", "fake-judge", out, questions=path, limit=2, baseline=str(baseline),
+        judge_mode="logprobs", model_generator=FakeModel(questions), judge_generator=judge,
+    )  # fmt: skip
+    assert len(judge.calls) == 8
+    assert {(c[1], c[3]) for c in judge.calls} == {(("[[",), ("A", "B", "C"))}
+    lines = read_jsonl(out / "pairwise.jsonl")
+    by_key = {(x["question_id"], x["turn"]): x for x in lines}
+    assert [g["verdict"] for g in by_key[(81, 1)]["games"]] == ["A", "B"]
+    assert by_key[(81, 1)]["outcome"] == "model_1"
+    assert [g["verdict"] for g in by_key[(81, 2)]["games"]] == ["B", "A"]
+    assert by_key[(81, 2)]["outcome"] == "model_2"
+    assert by_key[(82, 1)]["outcome"] == "tie"
+    game = by_key[(81, 1)]["games"][0]
+    assert game["answer_prefixes"] == ["[["] and game["top_logprobs"] == [
+        pytest.approx(PAIR_TOPS[(81, 1)][0])
+    ]
+    assert game["evidence"]["probabilities"] == {
+        "A": pytest.approx(0.6), "B": pytest.approx(0.3), "tie": pytest.approx(0.1),
+    }  # fmt: skip
+    failed = by_key[(82, 2)]
+    assert [g["verdict"] for g in failed["games"]] == ["tie", None] and failed["outcome"] is None
+    assert failed["reason"] == f"g2: {mt_bench.LOW_VERDICT_MASS}" and failed["judge_mode"] == "logprobs"
+    assert {k: results[k] for k in ("win", "loss", "tie", "n_failed", "n_inconsistent")} == {
+        "win": 1, "loss": 1, "tie": 1, "n_failed": 1, "n_inconsistent": 1,
+    }  # fmt: skip
+    assert results["judge_mode"] == "logprobs" and "likeliest" in (out / "results.md").read_text()
+
+
+def test_pairwise_logprobs_with_a_random_tiny_judge_fails_every_game_clearly(tmp_path, setup, tiny_model_dir):
+    """A random model spreads its probability over the whole vocabulary: A, B and C hold far below 1e-3, so
+    every game is a counted failure, not a made-up verdict (the real backend's prefix_logprobs path)."""
+    from zephyr.cli import main
+
+    _, questions, _, _ = setup
+    baseline = write_baseline(tmp_path / "gpt-3.5-turbo.jsonl", questions, fastchat=True)
+    out, spec = tmp_path / "mt", str(tiny_model_dir)
+    code = main(
+        ["eval", "mt-bench", "--model", spec, "--judge", spec, "--out", str(out), "--limit", "1",
+         "--max-new-tokens", "4", "--baseline", str(baseline), "--judge-mode", "logprobs"]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["n"], results["n_failed"]) == (2, 2)
+    for line in read_jsonl(out / "pairwise.jsonl"):
+        for game in line["games"]:
+            assert game["reason"] == mt_bench.LOW_VERDICT_MASS and game["evidence"]["verdict_mass"] < 1e-3
+            assert set(game["top_logprobs"][0]) >= {"A", "B", "C"}  # the candidates are always scored
+
+
+@pytest.mark.slow
+def test_smollm2_logprobs_judge_scores_every_turn_through_the_cli(tmp_path):
+    from zephyr.cli import main
+
+    out = tmp_path / "mt"
+    spec = "asset:smollm2-135m-instruct"
+    code = main(
+        ["eval", "mt-bench", "--model", spec, "--judge", spec, "--out", str(out), "--limit", "1",
+         "--max-new-tokens", "16", "--judge-mode", "logprobs"]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["n"], results["n_scored"], results["n_failed"]) == (2, 2, 0)
+    for turn in ("1", "2"):
+        assert 1.0 <= results["turns"][turn]["score"] <= 10.0
+    for line in read_jsonl(out / "judgments.jsonl"):
+        assert line["judge_mode"] == "logprobs" and 1.0 <= line["score"] <= 10.0
+        assert line["answer_prefixes"] == ["Rating: [[", "Rating: [[1"] and len(line["top_logprobs"]) == 2
+        assert line["ratings"][0]["evidence"]["rating_mass"] >= 1e-3

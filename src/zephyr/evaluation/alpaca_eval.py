@@ -12,6 +12,10 @@ shown and mapped back (3 - x when switched). The template's `{instruction}`, `{o
 filled as alpaca_eval's `make_prompts` does (see `fill_template` for the one difference) and the prompt is
 split into chat messages at `<|im_start|>` markers (alpaca_eval's `prompt_to_chatml`). Identical outputs are a draw (1.5) without a judge call.
 
+Logprobs mode (local judges, the `ranking` annotator): the judge's answer is forced to `ranking_prefix` (up
+to the number of the first model it ranks) and the preference is 1 + P(the output shown second is ranked
+first), unswitched as above (`preference_from_logprobs`): alpaca_eval's weighted-annotator rule.
+
 Metrics (alpaca_eval `metrics/helpers.py`, `winrate.py`, `glm_winrate.py`):
 - `win_rate`: 100 × mean(preference − 1) over the preferences in [1, 2]; `standard_error`: 100 × the
   sample standard error of the same values (ddof 1); `discrete_win_rate`: the same mean after rounding each
@@ -214,6 +218,56 @@ def parse_preference(
     if rank is None:
         return None, NO_RANKING
     return float(3 - rank if switched else rank), None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logprobs mode: the preference from the judge's next-token probabilities (local judges)
+
+MIN_MASS = 1e-3  # below this the judge is not writing the ranking there: a failure, not a preference
+LOW_MASS = (
+    "the model digits 1 and 2 hold under 1e-3 of the judge's probability after the forced ranking start"
+)
+
+
+def ranking_prefix(annotator: Annotator) -> str:
+    """The judge's answer forced up to the number of the first model it ranks, in the layout the
+    `ranking` prompt shows (`[\\n    {'model': <model-name>, 'rank': <model-rank>},`): `[\\n    {'model':
+    'model_`. The next token, "1" or "2", names the output the judge ranks first."""
+    name = annotator.model_1_name
+    if annotator.parser != "ranking" or not name.endswith("1"):
+        raise ConfigError(
+            f"annotator {annotator.name!r}: judge_mode logprobs needs a plain-text ranking annotator with "
+            f"models named like model_1 / model_2 (alpaca_eval_gpt4)"
+        )
+    return "[\n    {'model': '" + name[:-1]
+
+
+@dataclass(frozen=True)
+class LogprobPreference:
+    """A preference read from next-token log-probabilities after `ranking_prefix`: `preference` in [1, 2]
+    in the unswitched frame (None with the `reason` when "1" and "2" carry too little probability), `mass`
+    their probability before renormalising, `first` the renormalised probability that the judge ranks the
+    output shown first ("1") or second ("2") at the top."""
+
+    preference: float | None
+    reason: str | None
+    mass: float
+    first: dict[str, float]
+
+
+def preference_from_logprobs(
+    top_logprobs: Mapping[str, float], switched: bool, min_mass: float = MIN_MASS
+) -> LogprobPreference:
+    """The expected preference: 1 + P(the output shown second is ranked first), P renormalised over the
+    tokens "1" and "2", mapped back to the unswitched frame (3 − x when switched) as `parse_preference`
+    does. Fractional, as alpaca_eval's weighted annotators; its metrics take any value in [1, 2]."""
+    p = {digit: math.exp(top_logprobs[digit]) if digit in top_logprobs else 0.0 for digit in ("1", "2")}
+    mass = math.fsum(p.values())
+    if mass < min_mass:
+        return LogprobPreference(None, LOW_MASS, mass, {})
+    first = {digit: value / mass for digit, value in p.items()}
+    shown = 1.0 + first["2"]
+    return LogprobPreference(3.0 - shown if switched else shown, None, mass, first)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,10 +6,17 @@ instruction, unparsed ones included), `judge_audit.jsonl` (every judge call, `Ju
 
 The model answers greedily with its own chat template, all instructions in one batched call. The prompts,
 the order switch, the answer parsing and the metrics are `zephyr.evaluation.alpaca_eval`'s.
+
+`judge_mode="logprobs"` (a local judge: a generator with `next_token_logprobs`) reads the judge's
+probabilities instead of its written ranking, for small judges that rarely write a valid Python list: the
+prompt is the same, the answer is forced to `ae.ranking_prefix` (up to the number of the first model
+ranked) and the preference is fractional, 1 + P(the second output is ranked first) mapped back through the
+order switch (`ae.preference_from_logprobs`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -23,6 +30,7 @@ from zephyr.generation.base import Generator, SamplingParams
 
 DEFAULT_INSTRUCTIONS = "hf:tatsu-lab/alpaca_eval:eval"
 DEFAULT_ANNOTATOR = "alpaca_eval_gpt4"  # plain-text answers: any generator can be the judge
+JUDGE_MODES = ("text", "logprobs")
 HUB_CONFIG = {"tatsu-lab/alpaca_eval": "alpaca_eval"}  # the hub dataset's config holding the 805 items
 
 
@@ -108,6 +116,30 @@ def _preference_parser(annotator: ae.Annotator, switched: bool) -> Callable:
     return parse
 
 
+def _logprob_parser(switched: bool) -> Callable:
+    from zephyr.feedback.judge import JUDGE_CALL_FAILED, Rating
+
+    def parse(answer) -> list:
+        tops = answer.next_tokens or []
+        if len(tops) != 1:
+            return [Rating(None, JUDGE_CALL_FAILED)]
+        read = ae.preference_from_logprobs(tops[0], switched)
+        evidence = {"mass": read.mass, "ranked_first": read.first}
+        return [Rating(read.preference, read.reason, evidence)]
+
+    return parse
+
+
+def check_logprobs_judge(generator: Generator, spec: str) -> None:
+    """The logprobs judge mode reads next-token probabilities after a forced answer start, which only the
+    local (transformers) backend gives."""
+    if not hasattr(generator, "next_token_logprobs"):
+        raise ConfigError(
+            f"judge_mode logprobs: the judge {spec!r} cannot score a forced answer start (only local "
+            "transformers judges can); use judge_mode text with this judge"
+        )
+
+
 def check_annotator(annotator: ae.Annotator) -> None:
     """The judge backends return text only: a function-calling annotator cannot be answered."""
     if annotator.parser == "json_ranking":
@@ -123,9 +155,18 @@ def judge_items(
     outputs: Sequence[str],
     client,
     seed: int = ae.DEFAULT_SEED,
+    mode: str = "text",
 ) -> list[dict[str, Any]]:
-    """One annotation record per item, in order: identical outputs are a draw without a judge call."""
+    """One annotation record per item, in order: identical outputs are a draw without a judge call.
+
+    `mode` "logprobs": the judge's answer is forced to `ae.ranking_prefix(annotator)` and the preference read
+    from the next-token log-probs; the record keeps `answer_prefix`, `top_logprobs` and the `evidence`
+    (probability mass of "1" and "2", and their renormalised shares) in place of the judge's answer.
+    """
     from zephyr.feedback.judge import JudgeRequest
+
+    prefixes = (ae.ranking_prefix(annotator),) if mode == "logprobs" else ()
+    parser = _logprob_parser if prefixes else functools.partial(_preference_parser, annotator)
 
     pairs = [
         (ae.make_request(annotator, i.instruction, i.reference_output, o, seed), i)
@@ -135,9 +176,10 @@ def judge_items(
         JudgeRequest(
             key=str(item.index),
             messages=request.messages,
-            parse=_preference_parser(annotator, request.switched),
+            parse=parser(request.switched),
             slots=({"model_position": request.model_position},),
-            meta={"index": item.index, "switched": request.switched},
+            meta={"index": item.index, "switched": request.switched, "judge_mode": mode},
+            prefixes=prefixes,
         )
         for request, item in pairs
         if not request.identical
@@ -146,6 +188,7 @@ def judge_items(
     records = []
     for request, item in pairs:
         record = {"index": item.index, "instruction": item.instruction, "switched": request.switched}
+        record["judge_mode"] = mode
         if request.identical:
             record |= {"preference": 1.5, "judge_answer": None, "reason": "identical outputs: a draw"}
         else:
@@ -157,6 +200,10 @@ def judge_items(
                 "judge_answer": answer.text if answer.ok else None,
                 "reason": rating.reason,
             }
+            if prefixes:
+                top = answer.next_tokens[0] if answer.next_tokens else None
+                record |= {"answer_prefix": prefixes[0], "top_logprobs": top}
+                record |= {"evidence": dict(rating.evidence)} if rating.evidence else {}
             if not answer.ok:
                 record["judge_error"] = answer.error
         records.append(record)
@@ -180,11 +227,13 @@ def run_alpaca_eval(
     annotators_dir: str | os.PathLike | None = None,
     model_generator: Generator | None = None,
     judge_generator: Generator | None = None,
+    judge_mode: str = "text",
 ) -> dict[str, Any]:
     """Evaluate `model` against the reference outputs with `judge`; write `out/` and return results.json.
 
     `annotators_dir` defaults to the `alpaca-eval-templates` asset; the generators, when given, replace
-    `make_generator(model)` / `make_generator(judge)`.
+    `make_generator(model)` / `make_generator(judge)`. `judge_mode`: "text" (the judge writes its ranking,
+    alpaca_eval's protocol) or "logprobs" (module docstring).
     """
     from zephyr.feedback.judge import JudgeClient
     from zephyr.generation import make_generator
@@ -192,16 +241,23 @@ def run_alpaca_eval(
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
+    if judge_mode not in JUDGE_MODES:
+        raise ConfigError(f"judge_mode: {judge_mode!r} is not one of {', '.join(JUDGE_MODES)}")
     if annotators_dir is None:
         from zephyr import assets
 
         annotators_dir = assets.fetch("alpaca-eval-templates")
     spec = ae.load_annotator(annotators_dir, annotator)
     check_annotator(spec)
+    if judge_mode == "logprobs":
+        ae.ranking_prefix(spec)  # an annotator it cannot read fails now
     items = read_instructions(instructions)[:limit]
     out = Path(out)
     check_output_dir(out)  # before any model loads: an unwritable or full folder fails now
 
+    if judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
+        judge_generator = judge_generator or make_generator(judge)
+        check_logprobs_judge(judge_generator, judge)
     generator = model_generator or make_generator(model)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     completions = generator.generate([[{"role": "user", "content": i.instruction}] for i in items], params)
@@ -222,10 +278,11 @@ def run_alpaca_eval(
     client = JudgeClient(
         judge_generator or make_generator(judge),
         judge_params,
-        judge_id=f"{judge}|{spec.name}",
+        judge_id=f"{judge}|{spec.name}" + ("|logprobs" if judge_mode == "logprobs" else ""),
         audit_path=audit,
+        candidates=("1", "2") if judge_mode == "logprobs" else (),
     )
-    records = judge_items(spec, items, outputs, client, seed)
+    records = judge_items(spec, items, outputs, client, seed, mode=judge_mode)
     write_jsonl(out / "annotations.jsonl", records)
 
     annotations = [
@@ -236,6 +293,7 @@ def run_alpaca_eval(
         "model": model,
         "judge": judge,
         "annotator": spec.name,
+        "judge_mode": judge_mode,
         "instructions": str(instructions),
         "n_items": len(items),
         **ae.summarize(annotations),

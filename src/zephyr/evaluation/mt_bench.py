@@ -26,6 +26,11 @@ above with `pair-` names) is here too: `pairwise_messages`, `parse_verdict`, `co
 baseline as A; a win counts only when the judge picks the same answer in both orders, every other pair of
 parsed verdicts is a tie (FastChat's position swap). The win rate is FastChat's `win_rate_adjusted`,
 (win + tie / 2) / games.
+
+Logprobs mode (zephyr's, for small local judges that seldom write the format): the judge's answer is forced
+to `Rating: [[` and the score is the expected rating under its next-token distribution over 1..10
+(`expected_score`, with `Rating: [[1` telling 10 from 1); pairwise, forced to `[[`, the verdict is the
+likeliest of A, B, C (`likeliest_verdict`). Too little probability on those tokens is a counted failure.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from zephyr.errors import DataError
+from zephyr.feedback import parsing
 from zephyr.io import iter_rows
 
 # FastChat llm_judge/common.py `temperature_config`: sampling temperature of the answering model per category.
@@ -307,6 +313,85 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
             # match of the pattern and also reads "08", on which literal_eval raises.
             return float(match.group(1)), None
     return None, NO_SCORE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logprobs mode: the score from the judge's next-token probabilities (local judges)
+
+# Every single-grading prompt asks for "Rating: [[5]]"; the judge's answer is forced up to the rating.
+RATING_PREFIX = "Rating: [["
+# The second prefix tells 10 from 1 for tokenizers that write 10 as "1" then "0" (SmolLM2, Mistral, Llama 2).
+RATING_PREFIXES = (RATING_PREFIX, RATING_PREFIX + "1")
+RATING_CANDIDATES = tuple(str(d) for d in range(10))  # always scored when single tokens ("0" continues "1")
+# Every pairwise prompt asks for "[[A]]", "[[B]]" or "[[C]]"; the answer is forced to "[[" (no explanation).
+VERDICT_PREFIX = "[["
+VERDICT_TOKENS = {"A": "A", "B": "B", "C": "tie"}
+MIN_MASS = 1e-3  # below this the judge is not answering in the format: a failure, not a score
+LOW_RATING_MASS = "the rating tokens 1-10 hold under 1e-3 of the judge's probability after 'Rating: [['"
+LOW_VERDICT_MASS = "the tokens A, B and C hold under 1e-3 of the judge's probability after '[['"
+
+
+@dataclass(frozen=True)
+class LogprobScore:
+    """A score read from next-token log-probabilities: `score` (None with the `reason` when the rating
+    tokens carry too little probability), `mass` their probability before renormalising, `distribution`
+    the renormalised probability of each rating 1..10."""
+
+    score: float | None
+    reason: str | None
+    mass: float
+    distribution: dict[int, float]
+
+
+def expected_score(
+    top_logprobs: Mapping[str, float],
+    after_one: Mapping[str, float] | None = None,
+    min_mass: float = MIN_MASS,
+) -> LogprobScore:
+    """The expected rating 1..10 under the judge's next-token distribution after `RATING_PREFIX`.
+
+    The distribution is restricted to the rating tokens and renormalised (`parsing.rating_distribution`).
+    `after_one`, the distribution after `RATING_PREFIX + "1"`, splits the probability of "1" between 1 and
+    10: 10 gets the share of "0", other digits (11-19) are dropped, the rest ("]]", "]", ...) stays with 1.
+    When the rating tokens hold less than `min_mass` in all, the judge is not writing a rating there: no
+    score, `LOW_RATING_MASS`.
+    """
+    mass = math.fsum(
+        math.exp(logprob)
+        for token, logprob in top_logprobs.items()
+        if parsing.rating_distribution({token: logprob}, 10)  # the token spells a rating 1..10
+    )
+    distribution = parsing.rating_distribution(top_logprobs, 10, after_one=after_one)
+    if mass < min_mass or not distribution:
+        return LogprobScore(None, LOW_RATING_MASS, mass, distribution)
+    return LogprobScore(math.fsum(v * p for v, p in distribution.items()), None, mass, distribution)
+
+
+@dataclass(frozen=True)
+class LogprobVerdict:
+    """A pairwise verdict read from next-token log-probabilities after `VERDICT_PREFIX`: the likeliest of
+    "A", "B", "tie" (None with the `reason` when they carry too little probability), `mass` their
+    probability before renormalising, `probabilities` renormalised over the three."""
+
+    verdict: str | None
+    reason: str | None
+    mass: float
+    probabilities: dict[str, float]
+
+
+def likeliest_verdict(top_logprobs: Mapping[str, float], min_mass: float = MIN_MASS) -> LogprobVerdict:
+    """The verdict the judge most likely writes after "[[": the argmax of P("A"), P("B"), P("C") (ties go
+    to the first of A, B, C). Each game of a pair is decided this way, then combined as in text mode
+    (`combine_verdicts`)."""
+    p = {
+        verdict: math.exp(top_logprobs[token]) if token in top_logprobs else 0.0
+        for token, verdict in VERDICT_TOKENS.items()
+    }
+    mass = math.fsum(p.values())
+    if mass < min_mass:
+        return LogprobVerdict(None, LOW_VERDICT_MASS, mass, {})
+    probabilities = {verdict: value / mass for verdict, value in p.items()}
+    return LogprobVerdict(max(probabilities, key=probabilities.__getitem__), None, mass, probabilities)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,6 +20,14 @@ A and then the baseline as A, in one batched judge call. `pairwise.jsonl` holds 
 calls' exact messages, raw answers and verdicts), `results.json` the wins, losses and ties of the model
 with FastChat's win rates overall, per turn and per category (`mt_bench.aggregate_pairwise`).
 
+`judge_mode="logprobs"` (a local judge: a generator with `next_token_logprobs`) reads the judge's
+probabilities instead of its written answer, for small judges that rarely write the `[[rating]]` format.
+The judge prompt is the same; the answer is forced to `Rating: [[` (and `Rating: [[1`, which tells 10 from
+1) and the score is the expected rating over the tokens 1..10 (`mt_bench.expected_score`); pairwise, each
+game's answer is forced to `[[` and the verdict is the likeliest of A, B and C (`mt_bench.likeliest_verdict`),
+the two games combined as in text mode. The records keep the forced prefixes and the top log-probs in place
+of the raw answer.
+
 A turn whose answer could not be generated is not sent to the judge: its judgment line has no messages, a
 null score (pairwise: outcome) and the reason, and it counts as a failure. An existing `answers.jsonl` (and
 `baseline_answers.jsonl`) that covers every question with every turn is reused (the judge is run again), so
@@ -36,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zephyr.errors import DataError
+from zephyr.errors import ConfigError, DataError
 from zephyr.evaluation import mt_bench
 from zephyr.evaluation.mt_bench import Judgment, PairJudgment, Question
 from zephyr.generation import Completion, Generator, SamplingParams, make_generator
@@ -47,6 +55,7 @@ GREEDY_BELOW = 1e-4
 # Sampled categories get a fixed seed so that a run can be repeated.
 ANSWER_SEED = 0
 ANSWER_FAILED = "the model's answer could not be generated"
+JUDGE_MODES = ("text", "logprobs")
 
 
 @dataclass
@@ -76,6 +85,7 @@ def run_mt_bench(
     judge_max_tokens: int = 2048,
     baseline: str | None = None,
     *,
+    judge_mode: str = "text",
     model_generator: Generator | None = None,
     judge_generator: Generator | None = None,
     baseline_generator: Generator | None = None,
@@ -85,8 +95,11 @@ def run_mt_bench(
     `model`, `judge` and a `baseline` that is not a file are model specs (`make_generator`);
     `model_generator` / `judge_generator` / `baseline_generator`, when given, are used instead of loading
     them. One spec named twice loads one model. `baseline` switches to pairwise mode: a model spec, or an
-    answers.jsonl of an earlier run (or FastChat's `model_answer/NAME.jsonl`).
+    answers.jsonl of an earlier run (or FastChat's `model_answer/NAME.jsonl`). `judge_mode`: "text" (the
+    judge writes its answer, FastChat's protocol) or "logprobs" (module docstring).
     """
+    if judge_mode not in JUDGE_MODES:
+        raise ConfigError(f"judge_mode: {judge_mode!r} is not one of {', '.join(JUDGE_MODES)}")
     folder = _asset_folder()
     question_list = mt_bench.load_questions(questions or folder / "question.jsonl")
     if limit is not None:
@@ -104,6 +117,8 @@ def run_mt_bench(
         (baseline, baseline_generator),
     ):
         loaded.given(spec, generator)
+    if judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
+        check_logprobs_judge(loaded.get(judge, judge_generator), judge)
 
     answers = _answers(out / "answers.jsonl", question_list, model, max_new_tokens, loaded, model_generator)
     judge_params = SamplingParams(max_tokens=judge_max_tokens, temperature=0.0)  # FastChat: judge at 0
@@ -115,10 +130,11 @@ def run_mt_bench(
             answers,
             judge_prompts,
             references,
+            mode=judge_mode,
         )
         _write_jsonl(out / "judgments.jsonl", records)
         scores = mt_bench.aggregate([Judgment.from_record(r) for r in records], question_list)
-        results = {"mode": "single", "model": model, "judge": judge, **scores}
+        results = {"mode": "single", "model": model, "judge": judge, "judge_mode": judge_mode, **scores}
     else:
         base_path = out / "baseline_answers.jsonl"
         base = _baseline_answers(
@@ -126,12 +142,12 @@ def run_mt_bench(
         )
         records = judge_pairs(
             loaded.get(judge, judge_generator), judge_params, question_list, answers, base, judge_prompts,
-            references,
+            references, mode=judge_mode,
         )  # fmt: skip
         _write_jsonl(out / "pairwise.jsonl", records)
         scores = mt_bench.aggregate_pairwise([pair_judgment(r) for r in records], question_list)
         results = {"mode": "pairwise", "model": model, "baseline": baseline, "baseline_model": base[0].model}
-        results |= {"judge": judge, **scores}
+        results |= {"judge": judge, "judge_mode": judge_mode, **scores}
     write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_text(out / "results.md", results_markdown(results))
     if baseline is None:  # the radar shows 0-10 scores; pairwise results have win rates
@@ -174,6 +190,16 @@ def _answers(
         answers = answer_questions(loaded.get(spec, given), questions, max_new_tokens, label=spec)
         _write_jsonl(path, [a.to_dict() for a in answers])
     return answers
+
+
+def check_logprobs_judge(generator: Generator, spec: str) -> None:
+    """The logprobs judge mode reads next-token probabilities after a forced answer start, which only the
+    local (transformers) backend gives."""
+    if not hasattr(generator, "next_token_logprobs"):
+        raise ConfigError(
+            f"judge_mode logprobs: the judge {spec!r} cannot score a forced answer start (only local "
+            "transformers judges can); use judge_mode text with this judge"
+        )
 
 
 def _asset_folder() -> Path:
@@ -336,15 +362,30 @@ def judge_answers(
     answers: Sequence[Answer],
     judge_prompts: Mapping[str, mt_bench.JudgePrompt],
     references: Mapping[int, list[str]],
+    mode: str = "text",
 ) -> list[dict[str, Any]]:
-    """One judgments.jsonl record per (question, turn), in question order; one batched judge call."""
-    from zephyr.feedback.judge import JudgeClient, JudgeRequest, Rating, audit_record
+    """One judgments.jsonl record per (question, turn), in question order; one batched judge call.
 
-    client = JudgeClient(generator, params, judge_id=judge_id(generator, params))
+    `mode` "logprobs": each request forces `mt_bench.RATING_PREFIXES` and the score is
+    `mt_bench.expected_score`; the record has `answer_prefixes`, `top_logprobs` (one dict per prefix) and
+    the rating's `evidence` (mass of the rating tokens, distribution over 1..10) in place of a raw answer.
+    """
+    from zephyr.feedback.judge import JudgeClient, JudgeRequest, audit_record
+
+    logprobs = mode == "logprobs"
+    client = JudgeClient(
+        generator,
+        params,
+        judge_id=judge_id(
+            generator, params, mode="mt-bench-single-logprobs" if logprobs else "mt-bench-single"
+        ),
+        candidates=mt_bench.RATING_CANDIDATES if logprobs else (),
+    )
     requests, records = [], []
     for question, answer in zip(questions, answers, strict=True):
         for turn in range(1, len(question.turns) + 1):
             meta = {"question_id": question.question_id, "turn": turn, "category": question.category}
+            meta |= {"judge_mode": mode}
             messages, prompt_name = mt_bench.judge_messages(
                 question, answer.turns, turn, judge_prompts, references.get(question.question_id)
             )
@@ -359,9 +400,10 @@ def judge_answers(
                 JudgeRequest(
                     f"{question.question_id}/{turn}",
                     messages,
-                    parse=lambda a: [Rating(*mt_bench.parse_score(a.text))],
+                    parse=_logprob_score if logprobs else _text_score,
                     slots=({"question_id": question.question_id, "turn": turn},),
                     meta=meta | {"judge_prompt": prompt_name},
+                    prefixes=mt_bench.RATING_PREFIXES if logprobs else (),
                 )
             )
     replies = iter(client.judge(requests))
@@ -374,6 +416,24 @@ def judge_answers(
                 "reason": rating.reason,
             }
     return records
+
+
+def _text_score(answer: Any) -> list[Any]:
+    from zephyr.feedback.judge import Rating
+
+    return [Rating(*mt_bench.parse_score(answer.text))]
+
+
+def _logprob_score(answer: Any) -> list[Any]:
+    """The expected score from the top log-probs after each of `mt_bench.RATING_PREFIXES`."""
+    from zephyr.feedback.judge import JUDGE_CALL_FAILED, Rating
+
+    tops = answer.next_tokens or []
+    if len(tops) != len(mt_bench.RATING_PREFIXES):
+        return [Rating(None, JUDGE_CALL_FAILED)]
+    scored = mt_bench.expected_score(tops[0], after_one=tops[1])
+    distribution = {str(rating): p for rating, p in scored.distribution.items()}
+    return [Rating(scored.score, scored.reason, {"rating_mass": scored.mass, "distribution": distribution})]
 
 
 # FastChat's two games of a pair: g1 shows the model as Assistant A, g2 the baseline.
@@ -391,6 +451,18 @@ def _verdict_rating(text: str | None) -> list[Any]:
     return [Rating(None if verdict is None else _A_SHARE[verdict], reason)]
 
 
+def _logprob_verdict(answer: Any) -> list[Any]:
+    """The likeliest verdict after `mt_bench.VERDICT_PREFIX`, with the probabilities as evidence."""
+    from zephyr.feedback.judge import JUDGE_CALL_FAILED, Rating
+
+    tops = answer.next_tokens or []
+    if len(tops) != 1:
+        return [Rating(None, JUDGE_CALL_FAILED)]
+    read = mt_bench.likeliest_verdict(tops[0])
+    evidence = {"verdict_mass": read.mass, "probabilities": read.probabilities}
+    return [Rating(None if read.verdict is None else _A_SHARE[read.verdict], read.reason, evidence)]
+
+
 def judge_pairs(
     generator: Generator,
     params: SamplingParams,
@@ -399,6 +471,7 @@ def judge_pairs(
     baseline: Sequence[Answer],
     judge_prompts: Mapping[str, mt_bench.JudgePrompt],
     references: Mapping[int, list[str]],
+    mode: str = "text",
 ) -> list[dict[str, Any]]:
     """One pairwise.jsonl record per (question, turn), in question order; every game judged in both orders
     (`GAMES`), all in one batched judge call.
@@ -406,11 +479,20 @@ def judge_pairs(
     A record holds `model_1` (the model) and `model_2` (the baseline), the `judge_prompt`, both calls in
     `games` (`a`: the model shown as Assistant A, the exact messages, the raw answer, `verdict` as the judge
     wrote it, `winner` as a model), FastChat's `g1_winner` / `g2_winner`, and the `outcome` (or null and the
-    `reason`).
+    `reason`). `mode` "logprobs": each game's answer is forced to `mt_bench.VERDICT_PREFIX` and its verdict
+    is `mt_bench.likeliest_verdict`; the games hold `answer_prefixes`, `top_logprobs` and the `evidence`.
     """
     from zephyr.feedback.judge import JudgeClient, JudgeRequest
 
-    client = JudgeClient(generator, params, judge_id=judge_id(generator, params, mode="mt-bench-pairwise"))
+    logprobs = mode == "logprobs"
+    client = JudgeClient(
+        generator,
+        params,
+        judge_id=judge_id(
+            generator, params, mode="mt-bench-pairwise-logprobs" if logprobs else "mt-bench-pairwise"
+        ),
+        candidates=tuple(mt_bench.VERDICT_TOKENS) if logprobs else (),
+    )
     requests, records = [], []
     for question, model_answer, base_answer in zip(questions, answers, baseline, strict=True):
         reference = references.get(question.question_id)
@@ -424,6 +506,7 @@ def judge_pairs(
             record = meta | {
                 "judge": client.judge_id,
                 "judge_prompt": pair["g1"][1],
+                "judge_mode": mode,
                 "model_1": model_answer.model,
                 "model_2": base_answer.model,
             }
@@ -443,8 +526,9 @@ def judge_pairs(
                     JudgeRequest(
                         f"{question.question_id}/{turn}/{game}",
                         pair[game][0],
-                        parse=lambda reply: _verdict_rating(reply.text),
+                        parse=_logprob_verdict if logprobs else lambda reply: _verdict_rating(reply.text),
                         slots=(meta | {"game": game},),
+                        prefixes=(mt_bench.VERDICT_PREFIX,) if logprobs else (),
                     )
                 )
     replies = iter(client.judge(requests))
@@ -469,17 +553,24 @@ def _add_games(record: dict[str, Any], replies: Sequence[Any]) -> None:
         verdict = _VERDICT_OF.get(rating.value)  # type: ignore[arg-type]
         if rating.reason:
             reasons.append(f"{game}: {rating.reason}")
+        forced = (
+            {"answer_prefixes": list(reply.request.prefixes), "top_logprobs": reply.answer.next_tokens}
+            if reply.request.prefixes
+            else {}
+        )
         games.append(
             {
                 "game": game,
                 "a": f"model_{number}",
                 "messages": reply.request.messages,
+                **forced,
                 "raw": reply.answer.text,
                 "finish_reason": reply.answer.finish_reason,
                 "error": reply.answer.error,
                 "verdict": verdict,
                 "winner": mt_bench.verdict_winner(verdict, number),
                 "reason": rating.reason,
+                **({"evidence": dict(rating.evidence)} if rating.evidence else {}),
                 "prompt_tokens": reply.answer.prompt_tokens,
                 "completion_tokens": reply.answer.completion_tokens,
             }
@@ -529,7 +620,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     lines = [
         f"# MT-Bench: {results['model']}",
         "",
-        f"Judge: {results['judge']}",
+        f"Judge: {results['judge']}{_mode_note(results)}",
         "",
         f"**Score: {_fmt(results['score'])}** ({results['n_scored']} of {results['n']} judgments scored, "
         f"{results['n_failed']} failed)",
@@ -555,6 +646,14 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mode_note(results: Mapping[str, Any]) -> str:
+    if results.get("judge_mode") != "logprobs":
+        return ""
+    if results.get("mode") == "pairwise":
+        return " (logprobs: each verdict is the judge's likeliest of [[A]], [[B]], [[C]])"
+    return " (logprobs: each score is the judge's expected rating over the tokens 1-10)"
+
+
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -573,7 +672,7 @@ def pairwise_markdown(results: Mapping[str, Any]) -> str:
     lines = [
         f"# MT-Bench pairwise: {results['model']} vs {results['baseline_model']}",
         "",
-        f"Baseline: {results['baseline']}. Judge: {results['judge']}",
+        f"Baseline: {results['baseline']}. Judge: {results['judge']}{_mode_note(results)}",
         "",
         f"**Win rate: {_rate(results['win_rate_adjusted'])}** (win + tie / 2 over "
         f"{results['n'] - results['n_failed']} games; {results['win']} won, {results['loss']} lost, "
