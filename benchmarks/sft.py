@@ -24,17 +24,8 @@ token (N = all parameters).
 
 from __future__ import annotations
 
-import argparse
-import itertools
-import os
 import sys
-import tempfile
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,30 +33,15 @@ sys.path.insert(1, str(HERE.parent / "src"))  # runs from a checkout without ins
 
 import measure  # noqa: E402
 import shapes  # noqa: E402
-from dpo import _reset_accelerate, _without_engines, device_and_dtype  # noqa: E402
 
 ENGINES = ("zephyr", "zephyr-ckpt", "trl")
-DEFAULT_ENGINES = "zephyr,zephyr-ckpt,trl"
 LEARNING_RATE = 2e-5  # the recipe's
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(shapes.SHAPES), default="tiny")
-    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps (after the warm-up)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+def parse_args(argv: list[str] | None = None):
+    p = measure.parser(__doc__)
     p.add_argument("--bins-per-step", type=int, default=4)
-    p.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma-separated, of {', '.join(ENGINES)}")
-    p.add_argument(
-        "--trl-checkpointing", choices=("auto", "on", "off"), default="auto", help="auto: on for mistral-7b"
-    )
-    p.add_argument("--peak-tflops", type=float, default=None, help="MFU's denominator (CUDA default: 783)")
-    p.add_argument("--isolate", choices=("auto", "on", "off"), default="auto", help="one process per engine")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per isolated engine")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--table-out", default=None, help="also write the tables (Markdown) to this file")
-    p.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
+    measure.add_run_arguments(p, ENGINES)
     return p.parse_args(argv)
 
 
@@ -79,33 +55,35 @@ def make_documents(args):
     return shapes.synthetic_conversations(n_tokens, lengths, vocab, args.seed), lengths
 
 
+def describe(args, parameters: int) -> str:
+    """The workload, in the tables' header."""
+    lengths = shapes.CONVERSATIONS[shapes.workload_scale(args.shape)]
+    return (
+        f"SFT, shape {args.shape} ({parameters / 1e9:.3g}B parameters), {args.bins_per_step} bins of "
+        f"{lengths.max_length} tokens per step, {args.warmup} warm-up + {args.steps} timed steps"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # zephyr
 
 
-def packed_agreement(model, bin_docs) -> float:
-    """Largest relative difference of per-document log-prob sums between the packed row (the model's own
-    attention) and one padded row per document through SDPA."""
-    import torch
-
+def packed_check(model, bin_docs) -> str:
+    """Per-document log-prob sums of the packed row (the model's own attention) against one padded row per
+    document through SDPA."""
     from zephyr.data.packing import collate_packed, collate_padded
     from zephyr.training.forward import sequence_logps, target_doc_ids, token_logps
 
-    implementation = model.config._attn_implementation
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        packed = collate_packed(bin_docs)
-        ours, _ = sequence_logps(token_logps(model, packed), target_doc_ids(packed), len(bin_docs))
-        model.set_attn_implementation("sdpa")
-        try:
-            padded = collate_padded(bin_docs)
-            theirs, _ = sequence_logps(token_logps(model, padded), target_doc_ids(padded), len(bin_docs))
-        finally:
-            model.set_attn_implementation(implementation)
-    model.train(was_training)
-    ours, theirs = ours.double().cpu(), theirs.double().cpu()
-    return float(((ours - theirs).abs() / theirs.abs().clamp_min(1e-12)).max())
+    def logp_sums(model, batch):
+        sums, _ = sequence_logps(token_logps(model, batch), target_doc_ids(batch), len(bin_docs))
+        return sums
+
+    return measure.sdpa_check(
+        "per-document log-probs",
+        model,
+        lambda model: logp_sums(model, collate_packed(bin_docs)),
+        lambda model: logp_sums(model, collate_padded(bin_docs)),
+    )
 
 
 class BenchTask:
@@ -134,56 +112,28 @@ class BenchTask:
 
 
 def run_zephyr(args, engine: str) -> measure.Result:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import send_to_device
-
     from zephyr.training.attention import register_packed_attention
-    from zephyr.training.loop import train_step
     from zephyr.training.sft import pack_documents
 
-    device, dtype = device_and_dtype()
     checkpointing = engine == "zephyr-ckpt"
     docs, lengths = make_documents(args)
     bins = pack_documents(docs, lengths.max_length)
-    steps = args.warmup + args.steps
-    if len(bins) < steps * args.bins_per_step:
-        raise RuntimeError(f"{len(bins)} bins, fewer than {steps} steps × {args.bins_per_step}")
-    measure.reset_peak_memory()
-    model = shapes.build_model(
-        args.shape, device=device, dtype=dtype, attn_implementation=register_packed_attention()
+    steps, n = args.warmup + args.steps, args.bins_per_step
+    if len(bins) < steps * n:
+        raise RuntimeError(f"{len(bins)} bins, fewer than {steps} steps × {n}")
+    model, result = measure.start_run(
+        args,
+        engine,
+        "varlen packed",
+        checkpointing=checkpointing,
+        attn_implementation=register_packed_attention(),
+        units_per_step=n,
     )
-    result = measure.Result(
-        engine=engine,
-        config=(
-            f"varlen packed, {'checkpointing' if checkpointing else 'no checkpointing'}, "
-            f"{str(dtype).removeprefix('torch.')}"
-        ),
-        parameters=shapes.count_parameters(model),
-        units_per_step=args.bins_per_step,
-        warmup=args.warmup,
+    result.check = packed_check(model, bins[0])
+    groups = [bins[step * n : (step + 1) * n] for step in range(steps)]
+    measure.time_zephyr(
+        model, BenchTask(), groups, checkpointing=checkpointing, learning_rate=LEARNING_RATE, result=result
     )
-    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    worst = packed_agreement(model, bins[0])
-    result.check = f"per-document log-probs vs padded SDPA, max rel diff {worst:.1e} (limit {tolerance:g})"
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=device.type == "cuda" or None)
-    task = BenchTask()
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(steps):
-        started = measure.now()
-        group = bins[step * args.bins_per_step : (step + 1) * args.bins_per_step]
-        batch = send_to_device(task.collate(group), device)
-        stats = train_step(accelerator, model, optimizer, task, [batch], step=step, max_grad_norm=1.0)
-        result.step_seconds.append(measure.now() - started)
-        result.step_tokens.append(int(stats.tokens))
-        if step == 0:
-            result.first_loss = stats.loss_sum / stats.units
-    result.peak_gib = measure.peak_memory_gib()
     return result
 
 
@@ -192,28 +142,12 @@ def run_zephyr(args, engine: str) -> measure.Result:
 
 
 def run_trl(args) -> measure.Result:
-    import torch
     from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    device, dtype = device_and_dtype()
     docs, lengths = make_documents(args)
-    checkpointing = args.trl_checkpointing == "on" or (
-        args.trl_checkpointing == "auto" and args.shape == "mistral-7b"
-    )
-    measure.reset_peak_memory()
-    model = shapes.build_model(args.shape, device=device, dtype=dtype, attn_implementation="sdpa")
-    result = measure.Result(
-        engine="trl",
-        config=(
-            f"SFTTrainer, BFD packing, SDPA, {'checkpointing' if checkpointing else 'no checkpointing'}, "
-            f"{str(dtype).removeprefix('torch.')}"
-        ),
-        parameters=shapes.count_parameters(model),
-        units_per_step=args.bins_per_step,
-        warmup=args.warmup,
+    model, result = measure.start_trl(
+        args, "SFTTrainer, BFD packing, SDPA", units_per_step=args.bins_per_step
     )
     # TRL's labels: the token itself where trained (the model shifts them), −100 elsewhere
     data = Dataset.from_dict(
@@ -222,107 +156,28 @@ def run_trl(args) -> measure.Result:
             "labels": [[t if m else -100 for t, m in zip(ids, mask, strict=True)] for ids, mask in docs],
         }
     )
-    clock: dict[str, list[float]] = {"begin": [], "end": []}
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args_, state, control, **kwargs):
-            if not clock["begin"]:
-                clock["begin"].append(measure.now())
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            clock["end"].append(measure.now())
-
-    class TimedSFTTrainer(SFTTrainer):
-        def _get_train_sampler(self, *a, **k):
-            return SequentialSampler(self.train_dataset)
-
-        def training_step(self, model, inputs, *a, **k):
-            result.step_tokens.append(int(inputs["input_ids"].numel()))
-            return super().training_step(model, inputs, *a, **k)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config = SFTConfig(
-            output_dir=tmp,
-            per_device_train_batch_size=args.bins_per_step,
-            gradient_accumulation_steps=1,
-            max_steps=args.warmup + args.steps,
-            learning_rate=LEARNING_RATE,
-            lr_scheduler_type="constant",
-            max_length=lengths.max_length,
-            packing=True,
-            packing_strategy="bfd",
-            gradient_checkpointing=checkpointing,
-            bf16=dtype == torch.bfloat16,
-            use_cpu=device.type == "cpu",
-            optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-            max_grad_norm=1.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=args.seed,
-        )
-        trainer = TimedSFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=data,
-            processing_class=shapes.word_tokenizer(shapes.SHAPES[args.shape][0]),
-            callbacks=[Clock()],
-        )
-        trainer.remove_callback(PrinterCallback)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        trainer.train()
-    ends = clock["begin"][:1] + clock["end"]
-    result.step_seconds = [b - a for a, b in itertools.pairwise(ends)]
-    result.first_loss = next((h["loss"] for h in trainer.state.log_history if "loss" in h), None)
-    result.peak_gib = measure.peak_memory_gib()
+    timed = measure.sequential_trainer(SFTTrainer, result, lambda inputs: int(inputs["input_ids"].numel()))
+    measure.time_trl(
+        timed,
+        SFTConfig,
+        args,
+        model,
+        data,
+        result,
+        learning_rate=LEARNING_RATE,
+        max_length=lengths.max_length,
+        packing=True,
+        packing_strategy="bfd",
+    )
     return result
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_engine(args, engine: str) -> measure.Result:
-    if engine == "trl":
-        return run_trl(args)
-    return run_zephyr(args, engine)
-
-
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = [e for e in engines if e not in ENGINES]
-    if unknown:
-        sys.exit(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
-    if args.result_json:
-        measure.save(measure.run_guarded(lambda: run_engine(args, engines[0]), engines[0]), args.result_json)
-        return
-    isolate = args.isolate == "on" or (args.isolate == "auto" and torch.cuda.is_available())
-    passed = list(argv if argv is not None else sys.argv[1:])
-    results = []
-    for engine in engines:
-        if isolate:
-            results.append(measure.run_isolated(__file__, engine, _without_engines(passed), args.timeout))
-        else:
-            results.append(run_engine(args, engine))
-            _reset_accelerate()
-    peak = args.peak_tflops or (measure.H200_BF16_TFLOPS if torch.cuda.is_available() else None)
-    lengths = shapes.CONVERSATIONS[shapes.workload_scale(args.shape)]
-    parameters = max(r.parameters for r in results)
-    text = measure.header(
-        f"SFT, shape {args.shape} ({parameters / 1e9:.3g}B parameters), {args.bins_per_step} bins of "
-        f"{lengths.max_length} tokens per step, {args.warmup} warm-up + {args.steps} timed steps"
-    )
-    text += "\n\n" + measure.format_tables(
-        "SFT training", results, baseline="trl", unit="bins", peak_tflops=peak, epoch=False
-    )
-    measure.report(text, args.table_out)
+    table = measure.Table("SFT training", "bins", describe)
+    measure.main(argv, __file__, parse_args, ENGINES, run_zephyr, run_trl, table)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,39 @@ def test_synthetic_conversations_are_cut_and_masked():
     assert 0.6 < trained < 0.75
 
 
+def test_both_benchmarks_take_the_flags_gpu_sh_passes():
+    import dpo
+    import sft
+
+    flags = ["--shape", "mistral-7b", "--warmup", "2", "--steps", "6", "--engines", "zephyr,zephyr-ckpt,trl"]
+    flags += ["--timeout", "100", "--table-out", "out.md"]
+    for module in (dpo, sft):
+        args = module.parse_args(flags)
+        assert (args.shape, args.warmup, args.steps) == ("mistral-7b", 2, 6)
+        assert (args.timeout, args.table_out, args.isolate) == (100.0, "out.md", "auto")
+        assert measure.trl_checkpointing(args)  # auto: on at 7B
+        assert not measure.trl_checkpointing(module.parse_args(["--shape", "1b"]))
+        assert module.parse_args([]).engines == "zephyr,zephyr-ckpt,trl"
+    assert (dpo.parse_args([]).pairs_per_step, dpo.parse_args([]).ref_batch_size) == (8, 32)
+    assert sft.parse_args([]).bins_per_step == 4
+
+
+def test_an_isolated_engine_gets_every_flag_but_the_engines():
+    argv = ["--shape", "tiny", "--engines", "zephyr,trl", "--steps", "2", "--engines=trl", "--seed", "3"]
+    assert measure._without_engines(argv) == ["--shape", "tiny", "--steps", "2", "--seed", "3"]
+
+
+def test_step_clock_marks_the_first_start_and_every_end(monkeypatch):
+    ticks = iter([10.0, 11.5, 14.0, 99.0])
+    monkeypatch.setattr(measure, "now", lambda: next(ticks))
+    marks: list[float] = []
+    clock = measure.step_clock(marks)
+    for _ in range(2):
+        clock.on_step_begin(None, None, None)  # only the first step's start is read
+        clock.on_step_end(None, None, None)
+    assert marks == [10.0, 11.5, 14.0]  # steps of 1.5 s and 2.5 s
+
+
 def run_script(name: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
