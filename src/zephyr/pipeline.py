@@ -451,6 +451,7 @@ def run_pipeline(
     _check_stage_name(start_from, plan, "--from")
     _check_stage_name(only, plan, "--only")
     check_output_dir(run_dir)  # an unwritable or full disk fails before the first stage
+    _quiet_weight_loading()
     manifest = load_manifest(run_dir, str(recipe_path))
     manifest.versions = package_versions()
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False), encoding="utf-8")
@@ -462,6 +463,13 @@ def run_pipeline(
         _run_step(step, manifest, run_dir, f"[{index}/{len(plan)}]", forced=forced, only=only is not None)
     _print_summary(manifest, plan, run_dir)
     return manifest
+
+
+def _quiet_weight_loading() -> None:
+    # A run loads models dozens of times; transformers' per-load progress bars would bury the stage lines.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _run_step(

@@ -236,7 +236,9 @@ class LocalGenerator:
         k = min(top_k, logp.shape[-1])
         top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
         return [
-            self._merge_by_text(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True), logp[j], candidate_ids)
+            self._merge_by_text(
+                zip(top_i[j].tolist(), top_v[j].tolist(), strict=True), logp[j], candidate_ids
+            )
             for j in range(len(rows))
         ]
 
