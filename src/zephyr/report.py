@@ -754,7 +754,7 @@ def _comparison_blocks(report: Mapping[str, Any]) -> list[Block]:
     return [
         _section("Comparison"),
         Text("One row per model of the run, one column per metric; the best value of a column is bold."),
-        Table(["model", "", *(c["label"] for c in columns)], cells, strong),
+        Table(["model", "what it is", *(c["label"] for c in columns)], cells, strong),
     ]
 
 
