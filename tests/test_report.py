@@ -25,7 +25,7 @@ from zephyr.report import (
     training_curves,
     write_report,
 )
-from zephyr.report_html import render_html
+from zephyr.report.html import render_html
 
 XSS = "<script>alert(1)</script>"
 PROMPTS = ["Name three primes.", "What is DPO?"]
@@ -695,7 +695,7 @@ def test_pairwise_mt_bench_results_are_not_read_as_scores():
 
 
 def test_the_report_step_that_writes_the_page_is_not_shown_as_running():
-    from zephyr.report import _stage_rows
+    from zephyr.report.collect import _stage_rows
 
     rows = _stage_rows({"sft": {"status": "running"}, "report": {"status": "running"}})
     assert [r["status"] for r in rows] == ["running", "writing this report"]

@@ -18,7 +18,8 @@ from importlib import resources
 from string import Template
 from typing import Any
 
-from zephyr.report import Answers, Block, Code, Figure, Heading, Items, Table, Text, is_numeric, report_blocks
+from zephyr.report.blocks import Answers, Block, Code, Figure, Heading, Items, Table, Text, is_numeric
+from zephyr.report.layout import report_blocks
 
 logger = logging.getLogger(__name__)
 
