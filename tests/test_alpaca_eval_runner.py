@@ -181,11 +181,20 @@ def test_function_calling_annotator_is_refused_before_any_generation(tmp_path):
 def test_bad_instruction_lines_name_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError) as exc:
         read_instructions(path)
+    assert str(exc.value) == f"{path}:2: not valid JSON: Expecting ',' delimiter at column 20"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n\xff{}\n')
+    with pytest.raises(DataError) as exc:
+        read_instructions(path)
+    assert str(exc.value) == f"{path}:2: not valid UTF-8: byte 0xff at column 1"
     path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": 3}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:3: field 'output'"):
         read_instructions(path)
+    listed = tmp_path / "listed.json"  # a JSON list, alpaca_eval's own format: lines as written
+    listed.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"}\n]\n')
+    with pytest.raises(DataError, match=r"listed\.json:3: field 'output'"):
+        read_instructions(listed)
 
 
 def test_cli_runs_with_the_generators_it_makes(tmp_path, monkeypatch):

@@ -155,6 +155,18 @@ def test_curate_errors_exit_2(in_repo, tmp_path, capsys):
     assert not any((tmp_path / name).exists() for name in ("e1", "e2", "e3", "e5"))
 
 
+def test_bad_eval_prompt_files_name_file_line_and_field(in_repo, tmp_path, capsys):
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    assert curate(tmp_path / "e1", f"curate.decontaminate=[{bad}]") == 2
+    assert f"error: {bad}:2: record: invalid JSON: Expecting value at column 1\n" in capsys.readouterr().err
+    listed = tmp_path / "eval.json"  # a JSON list: a record's line is the line it starts on
+    listed.write_text('[\n  {"prompt": "ok"},\n  {"text": "no prompt"}\n]\n')
+    assert curate(tmp_path / "e2", f"curate.decontaminate=[{listed}]") == 2
+    assert f"error: {listed}:3: no eval prompt: expected" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("e1", "e2"))
+
+
 def test_run_curate_without_input():
     with pytest.raises(ConfigError, match=r"curate\.input: required"):
         run_curate(CurateConfig())

@@ -227,16 +227,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 JUDGE_MODE_HELP = "text: parse the judge's answer; logprobs: from its token probabilities (local judges)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="zephyr", description="Direct distillation of LM alignment: dSFT, AI feedback, dDPO, evaluation."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_check_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="validate a recipe without running it")
     _add_recipe_args(p)
     p.set_defaults(handler=_cmd_check)
 
+
+def _add_assets_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("assets", help="offline assets: models, tokenizers, benchmark data")
     asub = p.add_subparsers(dest="assets_command", required=True)
     asub.add_parser("list", help="list known assets")
@@ -245,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="fetch again even when present")
     p.set_defaults(handler=_cmd_assets)
 
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="validate or inspect data files")
     dsub = p.add_subparsers(dest="data_command", required=True)
     v = dsub.add_parser("validate", help="check every record of a file against its schema")
@@ -259,28 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-color", action="store_true")
     p.set_defaults(handler=_cmd_data)
 
-    p = sub.add_parser("generate", help="teacher-written dialogues for dSFT (self-instruct, UltraChat)")
-    _add_recipe_args(p)
-    p.set_defaults(handler=_cmd_generate)
 
-    p = sub.add_parser("curate", help="curate teacher dialogues into the dSFT set")
-    _add_recipe_args(p)
-    p.set_defaults(handler=_cmd_curate)
+# The pipeline's stages, in order: (command, help, handler, whether it trains and so can resume).
+_STAGE_COMMANDS = (
+    ("generate", "teacher-written dialogues for dSFT (self-instruct, UltraChat)", _cmd_generate, False),
+    ("curate", "curate teacher dialogues into the dSFT set", _cmd_curate, False),
+    ("sft", "supervised fine-tuning (dSFT)", _cmd_sft, True),
+    ("feedback", "AI feedback: completions from several models, a judge, pairs", _cmd_feedback, False),
+    ("dpo", "direct preference optimisation (dDPO)", _cmd_dpo, True),
+)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning (dSFT)")
-    _add_recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    p.set_defaults(handler=_cmd_sft)
 
-    p = sub.add_parser("feedback", help="AI feedback: completions from several models, a judge, pairs")
-    _add_recipe_args(p)
-    p.set_defaults(handler=_cmd_feedback)
+def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
+    for name, help_text, handler, trains in _STAGE_COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        _add_recipe_args(p)
+        if trains:
+            p.add_argument(
+                "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
+            )
+        p.set_defaults(handler=handler)
 
-    p = sub.add_parser("dpo", help="direct preference optimisation (dDPO)")
-    _add_recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    p.set_defaults(handler=_cmd_dpo)
 
+def _add_logps_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("logps", help="per-pair sequence log-probs of a model on a preference file")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-sharing", action="store_true", help="run each pair's prompt once (same numbers)")
     p.set_defaults(handler=_cmd_logps)
 
-    p = sub.add_parser("eval", help="evaluate a model: MT-Bench, AlpacaEval, multiple choice")
-    esub = p.add_subparsers(dest="eval_command", required=True)
+
+def _add_mt_bench_parser(esub: argparse._SubParsersAction) -> None:
     t = esub.add_parser("mt-bench", help="MT-Bench: two-turn answers graded 1-10 by a judge")
     t.add_argument("--model", required=True, help="the model to evaluate (spec)")
     t.add_argument("--judge", required=True, help="judge spec, e.g. openai:gpt-4@https://HOST/v1")
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pairwise mode: a baseline model spec or its answers.jsonl; judged both orders (position swap)",
     )
     t.add_argument("--judge-mode", choices=["text", "logprobs"], default="text", help=JUDGE_MODE_HELP)
+
+
+def _add_alpaca_eval_parser(esub: argparse._SubParsersAction) -> None:
     a = esub.add_parser("alpaca-eval", help="AlpacaEval: pairwise win rate against reference outputs")
     a.add_argument("--model", required=True)
     a.add_argument("--judge", required=True)
@@ -318,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, default=2048)
     a.add_argument("--annotator", default="alpaca_eval_gpt4", help="annotator config in the templates asset")
     a.add_argument("--judge-mode", choices=["text", "logprobs"], default="text", help=JUDGE_MODE_HELP)
+
+
+def _add_mc_parser(esub: argparse._SubParsersAction) -> None:
     m = esub.add_parser("mc", help="log-likelihood multiple choice (lm-evaluation-harness semantics)")
     m.add_argument("--model", required=True)
     m.add_argument("--data", help="MC JSONL file (or hf:NAME[:SPLIT])")
@@ -337,8 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-length", type=int, default=None, help="left-truncate contexts to this many tokens")
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--limit", type=int, default=None)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: MT-Bench, AlpacaEval, multiple choice")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    _add_mt_bench_parser(esub)
+    _add_alpaca_eval_parser(esub)
+    _add_mc_parser(esub)
     p.set_defaults(handler=_cmd_eval)
 
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the whole pipeline of a recipe into one run folder (resumable)")
     _add_recipe_args(p)
     p.add_argument("--from", dest="start_from", default=None, metavar="STAGE", help="redo STAGE and after")
@@ -346,11 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="the run folder (default: run.output_dir)")
     p.set_defaults(handler=_cmd_run)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="report.json, report.md and a self-contained report.html of a run")
     p.add_argument("run", help="run folder written by `zephyr run`")
     p.add_argument("--out", default=None, help="folder for the report files (default: the run folder)")
     p.set_defaults(handler=_cmd_report)
 
+
+def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal, with its chat template")
     p.add_argument("model", help="model spec: PATH, transformers:ID, asset:NAME, openai:MODEL@URL")
     p.add_argument("--chat-template", default="auto")
@@ -359,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.set_defaults(handler=_cmd_chat)
 
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible chat completions server over a checkpoint")
     p.add_argument("model")
     p.add_argument("--host", default="127.0.0.1")
@@ -367,6 +389,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default="auto")
     p.add_argument("--max-tokens-limit", type=int, default=2048)
     p.set_defaults(handler=_cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zephyr", description="Direct distillation of LM alignment: dSFT, AI feedback, dDPO, evaluation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The order here is the order of `zephyr --help`.
+    _add_check_parser(sub)
+    _add_assets_parser(sub)
+    _add_data_parser(sub)
+    _add_stage_parsers(sub)
+    _add_logps_parser(sub)
+    _add_eval_parser(sub)
+    _add_run_parser(sub)
+    _add_report_parser(sub)
+    _add_chat_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

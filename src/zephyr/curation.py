@@ -21,7 +21,7 @@ table of the counts is printed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,8 +84,9 @@ class _Ledger:
 
 def load_eval_prompts(sources: Sequence[str]) -> list[EvalPrompt]:
     """The eval prompts of each source: `asset:mt-bench` (both turns of the 80 questions) or a path to a
-    JSONL / JSON-list file of MT-Bench questions, conversations, AlpacaEval instructions, multiple-choice
-    items or records with a `prompt` (see `filters.eval_texts`). Ids are `SOURCE:RECORD_ID[/TURN]`."""
+    JSONL, JSON-list or Parquet file of MT-Bench questions, conversations, AlpacaEval instructions,
+    multiple-choice items or records with a `prompt` (see `filters.eval_texts`). Ids are
+    `SOURCE:RECORD_ID[/TURN]`."""
     prompts: list[EvalPrompt] = []
     for i, source in enumerate(sources):
         key = f"curate.decontaminate[{i}]"
@@ -106,12 +107,15 @@ def load_eval_prompts(sources: Sequence[str]) -> list[EvalPrompt]:
 
 def _eval_prompts_of_file(path: Path, label: str) -> list[EvalPrompt]:
     prompts = []
-    for line, record in _read_json_records(path):
+    for position, (line, record) in enumerate(_eval_records(path), start=1):
         try:
             texts = filters.eval_texts(record)
         except DataError as exc:
             raise DataError(f"{path}:{line}: {exc}") from None
-        rid = next((record[k] for k in ("question_id", "prompt_id", "id") if k in record), line)
+        # A record without an id is named by its line in JSONL, by its position in a JSON list (whose
+        # records often share one line).
+        fallback = position if path.suffix == ".json" else line
+        rid = next((record[k] for k in ("question_id", "prompt_id", "id") if k in record), fallback)
         for turn, text in enumerate(texts, start=1):
             suffix = f"/{turn}" if len(texts) > 1 else ""
             prompts.append(EvalPrompt(f"{label}:{rid}{suffix}", text))
@@ -120,25 +124,12 @@ def _eval_prompts_of_file(path: Path, label: str) -> list[EvalPrompt]:
     return prompts
 
 
-def _read_json_records(path: Path) -> list[tuple[int, Any]]:
-    """(line, record) of a JSONL file, or (index + 1, record) of a JSON list."""
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records")
-        return list(enumerate(data, start=1))
-    rows = []
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if raw.strip():
-            try:
-                rows.append((line, json.loads(raw)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line}: invalid JSON: {exc.msg} at column {exc.colno}") from None
-    return rows
+def _eval_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, record) of an eval file (`io.iter_rows`); a line that does not decode stops the read."""
+    for line, record, problem in io.iter_rows(str(path)):
+        if problem is not None:
+            raise DataError(f"{path}:{line}: {problem.field}: {problem.message}")
+        yield line, record
 
 
 # ---------------------------------------------------------------------------------------------------------

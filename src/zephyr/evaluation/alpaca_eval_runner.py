@@ -27,6 +27,7 @@ from typing import Any
 from zephyr.errors import ConfigError, DataError, ZephyrError
 from zephyr.evaluation import alpaca_eval as ae
 from zephyr.generation.base import Generator, SamplingParams
+from zephyr.io import check_output_dir, iter_rows, write_jsonl, write_text
 
 DEFAULT_INSTRUCTIONS = "hf:tatsu-lab/alpaca_eval:eval"
 DEFAULT_ANNOTATOR = "alpaca_eval_gpt4"  # plain-text answers: any generator can be the judge
@@ -61,19 +62,14 @@ def _item_of(index: int, record: Any, where: str) -> EvalItem:
 
 
 def read_instructions_jsonl(path: str | os.PathLike) -> list[EvalItem]:
-    """alpaca_eval records (`instruction`, `output` = the reference output, `generator`, `dataset`)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the instructions: {exc}") from exc
+    """alpaca_eval records (`instruction`, `output` = the reference output, `generator`, `dataset`) of a
+    JSONL file (or a JSON list or Parquet file: `io.iter_rows`)."""
     items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record, problem in iter_rows(str(path)):
+        if problem is not None:
+            # io's "invalid JSON: ..." reads "not valid JSON: ..." here, as for MT-Bench's files
+            detail = problem.message.replace("invalid JSON", "not valid JSON", 1)
+            raise DataError(f"{path}:{number}: {detail}")
         items.append(_item_of(len(items), record, f"{path}:{number}"))
     if not items:
         raise DataError(f"{path}: no instructions")
@@ -237,7 +233,6 @@ def run_alpaca_eval(
     """
     from zephyr.feedback.judge import JudgeClient
     from zephyr.generation import make_generator
-    from zephyr.io import check_output_dir, write_jsonl, write_text
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")

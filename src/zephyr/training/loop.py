@@ -33,7 +33,7 @@ import torch
 from zephyr import io
 from zephyr.config import TrainingConfig, save_resolved, to_dict
 from zephyr.errors import ConfigError, ZephyrError
-from zephyr.tracking import METRICS_FILE, open_trackers, read_metrics
+from zephyr.tracking import METRICS_FILE, Trackers, open_trackers, read_metrics
 from zephyr.training.checkpoint import (
     FINAL_DIR,
     TrainerState,
@@ -513,117 +513,211 @@ def _advance(state: TrainerState) -> None:
         state.step_in_epoch = 0
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share: built by `_set_up`, its state replaced by `_resume`, its trackers
+    opened by `_open_log` and its state advanced by `_train_epochs`."""
+
+    task: TrainingTask
+    cfg: TrainingConfig
+    out_dir: Path
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_examples: Sequence[Any]
+    eval_examples: Sequence[Any]
+    state: TrainerState
+    schedule: Schedule
+    precision: str
+    save_dtype: torch.dtype
+    trackers: Trackers | None = None  # the main process's only
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, line: dict[str, Any]) -> None:
+        if self.trackers is not None:
+            self.trackers.log(line, line["step"])
+
+    def run_eval(self) -> dict[str, Any]:
+        state = self.state
+        line = {"step": state.step, "epoch": round(state.step / state.steps_per_epoch, 6)}
+        line.update(
+            evaluate(
+                self.accelerator, self.model, self.task, self.eval_examples, self.cfg.per_device_batch_size
+            )
+        )
+        self.log(line)
+        return line
+
+    def checkpoint(self) -> None:
+        save_checkpoint(
+            self.accelerator,
+            self.model,
+            self.task.tokenizer,
+            self.cfg,
+            self.state,
+            self.out_dir,
+            dtype=self.save_dtype,
+        )
+        prune_checkpoints(self.accelerator, self.out_dir, self.cfg.save_total_limit)
+
+    def save_final_dir(self) -> Path:
+        return save_final(
+            self.accelerator, self.model, self.task.tokenizer, self.cfg, self.out_dir, dtype=self.save_dtype
+        )
+
+
+def _prepare_model(
+    accelerator: Any, task: TrainingTask, cfg: TrainingConfig, out_dir: Path, save_dtype: torch.dtype
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and its optimizer, prepared by accelerate; refuses a disk without room for a checkpoint."""
+    model = _load_model(task, cfg)
+    io.check_output_dir(out_dir, min_free_bytes=checkpoint_bytes(model, save_dtype))
+    fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"
+    optimizer = _make_optimizer(model, cfg, fused=fused)
+    return accelerator.prepare(model, optimizer)
+
+
+def _fresh_state(
+    accelerator: Any, task: TrainingTask, examples: Sequence[Any], cfg: TrainingConfig
+) -> TrainerState:
+    """Step 0 of the plan: steps per epoch (as the data loader batches them), total steps, global batch."""
+    steps_per_epoch = len(_epoch_loader(accelerator, task, examples, cfg, 0))
+    total_steps = count_total_steps(steps_per_epoch, cfg.num_epochs, cfg.max_steps)
+    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    return TrainerState(0, 0, 0, steps_per_epoch, total_steps, global_batch, accelerator.num_processes)
+
+
+def _set_up(task: TrainingTask, cfg: TrainingConfig, out_dir: Path, resume: bool) -> tuple[_Run, Path | None]:
+    """Devices, model, optimizer, data and the plan of a run at step 0; and the checkpoint to resume from."""
+    from accelerate.utils import set_seed
+
+    io.check_output_dir(out_dir)  # before the model loads: an unwritable folder fails in a second
+    precision = resolve_precision(cfg.precision)
+    save_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    accelerator = _make_accelerator(cfg, precision)
+    ckpt = _resume_point(out_dir, resume)
+    set_seed(cfg.seed)
+    model, optimizer = _prepare_model(accelerator, task, cfg, out_dir, save_dtype)
+    train_examples = task.train_examples()
+    eval_examples = task.eval_examples()
+    if len(train_examples) == 0:
+        raise ConfigError("train_data: no training examples left")
+    state = _fresh_state(accelerator, task, train_examples, cfg)
+    schedule = make_schedule(cfg.lr_scheduler, cfg.learning_rate, state.total_steps, cfg.warmup_ratio)
+    task.prepare(model, accelerator)
+    run = _Run(
+        task=task,
+        cfg=cfg,
+        out_dir=out_dir,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        state=state,
+        schedule=schedule,
+        precision=precision,
+        save_dtype=save_dtype,
+    )
+    return run, ckpt
+
+
+def _resume(run: _Run, ckpt: Path) -> None:
+    """Continue from `ckpt`: its weights, optimizer, RNG and position, when its plan is the run's."""
+    saved = load_checkpoint(run.accelerator, ckpt)  # weights, optimizer, RNG: after any RNG use in set-up
+    _check_same_plan(saved, run.state, ckpt)
+    run.state = saved
+    if run.main:
+        print(
+            f"resuming from {ckpt} (step {saved.step} of {saved.total_steps}, epoch {saved.epoch})",
+            flush=True,
+        )
+
+
+def _open_log(run: _Run, resumed: bool) -> None:
+    """The main process saves the resolved config, prints the plan, opens `metrics.jsonl` and the trackers."""
+    if not run.main:
+        return
+    save_resolved(run.cfg, run.out_dir)
+    print(_plan_line(run.task, run.state, run.schedule, run.cfg, run.precision), flush=True)
+    if resumed:
+        io.read_jsonl_resumable(run.out_dir / METRICS_FILE)  # repairs a line cut short by the crash
+    run.trackers = open_trackers(
+        run.out_dir,
+        list(run.cfg.trackers),
+        to_dict(run.cfg),
+        run_name=f"{run.task.name}-{run.out_dir.name}",
+        resume_step=run.state.step if resumed else None,
+    )
+
+
+def _train_epochs(run: _Run, progress: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every optimizer step left, logging, evaluating and saving checkpoints on the config's schedule, then
+    an evaluation of the last step when none was made there. Returns the last train and eval metrics."""
+    cfg, state = run.cfg, run.state
+    metrics: dict[str, Any] = {}
+    eval_metrics: dict[str, Any] = {}
+    window = _Window()
+    last_eval_step = -1
+    for micro_batches in _remaining_steps(run.accelerator, run.task, run.train_examples, cfg, state):
+        lr = lr_at(run.schedule, state.step)
+        _set_lr(run.optimizer, lr)
+        stats = train_step(
+            run.accelerator,
+            run.model,
+            run.optimizer,
+            run.task,
+            micro_batches,
+            step=state.step,
+            max_grad_norm=cfg.max_grad_norm,
+        )
+        _advance(state)
+        window.add(stats)
+        progress.update(1)
+        done = state.step >= state.total_steps
+        if state.step % cfg.logging_steps == 0 or done:
+            metrics = window.line(state.step, state.step / state.steps_per_epoch, lr)
+            run.log(metrics)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            window = _Window()
+        if run.eval_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+            eval_metrics, last_eval_step = run.run_eval(), state.step
+            window.started = time.perf_counter()  # tokens/s measures training only
+        if cfg.save_steps and state.step % cfg.save_steps == 0 and not done:
+            run.checkpoint()
+            window.started = time.perf_counter()
+    if run.eval_examples and last_eval_step != state.step:
+        eval_metrics = run.run_eval()
+    return metrics, eval_metrics
+
+
 def train(task: TrainingTask, cfg: TrainingConfig, *, resume: bool = False) -> TrainResult:
     """Train `cfg.model` on `task`; write checkpoints, `metrics.jsonl` and `final/` under `cfg.output_dir`."""
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     out_dir = Path(cfg.output_dir)
     if resume and (finished := _finished_run(out_dir)) is not None:
         print(f"{out_dir} holds a finished run ({finished.final_dir}): nothing to resume", flush=True)
         return finished
-    io.check_output_dir(out_dir)  # before the model loads: an unwritable folder fails in a second
-    precision = resolve_precision(cfg.precision)
-    save_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    accelerator = _make_accelerator(cfg, precision)
-    main = accelerator.is_main_process
-    ckpt = _resume_point(out_dir, resume)
-    set_seed(cfg.seed)
-
-    model = _load_model(task, cfg)
-    io.check_output_dir(out_dir, min_free_bytes=checkpoint_bytes(model, save_dtype))
-    fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"
-    optimizer = _make_optimizer(model, cfg, fused=fused)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    train_examples = task.train_examples()
-    eval_examples = task.eval_examples()
-    if len(train_examples) == 0:
-        raise ConfigError("train_data: no training examples left")
-    steps_per_epoch = len(_epoch_loader(accelerator, task, train_examples, cfg, 0))
-    total_steps = count_total_steps(steps_per_epoch, cfg.num_epochs, cfg.max_steps)
-    schedule = make_schedule(cfg.lr_scheduler, cfg.learning_rate, total_steps, cfg.warmup_ratio)
-    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    state = TrainerState(0, 0, 0, steps_per_epoch, total_steps, global_batch, accelerator.num_processes)
-
-    task.prepare(model, accelerator)
+    run, ckpt = _set_up(task, cfg, out_dir, resume)
     if ckpt is not None:
-        saved = load_checkpoint(accelerator, ckpt)  # weights, optimizer, RNG: after any RNG use above
-        _check_same_plan(saved, state, ckpt)
-        state = saved
-        if main:
-            print(
-                f"resuming from {ckpt} (step {state.step} of {total_steps}, epoch {state.epoch})", flush=True
-            )
-    if main:
-        save_resolved(cfg, out_dir)
-        print(_plan_line(task, state, schedule, cfg, precision), flush=True)
-        if ckpt is not None:
-            io.read_jsonl_resumable(out_dir / METRICS_FILE)  # repairs a line cut short by the crash
-    trackers = (
-        open_trackers(
-            out_dir,
-            list(cfg.trackers),
-            to_dict(cfg),
-            run_name=f"{task.name}-{out_dir.name}",
-            resume_step=state.step if ckpt is not None else None,
-        )
-        if main
-        else None
+        _resume(run, ckpt)
+    _open_log(run, resumed=ckpt is not None)
+    state = run.state
+    progress = tqdm(
+        total=state.total_steps, initial=state.step, disable=not run.main, desc=task.name, unit="step"
     )
-    metrics: dict[str, Any] = {}
-    eval_metrics: dict[str, Any] = {}
-
-    def log(line: dict[str, Any]) -> None:
-        if trackers is not None:
-            trackers.log(line, line["step"])
-
-    def run_eval() -> dict[str, Any]:
-        line = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 6)}
-        line.update(evaluate(accelerator, model, task, eval_examples, cfg.per_device_batch_size))
-        log(line)
-        return line
-
-    progress = tqdm(total=total_steps, initial=state.step, disable=not main, desc=task.name, unit="step")
-    window = _Window()
-    last_eval_step = -1
     try:
-        for micro_batches in _remaining_steps(accelerator, task, train_examples, cfg, state):
-            lr = lr_at(schedule, state.step)
-            _set_lr(optimizer, lr)
-            stats = train_step(
-                accelerator,
-                model,
-                optimizer,
-                task,
-                micro_batches,
-                step=state.step,
-                max_grad_norm=cfg.max_grad_norm,
-            )
-            _advance(state)
-            window.add(stats)
-            progress.update(1)
-            done = state.step >= total_steps
-            if state.step % cfg.logging_steps == 0 or done:
-                metrics = window.line(state.step, state.step / steps_per_epoch, lr)
-                log(metrics)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                window = _Window()
-            if eval_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0:
-                eval_metrics, last_eval_step = run_eval(), state.step
-                window.started = time.perf_counter()  # tokens/s measures training only
-            if cfg.save_steps and state.step % cfg.save_steps == 0 and not done:
-                save_checkpoint(accelerator, model, task.tokenizer, cfg, state, out_dir, dtype=save_dtype)
-                prune_checkpoints(accelerator, out_dir, cfg.save_total_limit)
-                window.started = time.perf_counter()
-        if eval_examples and last_eval_step != state.step:
-            eval_metrics = run_eval()
-        final_dir = save_final(accelerator, model, task.tokenizer, cfg, out_dir, dtype=save_dtype)
+        metrics, eval_metrics = _train_epochs(run, progress)
+        final_dir = run.save_final_dir()
     except TrainingDiverged as exc:
         raise _diverged(exc, out_dir) from None
     finally:
         progress.close()
-        if trackers is not None:
-            trackers.close()
-    accelerator.wait_for_everyone()
+        if run.trackers is not None:
+            run.trackers.close()
+    run.accelerator.wait_for_everyone()
     return TrainResult(out_dir, final_dir, out_dir / METRICS_FILE, metrics, eval_metrics, state.step)
