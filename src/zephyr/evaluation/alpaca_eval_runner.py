@@ -126,16 +126,6 @@ def _logprob_parser(switched: bool) -> Callable:
     return parse
 
 
-def check_logprobs_judge(generator: Generator, spec: str) -> None:
-    """The logprobs judge mode reads next-token probabilities after a forced answer start, which only the
-    local (transformers) backend gives."""
-    if not hasattr(generator, "next_token_logprobs"):
-        raise ConfigError(
-            f"judge_mode logprobs: the judge {spec!r} cannot score a forced answer start (only local "
-            "transformers judges can); use judge_mode text with this judge"
-        )
-
-
 def check_annotator(annotator: ae.Annotator) -> None:
     """The judge backends return text only: a function-calling annotator cannot be answered."""
     if annotator.parser == "json_ranking":
@@ -231,7 +221,7 @@ def run_alpaca_eval(
     `make_generator(model)` / `make_generator(judge)`. `judge_mode`: "text" (the judge writes its ranking,
     alpaca_eval's protocol) or "logprobs" (module docstring).
     """
-    from zephyr.feedback.judge import JudgeClient
+    from zephyr.feedback.judge import JudgeClient, check_logprobs_judge
     from zephyr.generation import make_generator
 
     if limit is not None and limit < 1:

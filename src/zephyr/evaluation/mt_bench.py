@@ -445,13 +445,7 @@ def aggregate(judgments: Iterable[Judgment], questions: Iterable[Question] | Non
         if not _scored(j)
     ]
     if questions is not None:
-        seen = {(j.question_id, j.turn) for j in judgments}
-        result["missing"] = [
-            {"question_id": q.question_id, "turn": turn}
-            for q in questions
-            for turn in range(1, len(q.turns) + 1)
-            if (q.question_id, turn) not in seen
-        ]
+        result["missing"] = missing_turns(questions, {(j.question_id, j.turn) for j in judgments})
     return result
 
 
@@ -569,11 +563,15 @@ def aggregate_pairwise(
         if g.outcome is None
     ]
     if questions is not None:
-        seen = {(g.question_id, g.turn) for g in games}
-        result["missing"] = [
-            {"question_id": q.question_id, "turn": turn}
-            for q in questions
-            for turn in range(1, len(q.turns) + 1)
-            if (q.question_id, turn) not in seen
-        ]
+        result["missing"] = missing_turns(questions, {(g.question_id, g.turn) for g in games})
     return result
+
+
+def missing_turns(questions: Iterable[Question], seen: set[tuple[int, int]]) -> list[dict[str, int]]:
+    """The (question, turn) pairs a run should have judged and has no judgment for."""
+    return [
+        {"question_id": q.question_id, "turn": turn}
+        for q in questions
+        for turn in range(1, len(q.turns) + 1)
+        if (q.question_id, turn) not in seen
+    ]

@@ -118,6 +118,8 @@ def run_mt_bench(
     ):
         loaded.given(spec, generator)
     if judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
+        from zephyr.feedback.judge import check_logprobs_judge
+
         check_logprobs_judge(loaded.get(judge, judge_generator), judge)
 
     answers = _answers(out / "answers.jsonl", question_list, model, max_new_tokens, loaded, model_generator)
@@ -190,16 +192,6 @@ def _answers(
         answers = answer_questions(loaded.get(spec, given), questions, max_new_tokens, label=spec)
         _write_jsonl(path, [a.to_dict() for a in answers])
     return answers
-
-
-def check_logprobs_judge(generator: Generator, spec: str) -> None:
-    """The logprobs judge mode reads next-token probabilities after a forced answer start, which only the
-    local (transformers) backend gives."""
-    if not hasattr(generator, "next_token_logprobs"):
-        raise ConfigError(
-            f"judge_mode logprobs: the judge {spec!r} cannot score a forced answer start (only local "
-            "transformers judges can); use judge_mode text with this judge"
-        )
 
 
 def _asset_folder() -> Path:

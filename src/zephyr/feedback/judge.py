@@ -701,3 +701,13 @@ def rating_offsets(text: str, n: int, labels: Sequence[str]) -> dict[tuple[int, 
             if found:
                 offsets[(position, label)] = found[-1]
     return offsets
+
+
+def check_logprobs_judge(generator: Generator, spec: str) -> None:
+    """The logprobs judge mode reads next-token probabilities after a forced answer start, which only the
+    local (transformers) backend gives."""
+    if not hasattr(generator, "next_token_logprobs"):
+        raise ConfigError(
+            f"judge_mode logprobs: the judge {spec!r} cannot score a forced answer start (only local "
+            "transformers judges can); use judge_mode text with this judge"
+        )
