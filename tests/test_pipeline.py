@@ -381,3 +381,21 @@ def test_an_api_key_is_never_written_to_the_run_folder_caches_or_output(
     assert len(searched) > 10
     leaks = [str(p) for p in searched if key.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_eval_sections_name_the_runners_arguments():
+    import dataclasses
+    import inspect
+
+    from zephyr.config import AlpacaEvalEvalConfig, McEvalConfig, MtBenchEvalConfig
+    from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval
+    from zephyr.evaluation.mt_bench_runner import run_mt_bench
+    from zephyr.evaluation.multiple_choice import run_mc
+
+    for cls, runner, skip in (
+        (McEvalConfig, run_mc, {"name"}),
+        (MtBenchEvalConfig, run_mt_bench, set()),
+        (AlpacaEvalEvalConfig, run_alpaca_eval, set()),
+    ):
+        fields = {f.name for f in dataclasses.fields(cls)} - skip
+        assert fields <= set(inspect.signature(runner).parameters), (cls.__name__, fields)

@@ -338,51 +338,28 @@ def _launch(kind: str, cfg: Any, resume: bool, launcher: str) -> None:
         raise ZephyrError(f"{kind}: `{shlex.join(command)}` exited with {code}")
 
 
+# The eval sections' field names are the runners' keyword arguments (a test holds them to it).
+
+
 def _run_mc(spec: str, mc: Any, out: Path, resume: bool = False) -> None:
     from zephyr.evaluation.multiple_choice import run_mc
 
-    run_mc(
-        model=spec,
-        data=mc.data,
-        out=out,
-        preset=mc.preset,
-        fewshot_data=mc.fewshot_data,
-        num_fewshot=mc.num_fewshot,
-        limit=mc.limit,
-        batch_size=mc.batch_size,
-    )
+    settings = to_dict(mc)
+    settings.pop("name")  # the folder's name, not a setting
+    run_mc(model=spec, out=out, **settings)
 
 
 def _run_mt_bench(spec: str, mt: Any, out: Path, resume: bool = False) -> None:
     # Resuming keeps the folder: answers already written are reused and only the judging is redone.
     from zephyr.evaluation.mt_bench_runner import run_mt_bench
 
-    run_mt_bench(
-        model=spec,
-        judge=mt.judge,
-        out=out,
-        questions=mt.questions,
-        limit=mt.limit,
-        max_new_tokens=mt.max_new_tokens,
-        judge_max_tokens=mt.judge_max_tokens,
-        baseline=mt.baseline,
-        judge_mode=mt.judge_mode,
-    )
+    run_mt_bench(model=spec, out=out, **to_dict(mt))
 
 
 def _run_alpaca_eval(spec: str, ae: Any, out: Path, resume: bool = False) -> None:
     from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval
 
-    run_alpaca_eval(
-        model=spec,
-        judge=ae.judge,
-        out=out,
-        instructions=ae.instructions,
-        limit=ae.limit,
-        max_new_tokens=ae.max_new_tokens,
-        annotator=ae.annotator,
-        judge_mode=ae.judge_mode,
-    )
+    run_alpaca_eval(model=spec, out=out, **to_dict(ae))
 
 
 def _run_samples(spec: str, model: str, cfg: EvalConfig, out: Path, resume: bool = False) -> None:
