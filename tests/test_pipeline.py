@@ -399,3 +399,13 @@ def test_eval_sections_name_the_runners_arguments():
     ):
         fields = {f.name for f in dataclasses.fields(cls)} - skip
         assert fields <= set(inspect.signature(runner).parameters), (cls.__name__, fields)
+
+
+def test_zephyr_check_resolves_a_pipelines_stage_references(tmp_path, capsys):
+    recipe = write(tmp_path / "r.yaml", {"run": {}, "sft": {"train_data": "stage:curate"}})
+    assert main(["check", str(recipe)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {recipe}: sft.train_data: 'stage:curate' reads stage 'curate', which this run does not have\n"
+    )
+    recipe = write(tmp_path / "ok.yaml", {"run": {}, "curate": {"input": "x.jsonl"}, "sft": {}})
+    assert main(["check", str(recipe)]) == 0  # sft.train_data is wired to the curated set

@@ -7,16 +7,37 @@ Stage modules are imported inside each handler so that `zephyr check` and `zephy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from zephyr.errors import ZephyrError
+
+
+@contextlib.contextmanager
+def _naming(recipe: str) -> Iterator[None]:
+    """Config errors found past loading (a pipeline's stage references) still name the recipe file."""
+    from zephyr.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        if str(exc).startswith(str(recipe)):
+            raise
+        raise ConfigError(f"{recipe}: {exc}") from None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from zephyr.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.run is not None:  # a pipeline: its stage references and stages must resolve too
+        from pathlib import Path
+
+        from zephyr.pipeline import build_plan
+
+        with _naming(args.recipe):
+            build_plan(recipe, Path(recipe.run.output_dir))
     sections = [name for name, value in vars(recipe).items() if value is not None]
     print(f"{args.recipe}: ok ({', '.join(sections) or 'no sections'})")
     return 0
@@ -194,7 +215,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     from zephyr.pipeline import run_pipeline
 
-    run_pipeline(recipe, args.recipe, start_from=args.start_from, only=args.only, output_dir=args.output_dir)
+    with _naming(args.recipe):
+        run_pipeline(
+            recipe, args.recipe, start_from=args.start_from, only=args.only, output_dir=args.output_dir
+        )
     return 0
 
 
