@@ -150,49 +150,21 @@ def _cmd_logps(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "mt-bench":
-        from zephyr.evaluation.mt_bench_runner import run_mt_bench
-
-        run_mt_bench(
-            model=args.model,
-            judge=args.judge,
-            out=args.out,
-            questions=args.questions,
-            limit=args.limit,
-            max_new_tokens=args.max_new_tokens,
-            judge_max_tokens=args.judge_max_tokens,
-            baseline=args.baseline,
-            judge_mode=args.judge_mode,
-        )
-        return 0
-    if args.eval_command == "alpaca-eval":
-        from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval
-
-        run_alpaca_eval(
-            model=args.model,
-            judge=args.judge,
-            out=args.out,
-            instructions=args.instructions,
-            limit=args.limit,
-            max_new_tokens=args.max_new_tokens,
-            annotator=args.annotator,
-            judge_mode=args.judge_mode,
-        )
-        return 0
-    if args.eval_command == "mc":
-        from zephyr.evaluation.multiple_choice import run_mc
-
-        run_mc(
-            model=args.model,
-            data=args.data,
-            out=args.out,
-            fewshot_data=args.fewshot_data,
-            num_fewshot=args.num_fewshot,
-            batch_size=args.batch_size,
-            limit=args.limit,
-            preset=args.preset,
-            max_length=args.max_length,
-        )
+        from zephyr.evaluation.mt_bench_runner import run_mt_bench as runner
+    elif args.eval_command == "alpaca-eval":
+        from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval as runner
+    else:
+        from zephyr.evaluation.multiple_choice import run_mc as runner
+    _call_with_args(runner, args)
     return 0
+
+
+def _call_with_args(runner: Callable[..., object], args: argparse.Namespace) -> None:
+    """Call a runner with the parsed options named like its parameters (each flag's dest is one)."""
+    import inspect
+
+    names = inspect.signature(runner).parameters
+    runner(**{name: value for name, value in vars(args).items() if name in names})
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

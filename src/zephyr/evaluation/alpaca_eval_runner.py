@@ -221,7 +221,7 @@ def run_alpaca_eval(
     `make_generator(model)` / `make_generator(judge)`. `judge_mode`: "text" (the judge writes its ranking,
     alpaca_eval's protocol) or "logprobs" (module docstring).
     """
-    from zephyr.feedback.judge import JudgeClient, check_logprobs_judge
+    from zephyr.feedback.judge import check_logprobs_judge
     from zephyr.generation import make_generator
 
     if limit is not None and limit < 1:
@@ -243,30 +243,8 @@ def run_alpaca_eval(
     if judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
         judge_generator = judge_generator or make_generator(judge)
         check_logprobs_judge(judge_generator, judge)
-    generator = model_generator or make_generator(model)
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-    completions = generator.generate([[{"role": "user", "content": i.instruction}] for i in items], params)
-    write_jsonl(
-        out / "outputs.jsonl", [_output_record(i, c, model) for i, c in zip(items, completions, strict=True)]
-    )
-    failed = [i.index for i, c in zip(items, completions, strict=True) if not c.ok]
-    if failed:  # an empty answer would be judged as if the model wrote it
-        raise ZephyrError(f"{model}: generation failed for items {failed} (see {out / 'outputs.jsonl'})")
-    outputs = [c.text for c in completions]
-
-    audit = out / "judge_audit.jsonl"
-    audit.unlink(missing_ok=True)  # the client appends; one run's calls only
-    kwargs = spec.completions_kwargs
-    judge_params = SamplingParams(
-        max_tokens=int(kwargs.get("max_tokens", 100)), temperature=float(kwargs.get("temperature", 0.0))
-    )
-    client = JudgeClient(
-        judge_generator or make_generator(judge),
-        judge_params,
-        judge_id=f"{judge}|{spec.name}" + ("|logprobs" if judge_mode == "logprobs" else ""),
-        audit_path=audit,
-        candidates=("1", "2") if judge_mode == "logprobs" else (),
-    )
+    outputs = _answer(model_generator or make_generator(model), model, items, max_new_tokens, out)
+    client = _judge_client(spec, judge_generator or make_generator(judge), judge, judge_mode, out)
     records = judge_items(spec, items, outputs, client, seed, mode=judge_mode)
     write_jsonl(out / "annotations.jsonl", records)
 
@@ -287,6 +265,41 @@ def run_alpaca_eval(
     write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_text(out / "results.md", results_markdown(results))
     return results
+
+
+def _answer(
+    generator: Generator, model: str, items: list[EvalItem], max_new_tokens: int, out: Path
+) -> list[str]:
+    """The model's greedy answers, written to `out/outputs.jsonl`; a failed answer stops the run."""
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    completions = generator.generate([[{"role": "user", "content": i.instruction}] for i in items], params)
+    write_jsonl(
+        out / "outputs.jsonl", [_output_record(i, c, model) for i, c in zip(items, completions, strict=True)]
+    )
+    failed = [i.index for i, c in zip(items, completions, strict=True) if not c.ok]
+    if failed:  # an empty answer would be judged as if the model wrote it
+        raise ZephyrError(f"{model}: generation failed for items {failed} (see {out / 'outputs.jsonl'})")
+    return [c.text for c in completions]
+
+
+def _judge_client(spec: ae.Annotator, generator: Generator, judge: str, judge_mode: str, out: Path):
+    """The judge with the annotator's sampling settings, auditing into `out/judge_audit.jsonl`."""
+    from zephyr.feedback.judge import JudgeClient
+
+    audit = out / "judge_audit.jsonl"
+    audit.unlink(missing_ok=True)  # the client appends; one run's calls only
+    kwargs = spec.completions_kwargs
+    params = SamplingParams(
+        max_tokens=int(kwargs.get("max_tokens", 100)), temperature=float(kwargs.get("temperature", 0.0))
+    )
+    logprobs = judge_mode == "logprobs"
+    return JudgeClient(
+        generator,
+        params,
+        judge_id=f"{judge}|{spec.name}" + ("|logprobs" if logprobs else ""),
+        audit_path=audit,
+        candidates=("1", "2") if logprobs else (),
+    )
 
 
 def _output_record(item: EvalItem, completion, model: str) -> dict[str, Any]:
