@@ -628,14 +628,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             f"| {category} | {_fmt(s['score'])} | {_fmt(s.get('turn_1'))} | {_fmt(s.get('turn_2'))} "
             f"| {s['n_scored']} | {s['n_failed']} |"
         )
-    if results["failures"]:
-        lines += ["", "Failures (not in the means):", ""]
-        lines += [
-            f"- question {f['question_id']} turn {f['turn']}: {f['reason']}" for f in results["failures"]
-        ]
-    if results.get("missing"):
-        lines += ["", f"Missing judgments: {len(results['missing'])}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _failure_lines(results, "Failures (not in the means)", "judgments")) + "\n"
 
 
 def _mode_note(results: Mapping[str, Any]) -> str:
@@ -679,14 +672,20 @@ def pairwise_markdown(results: Mapping[str, Any]) -> str:
         header[1],
         *(_pair_row(category, s) for category, s in results["categories"].items()),
     ]
+    return "\n".join(lines + _failure_lines(results, "Failed games (not in the rates)", "games")) + "\n"
+
+
+def _failure_lines(results: Mapping[str, Any], title: str, what: str) -> list[str]:
+    """The Markdown list of failed turns and the count of missing ones, under the results tables."""
+    lines = []
     if results["failures"]:
-        lines += ["", "Failed games (not in the rates):", ""]
+        lines += ["", f"{title}:", ""]
         lines += [
             f"- question {f['question_id']} turn {f['turn']}: {f['reason']}" for f in results["failures"]
         ]
     if results.get("missing"):
-        lines += ["", f"Missing games: {len(results['missing'])}"]
-    return "\n".join(lines) + "\n"
+        lines += ["", f"Missing {what}: {len(results['missing'])}"]
+    return lines
 
 
 def _plot(results: Mapping[str, Any], path: Path) -> None:
