@@ -8,11 +8,15 @@ AdamW's states are bf16 in both (the configuration in which TRL fits 7B on one H
 
 Engines:
 - `zephyr`: no padding (one packed row per step through the varlen flash kernel), each prompt run once per
-  pair (prefix sharing), the LM head only on answer tokens in chunks, no gradient checkpointing, fused AdamW.
+  pair (prefix sharing), the LM head only on answer tokens in chunks, no gradient checkpointing, the
+  stochastically rounded bf16 AdamW of `master_weights: bf16`.
 - `zephyr-ckpt`: the same with gradient checkpointing (the configuration that stays within TRL's memory).
+- `zephyr-half`, `zephyr-compile`: checkpointing every second layer; compiled decoder layers (not run by
+  default).
 - `zephyr-noshare`: `zephyr` without prefix sharing (not run by default; for the ablation).
 - `trl`: DPOTrainer with `precompute_ref_log_probs`, SDPA attention, padded batches (its `padding_free` is
-  disabled in 1.16), fused AdamW, gradient checkpointing on 7B (without it the padded 7B step runs out of
+  disabled in 1.16), fused AdamW (rounded to nearest: at the recipe's 5e-7 its bf16 weights would not move,
+  which a speed comparison does not see), gradient checkpointing on 7B (without it the padded 7B step runs out of
   memory on an H200). TRL takes the pairs as token ids (its text tokenization is not timed) and visits them in
   order; its weight hash for the reference cache key (a sha256 over 29 GB at 7B) is replaced by a random key,
   which is neither timed nor reused.
@@ -38,7 +42,7 @@ sys.path.insert(1, str(HERE.parent / "src"))  # runs from a checkout without ins
 import measure  # noqa: E402
 import shapes  # noqa: E402
 
-ENGINES = ("zephyr", "zephyr-ckpt", "zephyr-noshare", "trl")
+ENGINES = {**measure.ENGINES, "zephyr-noshare": measure.Engine(prefix_sharing=False)}
 BETA = 0.1
 LEARNING_RATE = 5e-7  # the recipe's; a speed benchmark is indifferent to it
 
@@ -47,7 +51,7 @@ def parse_args(argv: list[str] | None = None):
     p = measure.parser(__doc__)
     p.add_argument("--pairs-per-step", type=int, default=8)
     p.add_argument("--ref-batch-size", type=int, default=32, help="pairs per forward of the reference pass")
-    measure.add_run_arguments(p, ENGINES)
+    measure.add_run_arguments(p, (*ENGINES, "trl"))
     return p.parse_args(argv)
 
 
@@ -106,14 +110,14 @@ def run_zephyr(args, engine: str) -> measure.Result:
     from zephyr.training.logps import compute_logps
     from zephyr.training.reference import PrecomputedReference
 
-    sharing = engine != "zephyr-noshare"
-    checkpointing = engine == "zephyr-ckpt"
+    settings = ENGINES[engine]
+    sharing = settings.prefix_sharing
     pairs, _ = make_pairs(args)
     model, result = measure.start_run(
         args,
         engine,
         f"varlen, {'prompt shared' if sharing else 'no sharing'}",
-        checkpointing=checkpointing,
+        checkpointing=settings.describe(),
         attn_implementation=register_packed_attention(),
         units_per_step=args.pairs_per_step,
         total_units=len(pairs),
@@ -131,9 +135,7 @@ def run_zephyr(args, engine: str) -> measure.Result:
     groups = [
         [(i, pairs[i]) for i in range(step * n, (step + 1) * n)] for step in range(args.warmup + args.steps)
     ]
-    measure.time_zephyr(
-        model, task, groups, checkpointing=checkpointing, learning_rate=LEARNING_RATE, result=result
-    )
+    measure.time_zephyr(model, task, groups, engine=settings, learning_rate=LEARNING_RATE, result=result)
     return result
 
 
@@ -224,7 +226,7 @@ def run_trl(args) -> measure.Result:
 
 def main(argv: list[str] | None = None) -> None:
     table = measure.Table("DPO training", "pairs", describe, epoch=True)
-    measure.main(argv, __file__, parse_args, ENGINES, run_zephyr, run_trl, table)
+    measure.main(argv, __file__, parse_args, (*ENGINES, "trl"), run_zephyr, run_trl, table)
 
 
 if __name__ == "__main__":

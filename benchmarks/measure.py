@@ -65,12 +65,36 @@ def _reset_peak_statistics() -> None:
 
 def device_and_dtype():
     """Where and in what both engines train: bf16 weights and AdamW states on CUDA (the configuration in which
-    TRL fits 7B on one H200), fp32 on the CPU."""
+    TRL fits 7B on one H200; zephyr's is `master_weights: bf16`, with stochastic rounding), fp32 on the CPU."""
     import torch
 
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How a zephyr engine trains: what the recipe options `gradient_checkpointing(_ratio)`, `compile` and
+    `prefix_sharing` set."""
+
+    checkpointing: float = 0.0  # share of decoder layers checkpointed; 0: none
+    compile: bool = False
+    prefix_sharing: bool = True  # DPO only
+
+    def describe(self) -> str:
+        ckpt = {0.0: "no checkpointing", 1.0: "checkpointing"}.get(
+            self.checkpointing, f"checkpointing {self.checkpointing:g} of layers"
+        )
+        return ckpt + (", compiled layers" if self.compile else "")
+
+
+ENGINES = {
+    "zephyr": Engine(),
+    "zephyr-ckpt": Engine(checkpointing=1.0),
+    "zephyr-half": Engine(checkpointing=0.5),
+    "zephyr-compile": Engine(compile=True),
+}
 
 
 @dataclass
@@ -136,13 +160,13 @@ def start_run(
     engine: str,
     config: str,
     *,
-    checkpointing: bool,
+    checkpointing: str,
     attn_implementation: str,
     units_per_step: int,
     total_units: int = 0,
 ):
     """A fresh random model of `args.shape` on `device_and_dtype()` (the peak memory statistics reset before
-    it), and its engine's empty `Result`, described as `config` plus checkpointing and dtype."""
+    it), and its engine's empty `Result`, described as `config` plus `checkpointing` (in words) and dtype."""
     device, dtype = device_and_dtype()
     reset_peak_memory()
     model = shapes.build_model(
@@ -150,10 +174,7 @@ def start_run(
     )
     result = Result(
         engine=engine,
-        config=(
-            f"{config}, {'checkpointing' if checkpointing else 'no checkpointing'}, "
-            f"{str(dtype).removeprefix('torch.')}"
-        ),
+        config=f"{config}, {checkpointing}, {str(dtype).removeprefix('torch.')}",
         parameters=shapes.count_parameters(model),
         units_per_step=units_per_step,
         warmup=args.warmup,
@@ -168,7 +189,7 @@ def start_trl(args, config: str, *, units_per_step: int, total_units: int = 0):
         args,
         "trl",
         config,
-        checkpointing=trl_checkpointing(args),
+        checkpointing="checkpointing" if trl_checkpointing(args) else "no checkpointing",
         attn_implementation="sdpa",
         units_per_step=units_per_step,
         total_units=total_units,
@@ -198,22 +219,23 @@ def sdpa_check(what: str, model, ours: Callable, theirs: Callable) -> str:
     return f"{what} vs padded SDPA, max rel diff {worst:.1e} (limit {tolerance:g})"
 
 
-def time_zephyr(
-    model, task, groups: list, *, checkpointing: bool, learning_rate: float, result: Result
-) -> None:
-    """Train `model` one optimizer step per group of examples through zephyr's `loop.train_step` (AdamW,
-    fused on CUDA, clipping at 1.0), each step timed from collating its group to the optimizer's update."""
-    import torch
+def time_zephyr(model, task, groups: list, *, engine: Engine, learning_rate: float, result: Result) -> None:
+    """Train `model` one optimizer step per group of examples through zephyr's `loop.train_step` (the
+    `StochasticAdamW` of `master_weights: bf16`, clipping at 1.0), each step timed from collating its group to
+    the optimizer's update. Compiled layers compile in the warm-up steps."""
     from accelerate import Accelerator
     from accelerate.utils import send_to_device
 
-    from zephyr.training.loop import train_step
+    from zephyr.training.loop import _compile_layers, _enable_checkpointing, train_step
+    from zephyr.training.optim import StochasticAdamW
 
     device = model.device
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if engine.checkpointing:
+        _enable_checkpointing(model, engine.checkpointing)
+    if engine.compile:
+        _compile_layers(model)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device.type == "cuda" or None)
+    optimizer = StochasticAdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     accelerator = Accelerator(cpu=device.type == "cpu")
     _reset_peak_statistics()
     for step, group in enumerate(groups):
@@ -497,7 +519,7 @@ def format_tables(
     if epoch:
         lines += [
             "",
-            f"Reference pass + one epoch ({base.total_units if base else '?'} {unit})",
+            f"Reference pass + one epoch ({max(r.total_units for r in results)} {unit})",
             "",
             f"| engine | reference pass s | {unit}/s (reference + epoch) | speed-up vs {baseline} |",
             "|---|---:|---:|---:|",

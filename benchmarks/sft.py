@@ -9,8 +9,11 @@ the CPU, fp32.
 
 Engines:
 - `zephyr`: the bins of a step as one row through the varlen flash kernel (no attention across documents,
-  no padding), the LM head only on answer tokens in chunks, no gradient checkpointing, fused AdamW.
+  no padding), the LM head only on answer tokens in chunks, no gradient checkpointing, the
+  stochastically rounded bf16 AdamW of `master_weights: bf16`.
 - `zephyr-ckpt`: the same with gradient checkpointing.
+- `zephyr-half`, `zephyr-compile`: checkpointing every second layer; compiled decoder layers (not run by
+  default).
 - `trl`: SFTTrainer with `packing_strategy="bfd"` (padding-free rows with per-document positions), SDPA
   attention, fused AdamW, gradient checkpointing on 7B. TRL takes the conversations as token ids and labels
   (its text tokenization is not timed), packs them with its own BFD and visits the bins in order.
@@ -34,14 +37,14 @@ sys.path.insert(1, str(HERE.parent / "src"))  # runs from a checkout without ins
 import measure  # noqa: E402
 import shapes  # noqa: E402
 
-ENGINES = ("zephyr", "zephyr-ckpt", "trl")
+ENGINES = measure.ENGINES
 LEARNING_RATE = 2e-5  # the recipe's
 
 
 def parse_args(argv: list[str] | None = None):
     p = measure.parser(__doc__)
     p.add_argument("--bins-per-step", type=int, default=4)
-    measure.add_run_arguments(p, ENGINES)
+    measure.add_run_arguments(p, (*ENGINES, "trl"))
     return p.parse_args(argv)
 
 
@@ -115,7 +118,7 @@ def run_zephyr(args, engine: str) -> measure.Result:
     from zephyr.training.attention import register_packed_attention
     from zephyr.training.sft import pack_documents
 
-    checkpointing = engine == "zephyr-ckpt"
+    settings = ENGINES[engine]
     docs, lengths = make_documents(args)
     bins = pack_documents(docs, lengths.max_length)
     steps, n = args.warmup + args.steps, args.bins_per_step
@@ -125,14 +128,14 @@ def run_zephyr(args, engine: str) -> measure.Result:
         args,
         engine,
         "varlen packed",
-        checkpointing=checkpointing,
+        checkpointing=settings.describe(),
         attn_implementation=register_packed_attention(),
         units_per_step=n,
     )
     result.check = packed_check(model, bins[0])
     groups = [bins[step * n : (step + 1) * n] for step in range(steps)]
     measure.time_zephyr(
-        model, BenchTask(), groups, checkpointing=checkpointing, learning_rate=LEARNING_RATE, result=result
+        model, BenchTask(), groups, engine=settings, learning_rate=LEARNING_RATE, result=result
     )
     return result
 
@@ -177,7 +180,7 @@ def run_trl(args) -> measure.Result:
 
 def main(argv: list[str] | None = None) -> None:
     table = measure.Table("SFT training", "bins", describe)
-    measure.main(argv, __file__, parse_args, ENGINES, run_zephyr, run_trl, table)
+    measure.main(argv, __file__, parse_args, (*ENGINES, "trl"), run_zephyr, run_trl, table)
 
 
 if __name__ == "__main__":

@@ -481,6 +481,8 @@ def test_check_output_dir_floor_and_checkpoint_size(tmp_path, monkeypatch, tiny_
     model.model.embed_tokens.weight.requires_grad_(False)  # frozen weights have no optimizer state
     frozen = model.model.embed_tokens.weight.numel()
     assert checkpoint_bytes(model, torch.float32) == n * 8 + (n - frozen) * 8
+    # bf16 master weights: the folder, accelerate's copy and both moments in bf16
+    assert checkpoint_bytes(model.bfloat16(), torch.bfloat16) == n * (2 + 2) + (n - frozen) * 4
 
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=5000))

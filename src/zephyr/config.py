@@ -90,7 +90,14 @@ class TrainingConfig:
     adam_epsilon: float = bounded(1e-8, gt=0)
     max_grad_norm: float | None = bounded(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    # fp32: bf16 compute over fp32 weights and AdamW moments (16 bytes a parameter). bf16: weights, gradients
+    # and moments in bf16 (8 bytes), stores stochastically rounded so small updates are not lost (docs/training.md)
+    master_weights: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
+    # share of the decoder layers that recompute their activations when gradient_checkpointing is on (evenly
+    # spaced); the others keep them: less recompute where memory allows
+    gradient_checkpointing_ratio: float = bounded(1.0, gt=0, le=1)
+    compile: bool = False  # torch.compile each decoder layer (dynamic shapes); pays on long runs on a GPU
     seed: int = 42
     logging_steps: int = bounded(1, ge=1)
     eval_steps: int | None = bounded(None, ge=1)
@@ -99,6 +106,12 @@ class TrainingConfig:
     trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     lora: LoraConfig | None = None
     trust_remote_code: bool = False  # only ever true when a recipe says so
+
+    def validate(self, where: str) -> None:
+        if self.master_weights == "bf16" and self.precision == "fp32":
+            raise ConfigError(
+                f"{where}.master_weights: bf16 weights contradict precision fp32; use auto or bf16"
+            )
 
 
 @dataclass
@@ -133,6 +146,7 @@ class DPOConfig(TrainingConfig):
     lr_scheduler: Literal["cosine", "linear", "constant"] = "linear"  # paper: linear, 10% warmup
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"{where}.max_prompt_length: must be < max_length ({self.max_length})")
         if self.loss == "simpo" and self.reference != "none":

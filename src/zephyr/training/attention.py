@@ -139,8 +139,10 @@ def _segments(query: torch.Tensor, kwargs: dict[str, Any]) -> Segments | None:
     if cu_q is None:
         return None
     kv_index = kwargs.get("shared_kv_index")
-    # (totals are checked only on CPU: reading a CUDA tensor would synchronise in every layer)
-    if query.shape[0] != 1 or (not cu_q.is_cuda and int(cu_q[-1]) != query.shape[2]):
+    # Totals are checked only eagerly on the CPU: reading a CUDA tensor would synchronise in every layer, and
+    # reading any tensor breaks a compiled layer's graph.
+    check = not cu_q.is_cuda and not torch.compiler.is_compiling()
+    if query.shape[0] != 1 or (check and int(cu_q[-1]) != query.shape[2]):
         raise ValueError(
             f"cu_seq_lens_q {cu_q.tolist()} does not describe a packed row of shape {tuple(query.shape[::2])}"
             " (batch, tokens): packed batches are one row holding every token"
@@ -157,7 +159,7 @@ def _segments(query: torch.Tensor, kwargs: dict[str, Any]) -> Segments | None:
         return Segments(cu_q, cu_q, int(max_q), int(max_q))
     if cu_k is None or cu_k.numel() != cu_q.numel():
         raise ValueError("shared_kv_index needs cu_seq_lens_k with one key segment per query segment")
-    if not cu_k.is_cuda and int(cu_k[-1]) != kv_index.numel():
+    if check and int(cu_k[-1]) != kv_index.numel():
         raise ValueError(
             f"cu_seq_lens_k ends at {int(cu_k[-1])}, shared_kv_index holds {kv_index.numel()} keys"
         )

@@ -215,7 +215,8 @@ class DPOTask:
         spec = self.cfg.ref_model or self.cfg.model
         model = load_model(
             spec,
-            dtype=torch.float32,  # as the policy's master weights; bf16 comes from the run's autocast
+            # as the policy's weights: fp32 masters take bf16 compute from the run's autocast
+            dtype=torch.bfloat16 if self.cfg.master_weights == "bf16" else torch.float32,
             trust_remote_code=self.cfg.trust_remote_code,
             attn_implementation=self.attn_implementation,
         )
@@ -272,7 +273,7 @@ class DPOTask:
             template=str(getattr(self.tokenizer, "chat_template", "") or ""),
             max_length=self.cfg.max_length,
             max_prompt_length=self.cfg.max_prompt_length,
-            precision=str(getattr(accelerator, "mixed_precision", "no")),
+            precision=_precision(accelerator, self.cfg),
             device_type=torch.device(accelerator.device).type,
             prefix_sharing=self.prefix_sharing,
         )
@@ -311,3 +312,9 @@ def run_dpo(cfg: DPOConfig, resume: bool = False):
     from zephyr.training.loop import train
 
     return train(DPOTask(cfg, resume=resume), cfg, resume=resume)
+
+
+def _precision(accelerator: Any, cfg: DPOConfig) -> str:
+    """The reference cache key's precision: the run's autocast, and the weights' dtype when not fp32."""
+    mixed = str(getattr(accelerator, "mixed_precision", "no"))
+    return mixed if cfg.master_weights == "fp32" else f"{mixed}, bf16 weights"

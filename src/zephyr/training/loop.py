@@ -44,6 +44,7 @@ from zephyr.training.checkpoint import (
     save_checkpoint,
     save_final,
 )
+from zephyr.training.optim import StochasticAdamW
 from zephyr.training.task import StepOutput, TrainingTask
 
 
@@ -193,6 +194,11 @@ def _make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and cfg.master_weights == "bf16":
+        raise ConfigError(
+            "master_weights: bf16 weights are for one GPU, DDP and FSDP; DeepSpeed keeps its own fp32 master "
+            "weights (set master_weights: fp32)"
+        )
     if plugin is not None:
         # the recipe, not the launch config, decides the micro-batch and the clipping
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
@@ -221,13 +227,40 @@ def _apply_lora(model: torch.nn.Module, cfg: TrainingConfig) -> torch.nn.Module:
     return peft.get_peft_model(model, peft_config)
 
 
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    """Activation checkpointing of every decoder layer (non-reentrant: works with frozen inputs and LoRA)."""
+def checkpointed_layers(n_layers: int, ratio: float) -> list[bool]:
+    """Which of `n_layers` decoder layers recompute their activations: `ratio` of them, evenly spaced (layer i
+    when floor((i + 1)·ratio) > floor(i·ratio)), e.g. every second layer for 0.5, all for 1."""
+    return [int((i + 1) * ratio + 1e-9) > int(i * ratio + 1e-9) for i in range(n_layers)]
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, in order: the modules transformers checkpoints."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _enable_checkpointing(model: torch.nn.Module, ratio: float) -> None:
+    """Activation checkpointing of `ratio` of the decoder layers (non-reentrant: works with frozen inputs and
+    LoRA)."""
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.24's name
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    for layer, on in zip(layers, checkpointed_layers(len(layers), ratio), strict=True):
+        layer.gradient_checkpointing = on  # transformers' per-layer switch
+
+
+def _compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (regional compilation: one layer's graph, compiled once and
+    reused by all, instead of the whole model's). Dynamic shapes: every step's packed length differs."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(f"compile: {type(model).__name__} has no transformers decoder layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
 
 
 def _load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
@@ -235,13 +268,16 @@ def _load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
 
     model = models.load_model(
         cfg.model,
-        dtype=torch.float32,  # master weights; bf16 compute comes from autocast
+        # fp32 master weights take bf16 compute from autocast; bf16 weights go with `StochasticAdamW`
+        dtype=torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=getattr(task, "attn_implementation", None),
     )
     models.configure_generation(model, task.tokenizer)  # eos = the template's end of turn, saved with it
     if cfg.gradient_checkpointing:
-        _enable_checkpointing(model)
+        _enable_checkpointing(model, cfg.gradient_checkpointing_ratio)
+    if cfg.compile:
+        _compile_layers(model)
     if cfg.lora is not None:
         model = _apply_lora(model, cfg)
     model.train()
@@ -249,11 +285,20 @@ def _load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW; with weight decay, biases and norm weights (1-d tensors) are not decayed."""
+    """AdamW (with bf16 master weights, its stochastically rounded form); with weight decay, biases and norm
+    weights (1-d tensors) are not decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.master_weights == "bf16":
+        return StochasticAdamW(
+            [g for g in groups if g["params"]],
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            seed=cfg.seed,
+        )
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=cfg.learning_rate,
@@ -492,11 +537,13 @@ def _remaining_steps(
 
 
 def checkpoint_bytes(model: torch.nn.Module, save_dtype: torch.dtype) -> int:
-    """Bytes one checkpoint takes: the model folder in `save_dtype`, accelerate's fp32 copy of the weights
-    and AdamW's two fp32 moments of the trainable parameters (the preflight's free-space floor)."""
+    """Bytes one checkpoint takes: the model folder in `save_dtype`, accelerate's copy of the weights and
+    AdamW's two moments of the trainable parameters, both in the weights' dtype (the preflight's free-space
+    floor)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total * (save_dtype.itemsize + 4) + trainable * 8
+    weight = next(model.parameters()).element_size()
+    return total * (save_dtype.itemsize + weight) + trainable * 2 * weight
 
 
 def _diverged(exc: TrainingDiverged, out_dir: Path) -> TrainingDiverged:
@@ -596,7 +643,7 @@ def _set_up(task: TrainingTask, cfg: TrainingConfig, out_dir: Path, resume: bool
 
     io.check_output_dir(out_dir)  # before the model loads: an unwritable folder fails in a second
     precision = resolve_precision(cfg.precision)
-    save_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    save_dtype = torch.bfloat16 if "bf16" in (precision, cfg.master_weights) else torch.float32
     accelerator = _make_accelerator(cfg, precision)
     ckpt = _resume_point(out_dir, resume)
     set_seed(cfg.seed)

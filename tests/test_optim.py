@@ -1,0 +1,152 @@
+"""StochasticAdamW and stochastic rounding: exact where nothing rounds, unbiased where it does, and the reason it
+exists: bf16 AdamW rounded to nearest loses small updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zephyr.training.optim import StochasticAdamW, adamw_math, stochastic_round
+
+ULP_BELOW_1 = 2.0**-8  # bf16's spacing in [0.5, 1)
+ULP_ABOVE_1 = 2.0**-7  # in [1, 2)
+
+
+def test_bf16_values_round_to_themselves():
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(10_000, generator=g).to(torch.bfloat16).float()
+    special = (
+        torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.0, -2.5, 3.0e38]).to(torch.bfloat16).float()
+    )
+    for x in (exact, special):
+        assert torch.equal(stochastic_round(x, g).float(), x)
+    assert torch.isnan(stochastic_round(torch.tensor([float("nan")]), g).float()).all()
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rounds_to_a_neighbour_with_the_probability_of_its_share(sign):
+    # 1 + ¼ ulp: up (1 + 1 ulp) with probability ¼, down (1.0) with ¾; the sign only mirrors it
+    x = torch.full((200_000,), sign * (1.0 + 0.25 * ULP_ABOVE_1))
+    out = stochastic_round(x, torch.Generator().manual_seed(1)).float()
+    up, down = sign * (1.0 + ULP_ABOVE_1), sign * 1.0
+    assert set(out.unique().tolist()) == {up, down}
+    share_up = float((out == up).double().mean())
+    assert abs(share_up - 0.25) < 0.005  # 5 standard deviations of 200,000 draws
+    assert abs(float(out.double().mean()) - float(x[0])) < 0.005 * ULP_ABOVE_1
+
+
+def test_stochastic_round_takes_only_fp32():
+    with pytest.raises(TypeError, match="fp32"):
+        stochastic_round(torch.ones(2, dtype=torch.float64))
+
+
+def _model_pair(dtype: torch.dtype, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+    b = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 8, generator=g).to(next(model.parameters()).dtype)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _groups(model: torch.nn.Module) -> list[dict]:
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if p.ndim == 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0},
+    ]
+
+
+def test_fp32_steps_are_torch_adamw():
+    ours, theirs = _model_pair(torch.float32)
+    hyper = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6}
+    _train(ours, StochasticAdamW(_groups(ours), **hyper), steps=5)
+    _train(theirs, torch.optim.AdamW(_groups(theirs), **hyper), steps=5)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_math_first_step_by_hand():
+    # step 1: m̂ = g, v̂ = g², so the update is lr·g/(|g| + eps) = ±lr; decay first: p·(1 − lr·wd)
+    p, g = torch.tensor([1.0, -2.0]), torch.tensor([0.5, -4.0])
+    new_p, m, v = adamw_math(
+        p, g, torch.zeros(2), torch.zeros(2), step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=0.0, weight_decay=0.5
+    )
+    torch.testing.assert_close(new_p, torch.tensor([1.0 * 0.95 - 0.1, -2.0 * 0.95 + 0.1]))
+    torch.testing.assert_close(m, torch.tensor([0.05, -0.4]))
+    torch.testing.assert_close(v, torch.tensor([0.0025, 0.16]))
+
+
+def test_a_bf16_step_is_the_fp32_step_within_one_ulp():
+    ours, reference = _model_pair(torch.bfloat16)
+    reference.float()
+    hyper = {"lr": 1e-3, "weight_decay": 0.01}
+    _train(ours, StochasticAdamW(ours.parameters(), **hyper), steps=1)
+    _train(reference, torch.optim.AdamW(reference.parameters(), **hyper), steps=1)
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        # the fp32 run saw the same bf16 inputs and weights; its result lies between our two neighbours
+        ulp = torch.finfo(torch.bfloat16).eps * b.detach().abs().clamp_min(1e-30)
+        assert ((a.float() - b).abs() <= ulp * 1.0001).all()
+
+
+def test_small_updates_accumulate_in_expectation_where_rounding_to_nearest_loses_them():
+    """Weights at 1.0 and a constant gradient: each AdamW step moves them by lr = 1e-4, a twentieth of
+    bf16's half-spacing below 1. Rounded to nearest (torch's AdamW on bf16 weights) nothing ever moves; with
+    stochastic rounding the mean follows the fp32 run's 1 − 100·lr = 0.99."""
+    steps, lr = 100, 1e-4
+    results = {}
+    for name, make in {"nearest": torch.optim.AdamW, "stochastic": StochasticAdamW}.items():
+        weight = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+        optimizer = make([weight], lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            weight.grad = torch.ones_like(weight)
+            optimizer.step()
+        results[name] = float(weight.detach().double().mean())
+    assert results["nearest"] == 1.0
+    assert abs(results["stochastic"] - (1 - steps * lr)) < 1e-3  # spread of the mean: ~2e-4
+    assert lr < ULP_BELOW_1 / 2 / 10
+
+
+def test_same_seed_same_weights_and_a_resumed_optimizer_continues_exactly():
+    whole, resumed = _model_pair(torch.bfloat16)
+    opt_whole = StochasticAdamW(whole.parameters(), lr=1e-3, seed=7)
+    _train(whole, opt_whole, steps=4)
+
+    first = StochasticAdamW(resumed.parameters(), lr=1e-3, seed=7)
+    _train(resumed, first, steps=2)
+    state = first.state_dict()
+    again = StochasticAdamW(resumed.parameters(), lr=1e-3, seed=7)  # as after a restart
+    again.load_state_dict(state)
+    # the data of steps 3 and 4: continue the generator of the uninterrupted run's inputs
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        torch.randn(32, 8, generator=g)
+    for _ in range(2):
+        resumed(torch.randn(32, 8, generator=g).to(torch.bfloat16)).pow(2).mean().backward()
+        again.step()
+        again.zero_grad()
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    other, _ = _model_pair(torch.bfloat16)
+    _train(other, StochasticAdamW(other.parameters(), lr=1e-3, seed=8), steps=4)
+    assert any(not torch.equal(a, b) for a, b in zip(whole.parameters(), other.parameters(), strict=True))
+
+
+def test_big_tensors_are_stepped_in_chunks(monkeypatch):
+    import zephyr.training.optim as optim
+
+    ours, theirs = _model_pair(torch.float32)
+    monkeypatch.setattr(optim, "CHUNK", 5)  # every tensor in several pieces, the last one short
+    _train(ours, StochasticAdamW(ours.parameters(), lr=1e-2), steps=3)
+    _train(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-2), steps=3)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

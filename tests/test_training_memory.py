@@ -1,0 +1,170 @@
+"""Training options that trade memory for speed: bf16 master weights (StochasticAdamW), checkpointing a share
+of the decoder layers, and compiled decoder layers. Each must train the same model as the plain loop."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_llama
+from zephyr.config import SFTConfig, load_recipe
+from zephyr.errors import ConfigError
+from zephyr.tracking import read_metrics
+from zephyr.training.loop import _enable_checkpointing, checkpointed_layers, decoder_layers, train
+from zephyr.training.sft import SFTTask
+
+TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
+PAIRS = Path(__file__).parents[1] / "recipes" / "data" / "tiny_pairs.jsonl"
+
+
+def sft_config(model_dir: Path, out: Path, **overrides) -> SFTConfig:
+    values = dict(
+        model=str(model_dir),
+        train_data=str(TINY_CHAT),
+        output_dir=str(out),
+        max_samples=12,
+        max_length=96,
+        per_device_batch_size=2,
+        learning_rate=5e-3,
+        warmup_ratio=0.0,
+        precision="auto",  # fp32 on the CPU
+        seed=3,
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def train_losses(cfg: SFTConfig) -> list[float]:
+    result = train(SFTTask(cfg), cfg)
+    return [m["loss"] for m in read_metrics(result.metrics_path) if "loss" in m]
+
+
+# --- selective checkpointing -----------------------------------------------------------------------------
+
+
+def test_checkpointed_layers_by_hand():
+    assert checkpointed_layers(4, 1.0) == [True] * 4
+    assert checkpointed_layers(6, 0.5) == [False, True] * 3
+    assert checkpointed_layers(8, 0.25) == [False, False, False, True] * 2
+    assert checkpointed_layers(3, 1 / 3) == [False, False, True]
+    assert checkpointed_layers(5, 0.4) == [False, False, True, False, True]  # floor(i·0.4): 0,0,0,1,1,2
+    assert sum(checkpointed_layers(32, 0.75)) == 24
+
+
+def _saved_elements(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Elements the forward keeps for backward: a checkpointed layer keeps only its input."""
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return saved[0]
+
+
+def test_a_share_of_layers_recomputes_and_the_gradients_are_unchanged():
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    saved, grads = {}, {}
+    for ratio in (None, 0.5, 1.0):
+        model = make_tiny_llama(64, num_hidden_layers=4).train()
+        if ratio is not None:
+            _enable_checkpointing(model, ratio)
+        saved[ratio] = _saved_elements(model, ids)
+        grads[ratio] = [p.grad.clone() for p in model.parameters()]
+        flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
+        assert flags == {None: [False] * 4, 0.5: [False, True] * 2, 1.0: [True] * 4}[ratio]
+    # identical layers: checkpointing half of them keeps exactly halfway between none and all
+    assert saved[1.0] < saved[0.5] < saved[None]
+    assert saved[0.5] * 2 == saved[None] + saved[1.0]
+    for ratio in (0.5, 1.0):
+        for a, b in zip(grads[None], grads[ratio], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_checkpointing_ratio_trains_the_same_model(tiny_model_dir, tmp_path):
+    plain = train_losses(sft_config(tiny_model_dir, tmp_path / "plain", max_steps=3))
+    half = train_losses(
+        sft_config(
+            tiny_model_dir,
+            tmp_path / "half",
+            max_steps=3,
+            gradient_checkpointing=True,
+            gradient_checkpointing_ratio=0.5,
+        )
+    )
+    assert half == pytest.approx(plain, abs=1e-6)
+
+
+# --- bf16 master weights ---------------------------------------------------------------------------------
+
+
+def test_bf16_master_weights_contradict_fp32_precision(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sft:\n  precision: fp32\n  master_weights: bf16\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"sft\.master_weights: bf16 weights contradict precision fp32"):
+        load_recipe(recipe)
+
+
+def test_bf16_master_weights_train_save_bf16_and_resume_exactly(tiny_model_dir, tmp_path):
+    cfg = sft_config(tiny_model_dir, tmp_path / "whole", max_steps=4, save_steps=2, master_weights="bf16")
+    losses = train_losses(cfg)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    final = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    moved = [k for k in final if not torch.equal(final[k], start[k].to(torch.bfloat16))]
+    assert len(moved) == len(final)  # every tensor took its updates
+
+    # a run that stopped at its step-2 checkpoint, resumed: the same rounding, the same weights
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed_cfg = sft_config(
+        tiny_model_dir, tmp_path / "resumed", max_steps=4, save_steps=2, master_weights="bf16"
+    )
+    train(SFTTask(resumed_cfg), resumed_cfg, resume=True)
+    again = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    for key, value in final.items():
+        assert torch.equal(again[key], value), key
+
+
+def test_bf16_master_weights_dpo_starts_at_ln2(tiny_model_dir, tmp_path):
+    from zephyr.config import DPOConfig
+    from zephyr.training.dpo import DPOTask
+
+    cfg = DPOConfig(
+        model=str(tiny_model_dir),
+        train_data=str(PAIRS),
+        max_samples=6,
+        per_device_batch_size=3,
+        max_steps=1,
+        output_dir=str(tmp_path / "dpo"),
+        master_weights="bf16",
+    )
+    task = DPOTask(cfg, cache_dir=tmp_path / "cache")
+    result = train(task, cfg)
+    first = next(m for m in read_metrics(result.metrics_path) if "loss" in m)
+    # policy and reference are the same bf16 weights: log-ratios 0 up to bf16 reductions in other batch shapes
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert task._load_reference(torch.device("cpu")).dtype == torch.bfloat16
+
+
+# --- compiled decoder layers -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_the_same_model(tiny_model_dir, tmp_path):
+    plain = train_losses(sft_config(tiny_model_dir, tmp_path / "plain", max_steps=2))
+    compiled = train_losses(sft_config(tiny_model_dir, tmp_path / "compiled", max_steps=2, compile=True))
+    assert compiled == pytest.approx(plain, rel=1e-5)
+    a = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "compiled" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()  # compiled in place: no wrapper prefix in the saved names
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5)  # fused kernels round differently
