@@ -8,42 +8,86 @@ same way: β2 = 0.999 shrinks the second moment by 0.1% per step, below bf16's r
 Stochastic rounding stores the upper neighbour with probability equal to the value's share of the gap, which
 makes each stored value an unbiased estimate of the fp32 result: updates accumulate in expectation.
 
-The arithmetic of a step is fp32 (in chunks, so the temporaries stay small whatever the size of a tensor);
-only the stores round. On fp32 tensors nothing rounds and the step is exactly AdamW's.
+The random bits are a counter-based hash of (element index, key), the key mixing the seed, the step and the
+tensor: the same bits on any device and in any process (DDP replicas round alike and stay identical), a
+resumed run rounds as the uninterrupted one, and the whole step compiles into one kernel per tensor on CUDA
+(reading 8 bytes and writing 6 per parameter). Elsewhere it runs eagerly, in chunks that bound the
+temporaries. The arithmetic is fp32; only the stores round. On fp32 tensors nothing rounds and the step is
+AdamW's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-# Elements per chunk of a step's fp32 temporaries: 128 MiB each, whatever the size of the tensor.
-CHUNK = 1 << 25
+logger = logging.getLogger(__name__)
+
+MASK32 = 0xFFFFFFFF
+# Elements per eager chunk: its int64 and fp32 temporaries stay at tens of MiB whatever the tensor's size.
+CHUNK = 1 << 22
 
 
-def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def mix32(x: Any) -> Any:
+    """A 32-bit integer hash (Mueller's finaliser: shifts, xors and one 27-bit multiplier, so that int64
+    products never overflow), of a Python int or an int64 tensor of values in [0, 2^32)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & MASK32
+    return (x >> 16) ^ x
+
+
+def random_bits16(index: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
+    """16 pseudo-random bits (int32 in [0, 2^16)) per element of int64 `index`, a function of (index, key)."""
+    return (mix32(mix32(index & MASK32) ^ key) & 0xFFFF).to(torch.int32)
+
+
+def stochastic_round(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """`x` (fp32) in bf16, rounded up or down at random with the probability that makes the result unbiased.
 
-    A bf16 is the upper 16 bits of an fp32. Adding a uniform random 16-bit integer to the fp32's bit pattern
+    A bf16 is the upper 16 bits of an fp32. Adding `bits`, uniform in [0, 2^16), to the fp32's bit pattern
     carries into the upper half with probability (low bits) / 2^16, the value's share of the gap to the next
     bf16 away from zero; truncating then gives that neighbour or the one towards zero. Exact bf16 values,
     infinities and NaNs are unchanged.
     """
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round takes fp32, got {x.dtype}")
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits = x.view(torch.int32) + noise
-    return bits.bitwise_and_(-(1 << 16)).view(torch.float32).to(torch.bfloat16)
+    return ((x.view(torch.int32) + bits) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)
 
 
-def store(dst: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None) -> None:
+def _store(dst: torch.Tensor, value: torch.Tensor, index: torch.Tensor, key: torch.Tensor) -> None:
     """Write fp32 `value` into `dst`: stochastically rounded when `dst` is bf16, exactly otherwise."""
     if dst.dtype == torch.bfloat16:
-        dst.copy_(stochastic_round(value, generator))
+        dst.copy_(stochastic_round(value, random_bits16(index, key)))
     else:
         dst.copy_(value)
+
+
+def adamw_flat(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    keys: torch.Tensor,
+    scalars: torch.Tensor,
+) -> None:
+    """One AdamW step of flat tensors (or chunks of them) in place, torch.optim.AdamW's formula in fp32.
+
+    `start`: the index of the first element (0-d int64); `keys`: the rounding keys of the weights and both
+    moments (int64 [3]); `scalars`: fp32 [6] = decay 1 − lr·wd, step size lr / (1 − β1^t), √(1 − β2^t), eps,
+    β1, β2. Tensors rather than numbers: a compiled step then serves every tensor, step and learning rate.
+    """
+    decay, step_size, bias2_sqrt, eps, beta1, beta2 = scalars.unbind()
+    g32 = g.float()
+    m32 = m.float().lerp(g32, 1 - beta1)
+    v32 = v.float() * beta2 + (1 - beta2) * g32 * g32
+    p32 = p.float() * decay - step_size * m32 / (v32.sqrt() / bias2_sqrt + eps)
+    index = torch.arange(p.numel(), device=p.device) + start
+    for dst, value, key in zip((p, m, v), (p32, m32, v32), keys.unbind(), strict=True):
+        _store(dst, value, index, key)
 
 
 def adamw_math(
@@ -59,24 +103,30 @@ def adamw_math(
     eps: float,
     weight_decay: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One AdamW step in fp32, torch.optim.AdamW's formula: the new (param, exp_avg, exp_avg_sq).
-    `step` counts from 1."""
-    param = param.float() * (1 - lr * weight_decay)
-    grad = grad.float()
-    exp_avg = exp_avg.float().lerp_(grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias1 = 1 - beta1**step
-    bias2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / bias1)
-    return param, exp_avg, exp_avg_sq
+    """The new (param, exp_avg, exp_avg_sq) of fp32 tensors after AdamW step `step` (from 1), unrounded."""
+    p, m, v = (t.detach().clone().float().reshape(-1) for t in (param, exp_avg, exp_avg_sq))
+    scalars = _scalars(step, lr, beta1, beta2, eps, weight_decay, param.device)
+    adamw_flat(p, grad.float().reshape(-1), m, v, torch.tensor(0), torch.zeros(3, dtype=torch.long), scalars)
+    return p.view_as(param), m.view_as(param), v.view_as(param)
+
+
+def _scalars(
+    step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, device: torch.device
+) -> torch.Tensor:
+    values = [1 - lr * weight_decay, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, beta1, beta2]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a process holds: a DTensor's (FSDP2) local shard, else the tensor itself."""
+    return getattr(t, "_local_tensor", t)
 
 
 class StochasticAdamW(torch.optim.Optimizer):
     """AdamW whose moments take the parameters' dtype; bf16 stores round stochastically (module docstring).
 
-    The random bits come from a generator seeded by (`seed`, step), so a run resumed from a checkpoint
-    (which holds the step) rounds exactly as the uninterrupted run would.
+    `fused`: run each tensor's step as one compiled kernel (default: on CUDA). If compiling fails, the step
+    warns once and runs eagerly.
     """
 
     def __init__(
@@ -87,26 +137,22 @@ class StochasticAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,  # torch.optim.AdamW's default
         seed: int = 0,
+        fused: bool | None = None,
     ):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def _seeded(self, device: torch.device, step: int) -> torch.Generator:
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        generator.manual_seed(self.seed * 1_000_003 + step)
-        return generator
+        self.fused = fused
+        self._compiled: Callable | None = None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = closure() if closure is not None else None
-        generators: dict[torch.device, torch.Generator] = {}  # seeded once per device and step
+        number = 0  # the tensor's place in the optimizer: part of its rounding key
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
+                number += 1
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -116,35 +162,36 @@ class StochasticAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = int(state["step"].item())
-                if p.device not in generators:  # the draws then follow the parameters' order
-                    generators[p.device] = self._seeded(p.device, step)
-                hyper = {
-                    "step": step,
-                    "lr": group["lr"],
-                    "beta1": beta1,
-                    "beta2": beta2,
-                    "eps": group["eps"],
-                    "weight_decay": group["weight_decay"],
-                }
-                _update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], hyper, generators[p.device])
+                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                device = tensors[0].device
+                base = mix32((self.seed * 0x9E3779B1 + step * 0x85EBCA6B + number * 3) & MASK32)
+                keys = torch.tensor([mix32((base + k) & MASK32) for k in range(3)], device=device)
+                scalars = _scalars(
+                    step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], device
+                )
+                self._update(tensors, keys, scalars)
         return loss
 
+    def _update(self, tensors: list[torch.Tensor], keys: torch.Tensor, scalars: torch.Tensor) -> None:
+        if not all(t.is_contiguous() for t in tensors):
+            raise ValueError("StochasticAdamW needs contiguous parameters, gradients and moments")
+        flats = [t.view(-1) for t in tensors]
+        device = flats[0].device
+        if self._use_fused(device):
+            try:
+                self._compiled_step()(*flats, torch.zeros((), dtype=torch.long, device=device), keys, scalars)
+                return
+            except Exception as exc:  # a compiler missing or failing: the eager step is the same math
+                logger.warning("StochasticAdamW: compiling the step failed (%s); running it eagerly", exc)
+                self.fused = False
+        for start in range(0, flats[0].numel(), CHUNK):
+            chunk = [f[start : start + CHUNK] for f in flats]
+            adamw_flat(*chunk, torch.tensor(start, device=device), keys, scalars)
 
-def _update(
-    p: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    hyper: dict[str, Any],
-    generator: torch.Generator,
-) -> None:
-    """`adamw_math` over flat chunks of one parameter, each result stored back into its own dtype."""
-    tensors = (p, grad, exp_avg, exp_avg_sq)
-    if all(t.is_contiguous() for t in tensors):
-        chunks = zip(*(t.view(-1).split(CHUNK) for t in tensors), strict=True)
-    else:  # a strided view cannot be cut into flat chunks: one piece
-        chunks = iter([tensors])
-    for chunk in chunks:
-        new = adamw_math(*chunk, **hyper)
-        for dst, value in zip((chunk[0], chunk[2], chunk[3]), new, strict=True):
-            store(dst, value, generator)
+    def _use_fused(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.fused is None else self.fused
+
+    def _compiled_step(self) -> Callable:
+        if self._compiled is None:
+            self._compiled = torch.compile(adamw_flat, dynamic=True, fullgraph=True)
+        return self._compiled
