@@ -12,31 +12,20 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
+from test_loop import sft_config as loop_sft_config
 from zephyr.config import SFTConfig, load_recipe
 from zephyr.errors import ConfigError
 from zephyr.tracking import read_metrics
 from zephyr.training.loop import _enable_checkpointing, checkpointed_layers, decoder_layers, train
 from zephyr.training.sft import SFTTask
 
-TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
 PAIRS = Path(__file__).parents[1] / "recipes" / "data" / "tiny_pairs.jsonl"
 
 
 def sft_config(model_dir: Path, out: Path, **overrides) -> SFTConfig:
-    values = dict(
-        model=str(model_dir),
-        train_data=str(TINY_CHAT),
-        output_dir=str(out),
-        max_samples=12,
-        max_length=96,
-        per_device_batch_size=2,
-        learning_rate=5e-3,
-        warmup_ratio=0.0,
-        precision="auto",  # fp32 on the CPU
-        seed=3,
-    )
-    values.update(overrides)
-    return SFTConfig(**values)
+    """test_loop's tiny SFT run, 12 conversations, no warmup, precision auto (fp32 on the CPU)."""
+    defaults = {"max_samples": 12, "warmup_ratio": 0.0, "precision": "auto"}
+    return loop_sft_config(model_dir, out, **{**defaults, **overrides})
 
 
 def train_losses(cfg: SFTConfig) -> list[float]:
