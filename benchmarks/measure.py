@@ -226,14 +226,15 @@ def time_zephyr(model, task, groups: list, *, engine: Engine, learning_rate: flo
     from accelerate import Accelerator
     from accelerate.utils import send_to_device
 
-    from zephyr.training.loop import _compile_layers, _enable_checkpointing, train_step
+    from zephyr.training.loop import train_step
     from zephyr.training.optim import StochasticAdamW
+    from zephyr.training.prepare import compile_layers, enable_checkpointing
 
     device = model.device
     if engine.checkpointing:
-        _enable_checkpointing(model, engine.checkpointing)
+        enable_checkpointing(model, engine.checkpointing)
     if engine.compile:
-        _compile_layers(model)
+        compile_layers(model)
     model.train()
     optimizer = StochasticAdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     accelerator = Accelerator(cpu=device.type == "cpu")

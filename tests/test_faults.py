@@ -472,7 +472,7 @@ def test_too_little_free_space_fails_before_training(capsys, tmp_path, tiny_mode
 
 
 def test_check_output_dir_floor_and_checkpoint_size(tmp_path, monkeypatch, tiny_llama_factory):
-    from zephyr.training.loop import checkpoint_bytes
+    from zephyr.training.prepare import checkpoint_bytes
 
     model = tiny_llama_factory(64)
     n = sum(p.numel() for p in model.parameters())

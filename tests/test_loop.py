@@ -13,15 +13,8 @@ from safetensors.torch import load_file
 from zephyr.config import SFTConfig
 from zephyr.errors import ConfigError, ZephyrError
 from zephyr.tracking import read_metrics
-from zephyr.training.loop import (
-    Schedule,
-    TrainingDiverged,
-    count_total_steps,
-    epoch_order,
-    lr_at,
-    make_schedule,
-    train,
-)
+from zephyr.training.loop import TrainingDiverged, train
+from zephyr.training.schedule import Schedule, count_total_steps, epoch_order, lr_at, make_schedule
 from zephyr.training.sft import SFTTask
 from zephyr.training.task import StepOutput
 

@@ -198,12 +198,12 @@ def test_dpo_reference_is_the_model_with_adapters_disabled(
     from zephyr.models import load_model
     from zephyr.training import logps as logps_mod
     from zephyr.training.dpo import DPOTask
-    from zephyr.training.loop import _apply_lora
+    from zephyr.training.prepare import apply_lora
 
     cfg = dpo_cfg(model_dir, pairs_file, tmp_path, reference)
     task = DPOTask(cfg, cache_dir=tmp_path / "cache")
     base = load_model(str(model_dir), attn_implementation=task.attn_implementation).eval()
-    policy = _apply_lora(load_model(str(model_dir), attn_implementation=task.attn_implementation), cfg)
+    policy = apply_lora(load_model(str(model_dir), attn_implementation=task.attn_implementation), cfg)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in policy.named_parameters():

@@ -16,7 +16,8 @@ from test_loop import sft_config as loop_sft_config
 from zephyr.config import SFTConfig, load_recipe
 from zephyr.errors import ConfigError
 from zephyr.tracking import read_metrics
-from zephyr.training.loop import _enable_checkpointing, checkpointed_layers, decoder_layers, train
+from zephyr.training.loop import train
+from zephyr.training.prepare import checkpointed_layers, decoder_layers, enable_checkpointing
 from zephyr.training.sft import SFTTask
 
 PAIRS = Path(__file__).parents[1] / "recipes" / "data" / "tiny_pairs.jsonl"
@@ -64,7 +65,7 @@ def test_a_share_of_layers_recomputes_and_the_gradients_are_unchanged():
     for ratio in (None, 0.5, 1.0):
         model = make_tiny_llama(64, num_hidden_layers=4).train()
         if ratio is not None:
-            _enable_checkpointing(model, ratio)
+            enable_checkpointing(model, ratio)
         saved[ratio] = _saved_elements(model, ids)
         grads[ratio] = [p.grad.clone() for p in model.parameters()]
         flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]

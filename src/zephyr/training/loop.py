@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -44,59 +44,13 @@ from zephyr.training.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from zephyr.training.optim import StochasticAdamW
+from zephyr.training.prepare import make_accelerator, prepare_model, resolve_precision
+from zephyr.training.schedule import Schedule, count_total_steps, epoch_order, lr_at, make_schedule
 from zephyr.training.task import StepOutput, TrainingTask
 
 
 class TrainingDiverged(ZephyrError):
     """The loss or the gradient norm stopped being a finite number."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Schedule (pure)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    kind: Literal["cosine", "linear", "constant"]
-    peak_lr: float
-    total_steps: int
-    warmup_steps: int
-
-
-def count_total_steps(steps_per_epoch: int, num_epochs: float, max_steps: int | None) -> int:
-    """Optimizer steps of the run: `max_steps`, else the (possibly fractional) epochs rounded up."""
-    if max_steps is not None:
-        return max_steps
-    return max(1, math.ceil(num_epochs * steps_per_epoch))
-
-
-def make_schedule(kind: str, peak_lr: float, total_steps: int, warmup_ratio: float) -> Schedule:
-    """Warmup is a ratio of the true number of optimizer steps, rounded up (as transformers does)."""
-    return Schedule(kind, peak_lr, total_steps, math.ceil(total_steps * warmup_ratio))  # type: ignore[arg-type]
-
-
-def lr_at(schedule: Schedule, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): transformers' schedules with warmup, exactly.
-
-    Warmup rises linearly from 0 at step 0; then cosine decays to 0 at `total_steps` (half a cycle), linear
-    decays to 0 at `total_steps`, constant stays at the peak.
-    """
-    s = schedule
-    if step < s.warmup_steps:
-        return s.peak_lr * step / max(1, s.warmup_steps)
-    if s.kind == "constant":
-        return s.peak_lr
-    progress = (step - s.warmup_steps) / max(1, s.total_steps - s.warmup_steps)
-    if s.kind == "linear":
-        return s.peak_lr * max(0.0, 1.0 - progress)
-    return s.peak_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The order in which epoch `epoch` visits `n` examples: a permutation fixed by (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,146 +120,6 @@ def peak_memory_gib() -> float:
         return torch.cuda.max_memory_allocated() / 2**30
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kib / 2**20
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Set-up: precision, accelerator, model, optimizer, data
-
-
-def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
-    """`auto` is bf16 on a CUDA device that supports it, else fp32."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return precision  # type: ignore[return-value]
-
-
-def _make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps its state as a process-wide singleton that refuses a second, different configuration;
-    # one process may train several times (a pipeline: dSFT then dDPO), so each run starts from a fresh one.
-    # The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    # bf16 is autocast over fp32 master weights (as DeepSpeed's bf16 mode keeps them): plain bf16 weights
-    # would round away AdamW updates at DPO learning rates (5e-7 of a weight is below bf16's resolution).
-    accelerator = Accelerator(
-        mixed_precision="bf16" if precision == "bf16" else "no",
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-    )
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and cfg.master_weights == "bf16":
-        raise ConfigError(
-            "master_weights: bf16 weights are for one GPU, DDP and FSDP; DeepSpeed keeps its own fp32 master "
-            "weights (set master_weights: fp32)"
-        )
-    if plugin is not None:
-        # the recipe, not the launch config, decides the micro-batch and the clipping
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
-        plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
-    return accelerator
-
-
-def _apply_lora(model: torch.nn.Module, cfg: TrainingConfig) -> torch.nn.Module:
-    lora = cfg.lora
-    assert lora is not None
-    if lora.load_in_4bit:
-        raise ConfigError("lora.load_in_4bit: 4-bit (QLoRA) loading is not supported by the training loop")
-    try:
-        import peft
-    except ImportError:
-        raise ConfigError("lora: LoRA needs the peft package: pip install 'zephyr[peft]'") from None
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    peft_config = peft.LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return peft.get_peft_model(model, peft_config)
-
-
-def checkpointed_layers(n_layers: int, ratio: float) -> list[bool]:
-    """Which of `n_layers` decoder layers recompute their activations: `ratio` of them, evenly spaced (layer i
-    when floor((i + 1)·ratio) > floor(i·ratio)), e.g. every second layer for 0.5, all for 1."""
-    return [int((i + 1) * ratio + 1e-9) > int(i * ratio + 1e-9) for i in range(n_layers)]
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's decoder layers, in order: the modules transformers checkpoints."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def _enable_checkpointing(model: torch.nn.Module, ratio: float) -> None:
-    """Activation checkpointing of `ratio` of the decoder layers (non-reentrant: works with frozen inputs and
-    LoRA)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.24's name
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = decoder_layers(model)
-    for layer, on in zip(layers, checkpointed_layers(len(layers), ratio), strict=True):
-        layer.gradient_checkpointing = on  # transformers' per-layer switch
-
-
-def _compile_layers(model: torch.nn.Module) -> None:
-    """torch.compile each decoder layer in place (regional compilation: one layer's graph, compiled once and
-    reused by all, instead of the whole model's). Dynamic shapes: every step's packed length differs."""
-    layers = decoder_layers(model)
-    if not layers:
-        raise ConfigError(f"compile: {type(model).__name__} has no transformers decoder layers to compile")
-    for layer in layers:
-        layer.compile(dynamic=True)
-
-
-def _load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
-    from zephyr import models
-
-    model = models.load_model(
-        cfg.model,
-        # fp32 master weights take bf16 compute from autocast; bf16 weights go with `StochasticAdamW`
-        dtype=torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32,
-        trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=getattr(task, "attn_implementation", None),
-    )
-    models.configure_generation(model, task.tokenizer)  # eos = the template's end of turn, saved with it
-    if cfg.gradient_checkpointing:
-        _enable_checkpointing(model, cfg.gradient_checkpointing_ratio)
-    if cfg.compile:
-        _compile_layers(model)
-    if cfg.lora is not None:
-        model = _apply_lora(model, cfg)
-    model.train()
-    return model
-
-
-def _make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW (with bf16 master weights, its stochastically rounded form); with weight decay, biases and norm
-    weights (1-d tensors) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.master_weights == "bf16":
-        return StochasticAdamW(
-            [g for g in groups if g["params"]],
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            seed=cfg.seed,
-        )
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        fused=fused or None,
-    )
 
 
 class _Ordered(torch.utils.data.Dataset):
@@ -536,16 +350,6 @@ def _remaining_steps(
             )
 
 
-def checkpoint_bytes(model: torch.nn.Module, save_dtype: torch.dtype) -> int:
-    """Bytes one checkpoint takes: the model folder in `save_dtype`, accelerate's copy of the weights and
-    AdamW's two moments of the trainable parameters, both in the weights' dtype (the preflight's free-space
-    floor)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weight = next(model.parameters()).element_size()
-    return total * (save_dtype.itemsize + weight) + trainable * 2 * weight
-
-
 def _diverged(exc: TrainingDiverged, out_dir: Path) -> TrainingDiverged:
     last = latest_checkpoint(out_dir)
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
@@ -616,17 +420,6 @@ class _Run:
         )
 
 
-def _prepare_model(
-    accelerator: Any, task: TrainingTask, cfg: TrainingConfig, out_dir: Path, save_dtype: torch.dtype
-) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model and its optimizer, prepared by accelerate; refuses a disk without room for a checkpoint."""
-    model = _load_model(task, cfg)
-    io.check_output_dir(out_dir, min_free_bytes=checkpoint_bytes(model, save_dtype))
-    fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"
-    optimizer = _make_optimizer(model, cfg, fused=fused)
-    return accelerator.prepare(model, optimizer)
-
-
 def _fresh_state(
     accelerator: Any, task: TrainingTask, examples: Sequence[Any], cfg: TrainingConfig
 ) -> TrainerState:
@@ -644,10 +437,10 @@ def _set_up(task: TrainingTask, cfg: TrainingConfig, out_dir: Path, resume: bool
     io.check_output_dir(out_dir)  # before the model loads: an unwritable folder fails in a second
     precision = resolve_precision(cfg.precision)
     save_dtype = torch.bfloat16 if "bf16" in (precision, cfg.master_weights) else torch.float32
-    accelerator = _make_accelerator(cfg, precision)
+    accelerator = make_accelerator(cfg, precision)
     ckpt = _resume_point(out_dir, resume)
     set_seed(cfg.seed)
-    model, optimizer = _prepare_model(accelerator, task, cfg, out_dir, save_dtype)
+    model, optimizer = prepare_model(accelerator, task, cfg, out_dir, save_dtype)
     train_examples = task.train_examples()
     eval_examples = task.eval_examples()
     if len(train_examples) == 0:

@@ -1,0 +1,172 @@
+"""What a training run starts from: the precision, the accelerator, the model (checkpointed, compiled, with
+LoRA) and its optimizer, prepared by accelerate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from zephyr import io
+from zephyr.config import TrainingConfig
+from zephyr.errors import ConfigError
+from zephyr.training.optim import StochasticAdamW
+from zephyr.training.task import TrainingTask
+
+
+def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
+    """`auto` is bf16 on a CUDA device that supports it, else fp32."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision  # type: ignore[return-value]
+
+
+def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps its state as a process-wide singleton that refuses a second, different configuration;
+    # one process may train several times (a pipeline: dSFT then dDPO), so each run starts from a fresh one.
+    # The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # bf16 is autocast over fp32 master weights (as DeepSpeed's bf16 mode keeps them): plain bf16 weights
+    # would round away AdamW updates at DPO learning rates (5e-7 of a weight is below bf16's resolution).
+    accelerator = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    )
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and cfg.master_weights == "bf16":
+        raise ConfigError(
+            "master_weights: bf16 weights are for one GPU, DDP and FSDP; DeepSpeed keeps its own fp32 master "
+            "weights (set master_weights: fp32)"
+        )
+    if plugin is not None:
+        # the recipe, not the launch config, decides the micro-batch and the clipping
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+        plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
+    return accelerator
+
+
+def apply_lora(model: torch.nn.Module, cfg: TrainingConfig) -> torch.nn.Module:
+    lora = cfg.lora
+    assert lora is not None
+    if lora.load_in_4bit:
+        raise ConfigError("lora.load_in_4bit: 4-bit (QLoRA) loading is not supported by the training loop")
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("lora: LoRA needs the peft package: pip install 'zephyr[peft]'") from None
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    peft_config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, peft_config)
+
+
+def checkpointed_layers(n_layers: int, ratio: float) -> list[bool]:
+    """Which of `n_layers` decoder layers recompute their activations: `ratio` of them, evenly spaced (layer i
+    when floor((i + 1)·ratio) > floor(i·ratio)), e.g. every second layer for 0.5, all for 1."""
+    return [int((i + 1) * ratio + 1e-9) > int(i * ratio + 1e-9) for i in range(n_layers)]
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, in order: the modules transformers checkpoints."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_checkpointing(model: torch.nn.Module, ratio: float) -> None:
+    """Activation checkpointing of `ratio` of the decoder layers (non-reentrant: works with frozen inputs and
+    LoRA)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.24's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    for layer, on in zip(layers, checkpointed_layers(len(layers), ratio), strict=True):
+        layer.gradient_checkpointing = on  # transformers' per-layer switch
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (regional compilation: one layer's graph, compiled once and
+    reused by all, instead of the whole model's). Dynamic shapes: every step's packed length differs."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(f"compile: {type(model).__name__} has no transformers decoder layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
+def load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
+    from zephyr import models
+
+    model = models.load_model(
+        cfg.model,
+        # fp32 master weights take bf16 compute from autocast; bf16 weights go with `StochasticAdamW`
+        dtype=torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=getattr(task, "attn_implementation", None),
+    )
+    models.configure_generation(model, task.tokenizer)  # eos = the template's end of turn, saved with it
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, cfg.gradient_checkpointing_ratio)
+    if cfg.compile:
+        compile_layers(model)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg)
+    model.train()
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW (with bf16 master weights, its stochastically rounded form); with weight decay, biases and norm
+    weights (1-d tensors) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.master_weights == "bf16":
+        return StochasticAdamW(
+            [g for g in groups if g["params"]],
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            seed=cfg.seed,
+        )
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=fused or None,
+    )
+
+
+def checkpoint_bytes(model: torch.nn.Module, save_dtype: torch.dtype) -> int:
+    """Bytes one checkpoint takes: the model folder in `save_dtype`, accelerate's copy of the weights and
+    AdamW's two moments of the trainable parameters, both in the weights' dtype (the preflight's free-space
+    floor)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weight = next(model.parameters()).element_size()
+    return total * (save_dtype.itemsize + weight) + trainable * 2 * weight
+
+
+def prepare_model(
+    accelerator: Any, task: TrainingTask, cfg: TrainingConfig, out_dir: Path, save_dtype: torch.dtype
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and its optimizer, prepared by accelerate; refuses a disk without room for a checkpoint."""
+    model = load_model(task, cfg)
+    io.check_output_dir(out_dir, min_free_bytes=checkpoint_bytes(model, save_dtype))
+    fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"
+    optimizer = make_optimizer(model, cfg, fused=fused)
+    return accelerator.prepare(model, optimizer)
