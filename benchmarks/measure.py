@@ -541,7 +541,7 @@ def report(text: str, path: str | None) -> None:
     print("\n" + text, flush=True)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
+        Path(path).write_text(text + "\n", encoding="utf-8")
 
 
 def header(args_line: str) -> str:

@@ -169,3 +169,13 @@ def test_sft_benchmark_smoke_on_cpu():
     assert float(rows["zephyr"][6]) == pytest.approx(float(rows["trl"][6]), abs=1e-4)
     assert float(rows["zephyr"][6]) == pytest.approx(math.log(512), abs=0.1)
     assert re.findall(r"max rel diff (\S+) \(limit 1e-05\)", out)
+
+
+@pytest.mark.slow
+def test_optimizer_benchmark_smoke_on_cpu():
+    rows = table_rows(run_script("optimizer.py"), "AdamW step")
+    assert set(rows) == {"torch-fused", "zephyr", "zephyr-eager"}
+    assert rows["torch-fused"][3] == "1.00×"
+    for cells in rows.values():
+        assert float(cells[1].replace(",", "")) > 0  # ms/step
+        assert re.fullmatch(r"\d+\.\d\d×", cells[3]), cells

@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import zephyr
 from zephyr.cli import main
 from zephyr.config import load_recipe
 from zephyr.errors import ConfigError, ZephyrError
@@ -197,7 +198,7 @@ def test_unknown_stage_for_from_and_only(tmp_path, tiny_model_dir, capsys):
 
 @pytest.mark.slow
 def test_run_skips_done_stages_redoes_changed_ones_and_honours_only_and_from(
-    tmp_path, tiny_model_dir, one_thread
+    tmp_path, tiny_model_dir, one_thread, capsys
 ):
     run_dir = tmp_path / "run"
     path = write(tmp_path / "r.yaml", no_report(tiny_recipe(tiny_model_dir, run_dir)))
@@ -217,12 +218,21 @@ def test_run_skips_done_stages_redoes_changed_ones_and_honours_only_and_from(
     dpo_cfg = yaml.safe_load((run_dir / "dpo" / "resolved_config.yaml").read_text())
     assert dpo_cfg["model"] == str(run_dir / "sft" / "final")
 
-    # Rerun: everything is done, nothing is touched.
+    assert {record["zephyr"] for record in first["stages"].values()} == {zephyr.__version__}
+
+    # Rerun: everything is done, nothing is touched; a step made by another zephyr is kept, with a note.
+    first["stages"]["sft"]["zephyr"] = "0.0.1"
+    (run_dir / "manifest.json").write_text(json.dumps(first), encoding="utf-8")
+    capsys.readouterr()
     run_pipeline(load_recipe(path), str(path))
     again = manifest(run_dir)
     assert {k: v["started"] for k, v in again["stages"].items()} == {
         k: v["started"] for k, v in first["stages"].items()
     }
+    lines = capsys.readouterr().out.splitlines()
+    note = f"sft: done, skipped (made by zephyr 0.0.1, this is {zephyr.__version__}: --from sft redoes it)"
+    assert any(line.endswith(note) for line in lines)
+    assert any(line.endswith("dpo: done, skipped") for line in lines)
 
     # A changed dpo section redoes dpo, the ablation built from it and their evals; dSFT stays.
     run_pipeline(load_recipe(path, ["dpo.beta=0.2"]), str(path))

@@ -43,6 +43,7 @@ class StageRecord:
     attempts: int = 0
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
+    zephyr: str = ""  # the zephyr version that made the outputs (a later one keeps them; the run says so)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from zephyr import __version__
 from zephyr.config import (
     STAGES,
     AblationConfig,
@@ -460,7 +461,7 @@ def _run_step(
     record = manifest.stages.get(step.id)
     same = record is not None and record.fingerprint == fp and not forced
     if same and record.status == "done":
-        print(f"{counter} {step.id}: done, skipped", flush=True)
+        print(f"{counter} {step.id}: done, skipped{_made_by_another_version(record, step)}", flush=True)
         return
     resume = same and record.status in ("running", "failed")
     if not resume:
@@ -478,11 +479,18 @@ def _run_step(
         record.seconds = round(time.perf_counter() - started, 2)
         save_manifest(manifest, run_dir)
         raise
-    record.status, record.finished = "done", now()
+    record.status, record.finished, record.zephyr = "done", now(), __version__
     record.seconds = round(time.perf_counter() - started, 2)
     record.outputs = _outputs(step, run_dir)
     save_manifest(manifest, run_dir)
     print(f"{counter} {step.id}: done in {record.seconds:.1f} s", flush=True)
+
+
+def _made_by_another_version(record: StageRecord, step: Step) -> str:
+    """A note when a kept step was made by another zephyr: its outputs stand, but the user should know."""
+    if not record.zephyr or record.zephyr == __version__:
+        return ""
+    return f" (made by zephyr {record.zephyr}, this is {__version__}: --from {step.id} redoes it)"
 
 
 def _error_text(exc: BaseException) -> str:

@@ -148,7 +148,25 @@ class StochasticAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = closure() if closure is not None else None
-        number = 0  # the tensor's place in the optimizer: part of its rounding key
+        work = self._advance()
+        if not work:
+            return loss
+        # every tensor's rounding keys and every (group, step)'s scalars: one host-to-device copy each per step
+        devices = {tensors[0].device for tensors, _, _ in work}
+        keys = {d: torch.tensor([key for t, key, _ in work if t[0].device == d]).to(d) for d in devices}
+        scalars = {(d, hyper): _scalars(*hyper, d) for d in devices for _, _, hyper in work}
+        seen = dict.fromkeys(devices, 0)
+        for tensors, _, hyper in work:
+            device = tensors[0].device
+            self._update(tensors, keys[device][seen[device]], scalars[(device, hyper)])
+            seen[device] += 1
+        return loss
+
+    def _advance(self) -> list[tuple[list[torch.Tensor], list[int], tuple]]:
+        """Count a step for every parameter with a gradient: its (weight, gradient, moments), its three
+        rounding keys (from the seed, its step and its place in the optimizer) and its step's hyperparameters."""
+        work = []
+        number = 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -162,15 +180,12 @@ class StochasticAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = int(state["step"].item())
-                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-                device = tensors[0].device
                 base = mix32((self.seed * 0x9E3779B1 + step * 0x85EBCA6B + number * 3) & MASK32)
-                keys = torch.tensor([mix32((base + k) & MASK32) for k in range(3)], device=device)
-                scalars = _scalars(
-                    step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"], device
-                )
-                self._update(tensors, keys, scalars)
-        return loss
+                keys = [mix32((base + k) & MASK32) for k in range(3)]
+                hyper = (step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                work.append((tensors, keys, hyper))
+        return work
 
     def _update(self, tensors: list[torch.Tensor], keys: torch.Tensor, scalars: torch.Tensor) -> None:
         if not all(t.is_contiguous() for t in tensors):
