@@ -69,3 +69,26 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sm
     weights_one = load_file(one / "final" / "model.safetensors")
     for key, value in weights_one.items():
         torch.testing.assert_close(weights_two[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_processes_that_accelerate_leaves_apart_are_refused(monkeypatch):
+    """An FSDP launch config on a machine without GPUs: the launcher starts 2 ranks (WORLD_SIZE 2) but
+    accelerate makes each a lone process (distributed type NO), which would train alone and overwrite the
+    other's checkpoints. (`accelerate launch --config_file fsdp.yaml --num_processes 2` with `use_cpu: true`
+    does exactly that.)"""
+    from types import SimpleNamespace
+
+    from zephyr.errors import ZephyrError
+    from zephyr.training.prepare import _check_joined
+
+    lone = SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(value="NO"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(
+        ZephyrError,
+        match=r"^the launcher started 2 processes \(WORLD_SIZE\) but accelerate "
+        r"joined 1 \(NO\): each would train alone",
+    ):
+        _check_joined(lone)
+    _check_joined(SimpleNamespace(num_processes=2, distributed_type=SimpleNamespace(value="MULTI_CPU")))
+    monkeypatch.delenv("WORLD_SIZE")
+    _check_joined(lone)  # a plain single process

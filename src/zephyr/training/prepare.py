@@ -3,6 +3,7 @@ LoRA) and its optimizer, prepared by accelerate."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ import torch
 
 from zephyr import io
 from zephyr.config import TrainingConfig
-from zephyr.errors import ConfigError
+from zephyr.errors import ConfigError, ZephyrError
 from zephyr.training.optim import StochasticAdamW
 from zephyr.training.task import TrainingTask
 
@@ -36,6 +37,7 @@ def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
         mixed_precision="bf16" if precision == "bf16" else "no",
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
+    _check_joined(accelerator)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and cfg.master_weights == "bf16":
         raise ConfigError(
@@ -47,6 +49,19 @@ def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
     return accelerator
+
+
+def _check_joined(accelerator: Any) -> None:
+    """Refuse processes that a launcher started together but accelerate left apart: each would train alone and
+    overwrite the others' checkpoints (e.g. an FSDP or DeepSpeed launch config on a machine without GPUs)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > accelerator.num_processes:
+        raise ZephyrError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but accelerate joined "
+            f"{accelerator.num_processes} ({accelerator.distributed_type.value}): each would train alone and "
+            "overwrite the others' output. FSDP and DeepSpeed need GPUs; on CPUs launch DDP with "
+            "ACCELERATE_USE_CPU=true"
+        )
 
 
 def apply_lora(model: torch.nn.Module, cfg: TrainingConfig) -> torch.nn.Module:
