@@ -417,6 +417,8 @@ def _rate_prompts(
     with tqdm(total=len(todo), desc="feedback", unit="prompt", disable=None) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
+            # a chunk is a long wait on slow models: the bar says which half of it is running
+            bar.set_postfix_str(f"generating {len(chunk) * k} completions", refresh=True)
             generated = generate_chunk(chunk, draws, pool, generators, cfg.seed)
             answered, lost = {}, {}
             for prompt in chunk:
@@ -434,6 +436,7 @@ def _rate_prompts(
             items = [
                 JudgeItem(p.prompt_id, p.messages, [c.text for _, c in answered[p.prompt_id]]) for p in ready
             ]
+            bar.set_postfix_str(f"judging {sum(len(i.completions) for i in items)} completions", refresh=True)
             for prompt, result in zip(ready, judge.rate(items), strict=True):
                 record = rated_record(
                     prompt, answered[prompt.prompt_id], lost[prompt.prompt_id], result, judge.judge_id
