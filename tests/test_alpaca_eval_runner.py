@@ -20,8 +20,8 @@ from zephyr.errors import ConfigError, DataError
 from zephyr.evaluation import alpaca_eval as ae
 from zephyr.evaluation.alpaca_eval import is_switched
 from zephyr.evaluation.alpaca_eval_runner import read_instructions, run_alpaca_eval
-from zephyr.feedback.judge import JUDGE_CALL_FAILED
 from zephyr.generation import Completion
+from zephyr.judging import JUDGE_CALL_FAILED
 
 DATA = Path(__file__).parent / "data" / "alpaca" / "instructions.jsonl"
 

@@ -19,17 +19,9 @@ from zephyr.config import GeneratorConfig, JudgeConfig
 from zephyr.errors import ConfigError, ZephyrError
 from zephyr.evaluation.mt_bench import parse_score
 from zephyr.feedback import parsing, prompts
-from zephyr.feedback.judge import (
-    JUDGE_CALL_FAILED,
-    Judge,
-    JudgeClient,
-    JudgeItem,
-    JudgeRequest,
-    Rating,
-    check_judge_config,
-    rating_offsets,
-)
+from zephyr.feedback.judge import Judge, JudgeItem, check_judge_config, rating_offsets
 from zephyr.generation import Completion, SamplingParams, Usage
+from zephyr.judging import JUDGE_CALL_FAILED, JudgeClient, JudgeRequest, Rating
 
 ASPECTS = ["instruction_following", "helpfulness", "honesty", "truthfulness"]
 LABELS = ["Instruction-following", "Helpfulness", "Honesty", "Truthfulness"]

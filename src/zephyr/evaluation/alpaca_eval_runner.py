@@ -104,7 +104,7 @@ def read_instructions(source: str | os.PathLike) -> list[EvalItem]:
 
 
 def _preference_parser(annotator: ae.Annotator, switched: bool) -> Callable:
-    from zephyr.feedback.judge import Rating
+    from zephyr.judging import Rating
 
     def parse(answer) -> list:
         return [Rating(*ae.parse_preference(annotator, answer.text or "", switched))]
@@ -113,7 +113,7 @@ def _preference_parser(annotator: ae.Annotator, switched: bool) -> Callable:
 
 
 def _logprob_parser(switched: bool) -> Callable:
-    from zephyr.feedback.judge import JUDGE_CALL_FAILED, Rating
+    from zephyr.judging import JUDGE_CALL_FAILED, Rating
 
     def parse(answer) -> list:
         tops = answer.next_tokens or []
@@ -149,7 +149,7 @@ def judge_items(
     from the next-token log-probs; the record keeps `answer_prefix`, `top_logprobs` and the `evidence`
     (probability mass of "1" and "2", and their renormalised shares) in place of the judge's answer.
     """
-    from zephyr.feedback.judge import JudgeRequest
+    from zephyr.judging import JudgeRequest
 
     prefixes = (ae.ranking_prefix(annotator),) if mode == "logprobs" else ()
     parser = _logprob_parser if prefixes else functools.partial(_preference_parser, annotator)
@@ -221,8 +221,8 @@ def run_alpaca_eval(
     `make_generator(model)` / `make_generator(judge)`. `judge_mode`: "text" (the judge writes its ranking,
     alpaca_eval's protocol) or "logprobs" (module docstring).
     """
-    from zephyr.feedback.judge import check_logprobs_judge
     from zephyr.generation import make_generator
+    from zephyr.judging import check_logprobs_judge
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
@@ -284,7 +284,7 @@ def _answer(
 
 def _judge_client(spec: ae.Annotator, generator: Generator, judge: str, judge_mode: str, out: Path):
     """The judge with the annotator's sampling settings, auditing into `out/judge_audit.jsonl`."""
-    from zephyr.feedback.judge import JudgeClient
+    from zephyr.judging import JudgeClient
 
     audit = out / "judge_audit.jsonl"
     audit.unlink(missing_ok=True)  # the client appends; one run's calls only

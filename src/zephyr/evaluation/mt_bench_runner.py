@@ -118,7 +118,7 @@ def run_mt_bench(
     ):
         loaded.given(spec, generator)
     if judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
-        from zephyr.feedback.judge import check_logprobs_judge
+        from zephyr.judging import check_logprobs_judge
 
         check_logprobs_judge(loaded.get(judge, judge_generator), judge)
 
@@ -362,7 +362,7 @@ def judge_answers(
     `mt_bench.expected_score`; the record has `answer_prefixes`, `top_logprobs` (one dict per prefix) and
     the rating's `evidence` (mass of the rating tokens, distribution over 1..10) in place of a raw answer.
     """
-    from zephyr.feedback.judge import JudgeClient, JudgeRequest, audit_record
+    from zephyr.judging import JudgeClient, JudgeRequest, audit_record
 
     logprobs = mode == "logprobs"
     client = JudgeClient(
@@ -411,14 +411,14 @@ def judge_answers(
 
 
 def _text_score(answer: Any) -> list[Any]:
-    from zephyr.feedback.judge import Rating
+    from zephyr.judging import Rating
 
     return [Rating(*mt_bench.parse_score(answer.text))]
 
 
 def _logprob_score(answer: Any) -> list[Any]:
     """The expected score from the top log-probs after each of `mt_bench.RATING_PREFIXES`."""
-    from zephyr.feedback.judge import JUDGE_CALL_FAILED, Rating
+    from zephyr.judging import JUDGE_CALL_FAILED, Rating
 
     tops = answer.next_tokens or []
     if len(tops) != len(mt_bench.RATING_PREFIXES):
@@ -437,7 +437,7 @@ BASELINE_FAILED = "the baseline's answer could not be generated"
 
 
 def _verdict_rating(text: str | None) -> list[Any]:
-    from zephyr.feedback.judge import Rating
+    from zephyr.judging import Rating
 
     verdict, reason = mt_bench.parse_verdict(text or "")
     return [Rating(None if verdict is None else _A_SHARE[verdict], reason)]
@@ -445,7 +445,7 @@ def _verdict_rating(text: str | None) -> list[Any]:
 
 def _logprob_verdict(answer: Any) -> list[Any]:
     """The likeliest verdict after `mt_bench.VERDICT_PREFIX`, with the probabilities as evidence."""
-    from zephyr.feedback.judge import JUDGE_CALL_FAILED, Rating
+    from zephyr.judging import JUDGE_CALL_FAILED, Rating
 
     tops = answer.next_tokens or []
     if len(tops) != 1:
@@ -474,7 +474,7 @@ def judge_pairs(
     `reason`). `mode` "logprobs": each game's answer is forced to `mt_bench.VERDICT_PREFIX` and its verdict
     is `mt_bench.likeliest_verdict`; the games hold `answer_prefixes`, `top_logprobs` and the `evidence`.
     """
-    from zephyr.feedback.judge import JudgeClient, JudgeRequest
+    from zephyr.judging import JudgeClient, JudgeRequest
 
     logprobs = mode == "logprobs"
     client = JudgeClient(
