@@ -158,3 +158,22 @@ def test_compiled_layers_train_the_same_model(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()  # compiled in place: no wrapper prefix in the saved names
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5)  # fused kernels round differently
+
+
+def test_the_options_come_from_overrides_and_bad_values_name_the_key(capsys):
+    from zephyr.cli import main
+
+    dpo = "recipes/smollm2/dpo.yaml"
+    ok = ["dpo.master_weights=bf16", "dpo.gradient_checkpointing_ratio=0.5", "dpo.compile=true"]
+    assert main(["check", dpo, *ok]) == 0
+    recipe = load_recipe(dpo, ok)
+    assert (recipe.dpo.master_weights, recipe.dpo.gradient_checkpointing_ratio, recipe.dpo.compile) == (
+        "bf16",
+        0.5,
+        True,
+    )
+    capsys.readouterr()
+    assert main(["check", dpo, "dpo.gradient_checkpointing_ratio=0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("dpo.gradient_checkpointing_ratio: must be > 0, got 0.0")
+    assert main(["check", dpo, "dpo.master_weights=fp16"]) == 2
+    assert "dpo.master_weights: must be one of 'fp32' | 'bf16', got 'fp16'" in capsys.readouterr().err
