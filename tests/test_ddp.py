@@ -8,6 +8,7 @@ Accumulation (1 bin × 2 micro-batches = 2 bins × 1) is checked in test_loop.py
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,20 @@ def test_processes_that_accelerate_leaves_apart_are_refused(monkeypatch):
     _check_joined(SimpleNamespace(num_processes=2, distributed_type=SimpleNamespace(value="MULTI_CPU")))
     monkeypatch.delenv("WORLD_SIZE")
     _check_joined(lone)  # a plain single process
+
+
+@pytest.mark.slow
+def test_bf16_master_weights_keep_ddp_replicas_identical():
+    """StochasticAdamW's rounding bits are a hash of (seed, step, element), the same in every process: the
+    replicas, which all-reduce the same gradients, round alike and stay bit-identical."""
+    script = Path(__file__).parent / "scripts" / "ddp_bf16_replicas.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*command, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("processes"))
+    processes, identical, moved, total = re.fullmatch(
+        r"processes (\d+) identical (\w+) moved (\d+) of (\d+)", line
+    ).groups()
+    assert (processes, identical) == ("2", "True")
+    assert int(moved) > int(total) // 4  # the steps changed the weights: there was something to round
