@@ -177,3 +177,23 @@ def test_the_options_come_from_overrides_and_bad_values_name_the_key(capsys):
     assert capsys.readouterr().err.strip().endswith("dpo.gradient_checkpointing_ratio: must be > 0, got 0.0")
     assert main(["check", dpo, "dpo.master_weights=fp16"]) == 2
     assert "dpo.master_weights: must be one of 'fp32' | 'bf16', got 'fp16'" in capsys.readouterr().err
+
+
+def test_a_training_state_one_gpu_cannot_hold_is_refused_with_the_way_out():
+    from zephyr.training.prepare import state_too_big
+
+    mistral, gib = 7_241_732_096, 2**30  # Mistral-7B's parameters
+    # fp32 masters: 4 + 4 (gradient) + 8 (moments) = 16 bytes a parameter = 115,867,713,536 B = 107.9 GiB
+    message = state_too_big(mistral, mistral, 4, 80 * gib, "NVIDIA A100-SXM4-80GB")
+    assert message == (
+        "training 7.24B parameters with fp32 master weights holds 107.9 GiB of weights, gradients and AdamW "
+        "moments on each device, more than the 80.0 GiB of NVIDIA A100-SXM4-80GB; set master_weights: bf16 "
+        "(8 bytes a parameter), train LoRA adapters (lora:), or shard the state over several GPUs (FSDP or "
+        "DeepSpeed ZeRO-3, docs/training.md)"
+    )
+    assert state_too_big(mistral, mistral, 4, 139 * gib, "H200") is None  # 107.9 GiB fit an H200
+    assert state_too_big(mistral, mistral, 2, 80 * gib, "A100") is None  # bf16: 54.0 GiB
+    assert state_too_big(mistral, 20_000_000, 4, 80 * gib, "A100") is None  # LoRA: the base is frozen
+    small = state_too_big(mistral, mistral, 2, 24 * gib, "RTX 4090")
+    assert small is not None and "with bf16 master weights holds 54.0 GiB" in small
+    assert "set master_weights" not in small

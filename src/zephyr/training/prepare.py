@@ -176,12 +176,50 @@ def checkpoint_bytes(model: torch.nn.Module, save_dtype: torch.dtype) -> int:
     return total * (save_dtype.itemsize + weight) + trainable * 2 * weight
 
 
+def state_too_big(
+    total: int, trainable: int, weight_bytes: int, device_bytes: int, device: str
+) -> str | None:
+    """Why the training state cannot fit one device, or None: the weights, and for the trainable ones their
+    gradients and AdamW's two moments, all in the weights' dtype. Activations come on top, so this is a
+    floor: a state over it fails for certain, after minutes of loading and reference passes."""
+    need = total * weight_bytes + trainable * 3 * weight_bytes
+    if need <= device_bytes:
+        return None
+    masters = {4: "fp32", 2: "bf16"}.get(weight_bytes, f"{weight_bytes}-byte")
+    hint = "set master_weights: bf16 (8 bytes a parameter), " if weight_bytes > 2 else ""
+    return (
+        f"training {total / 1e9:.2f}B parameters with {masters} master weights holds {need / 2**30:.1f} GiB of "
+        f"weights, gradients and AdamW moments on each device, more than the {device_bytes / 2**30:.1f} GiB "
+        f"of {device}; {hint}train LoRA adapters (lora:), or shard the state over several GPUs (FSDP or "
+        "DeepSpeed ZeRO-3, docs/training.md)"
+    )
+
+
+def _check_fits(model: torch.nn.Module, accelerator: Any) -> None:
+    """Refuse, before any work, a training state that one GPU cannot hold (one process or DDP: each holds
+    all of it; FSDP and ZeRO-3 shard it)."""
+    if accelerator.device.type != "cuda" or accelerator.distributed_type.value not in ("NO", "MULTI_GPU"):
+        return
+    params = list(model.parameters())
+    problem = state_too_big(
+        sum(p.numel() for p in params),
+        sum(p.numel() for p in params if p.requires_grad),
+        params[0].element_size(),
+        torch.cuda.get_device_properties(accelerator.device).total_memory,
+        torch.cuda.get_device_name(accelerator.device),
+    )
+    if problem:
+        raise ZephyrError(problem)
+
+
 def prepare_model(
     accelerator: Any, task: TrainingTask, cfg: TrainingConfig, out_dir: Path, save_dtype: torch.dtype
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model and its optimizer, prepared by accelerate; refuses a disk without room for a checkpoint."""
+    """The model and its optimizer, prepared by accelerate; refuses a disk without room for a checkpoint and
+    a GPU without room for the training state."""
     model = load_model(task, cfg)
     io.check_output_dir(out_dir, min_free_bytes=checkpoint_bytes(model, save_dtype))
+    _check_fits(model, accelerator)
     fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"
     optimizer = make_optimizer(model, cfg, fused=fused)
     return accelerator.prepare(model, optimizer)
