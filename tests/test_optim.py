@@ -208,3 +208,22 @@ def test_the_cuda_step_is_the_cpu_step():
         ulp = torch.finfo(torch.bfloat16).eps * a.detach().float().abs()
         # the forward and backward differ by device; a flipped rounding stays within one spacing
         assert ((a.float() - b.float()).abs() <= 2 * ulp).all()
+
+
+def test_a_step_that_fails_to_compile_warns_and_runs_eagerly(monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fallen, eager = _model_pair(torch.bfloat16)
+    optimizer = StochasticAdamW(fallen.parameters(), lr=1e-2, fused=True)
+    _train(fallen, optimizer, steps=2)
+    _train(eager, StochasticAdamW(eager.parameters(), lr=1e-2, fused=False), steps=2)
+    assert optimizer.fused is False
+    warnings = [r for r in caplog.records if "compiling the step failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
+    for a, b in zip(fallen.parameters(), eager.parameters(), strict=True):
+        assert torch.equal(a, b)
