@@ -240,3 +240,20 @@ def test_qlora_is_refused_clearly(model_dir, tmp_path):
     cfg = sft_cfg(model_dir, tmp_path, lora=LoraConfig(r=4, target_modules=list(TARGETS), load_in_4bit=True))
     with pytest.raises(ConfigError, match="load_in_4bit"):
         run_sft(cfg)
+
+
+def test_sft_with_lora_and_bf16_master_weights(model_dir, tmp_path):
+    """LoRA over a bf16 base: the adapters train under StochasticAdamW in bf16, the frozen base is the
+    starting model's in bf16, and the merged folder is bf16."""
+    from zephyr.training.sft import run_sft
+
+    result = run_sft(sft_cfg(model_dir, tmp_path, master_weights="bf16", precision="auto"))
+    base = read_tensors(model_dir)
+    final = read_tensors(result.final_dir)
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    targets = [k for k in base if any(f".{t}." in k for t in TARGETS)]
+    for name, tensor in base.items():
+        if name not in targets:
+            assert torch.equal(final[name], tensor.to(torch.bfloat16)), name
+    for name in targets:
+        assert not torch.equal(final[name], base[name].to(torch.bfloat16)), name  # trained and merged
