@@ -22,7 +22,6 @@ lengths differ, so the varlen kernel takes the gathered keys as they are, and th
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -174,8 +173,7 @@ def _varlen_available(query: torch.Tensor) -> bool:
     return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
 
 
-@functools.cache
-def _varlen_attn() -> Any:
+def _load_varlen_attn() -> Any:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -183,9 +181,18 @@ def _varlen_attn() -> Any:
     return varlen_attn
 
 
-@functools.cache
+# Looked up once, at import: a compiled decoder layer then reads constants instead of tracing an import and
+# `inspect` (which would break its graph).
+_VARLEN_ATTN = _load_varlen_attn()
+_VARLEN_HAS_GQA = _VARLEN_ATTN is not None and "enable_gqa" in inspect.signature(_VARLEN_ATTN).parameters
+
+
+def _varlen_attn() -> Any:
+    return _VARLEN_ATTN
+
+
 def _varlen_has_gqa() -> bool:
-    return "enable_gqa" in inspect.signature(_varlen_attn()).parameters
+    return _VARLEN_HAS_GQA
 
 
 def repeat_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
