@@ -154,7 +154,8 @@ class StochasticAdamW(torch.optim.Optimizer):
         # every tensor's rounding keys and every (group, step)'s scalars: one host-to-device copy each per step
         devices = {tensors[0].device for tensors, _, _ in work}
         keys = {d: torch.tensor([key for t, key, _ in work if t[0].device == d]).to(d) for d in devices}
-        scalars = {(d, hyper): _scalars(*hyper, d) for d in devices for _, _, hyper in work}
+        hypers = {hyper for _, _, hyper in work}  # usually one: every tensor at the same step and group
+        scalars = {(d, hyper): _scalars(*hyper, d) for d in devices for hyper in hypers}
         seen = dict.fromkeys(devices, 0)
         for tensors, _, hyper in work:
             device = tensors[0].device
