@@ -227,3 +227,14 @@ def test_a_step_that_fails_to_compile_warns_and_runs_eagerly(monkeypatch, caplog
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
     for a, b in zip(fallen.parameters(), eager.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_step_builds_one_scalars_tensor_per_group_not_per_parameter(monkeypatch):
+    import zephyr.training.optim as optim
+
+    calls = []
+    real = optim._scalars
+    monkeypatch.setattr(optim, "_scalars", lambda *a: calls.append(a) or real(*a))
+    model, _ = _model_pair(torch.bfloat16)
+    _train(model, StochasticAdamW(_groups(model), lr=1e-3), steps=2)  # 4 tensors in 2 groups
+    assert len(calls) == 4  # 2 groups × 2 steps (on a GPU: the host-to-device copies of a step)
