@@ -1,9 +1,9 @@
 """AdamW over bf16 weights and bf16 moments, stored with stochastic rounding: 8 bytes of training state per
 parameter (weight, gradient, two moments) instead of 16 with fp32 master weights.
 
-Why the rounding matters: bf16 keeps 8 significant bits, so a weight of 0.02 moves only in steps of about
-6e-5. An AdamW update is about the learning rate per step (5e-7 in dDPO), a hundred times below half that
-step: rounded to nearest, every update is lost and the model never changes, silently. The moments suffer the
+Why the rounding matters: bf16 keeps 8 significant bits, so a weight of 0.02 moves only in steps of 2^-13
+(1.2e-4). An AdamW update is about the learning rate per step (5e-7 in dDPO), over a hundred times below half
+that step: rounded to nearest, every update is lost and the model never changes, silently. The moments suffer the
 same way: β2 = 0.999 shrinks the second moment by 0.1% per step, below bf16's resolution, so it never decays.
 Stochastic rounding stores the upper neighbour with probability equal to the value's share of the gap, which
 makes each stored value an unbiased estimate of the fp32 result: updates accumulate in expectation.
