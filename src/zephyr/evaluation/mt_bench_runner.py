@@ -363,17 +363,10 @@ def judge_answers(
     `mt_bench.expected_score`; the record has `answer_prefixes`, `top_logprobs` (one dict per prefix) and
     the rating's `evidence` (mass of the rating tokens, distribution over 1..10) in place of a raw answer.
     """
-    from zephyr.judging import JudgeClient, JudgeRequest, audit_record
+    from zephyr.judging import JudgeRequest, audit_record
 
     logprobs = mode == "logprobs"
-    client = JudgeClient(
-        generator,
-        params,
-        judge_id=judge_id(
-            generator, params, mode="mt-bench-single-logprobs" if logprobs else "mt-bench-single"
-        ),
-        candidates=mt_bench.RATING_CANDIDATES if logprobs else (),
-    )
+    client = _judge_client(generator, params, "mt-bench-single", logprobs, mt_bench.RATING_CANDIDATES)
     requests, records = [], []
     for question, answer in zip(questions, answers, strict=True):
         for turn in range(1, len(question.turns) + 1):
@@ -475,17 +468,10 @@ def judge_pairs(
     `reason`). `mode` "logprobs": each game's answer is forced to `mt_bench.VERDICT_PREFIX` and its verdict
     is `mt_bench.likeliest_verdict`; the games hold `answer_prefixes`, `top_logprobs` and the `evidence`.
     """
-    from zephyr.judging import JudgeClient, JudgeRequest
+    from zephyr.judging import JudgeRequest
 
     logprobs = mode == "logprobs"
-    client = JudgeClient(
-        generator,
-        params,
-        judge_id=judge_id(
-            generator, params, mode="mt-bench-pairwise-logprobs" if logprobs else "mt-bench-pairwise"
-        ),
-        candidates=tuple(mt_bench.VERDICT_TOKENS) if logprobs else (),
-    )
+    client = _judge_client(generator, params, "mt-bench-pairwise", logprobs, tuple(mt_bench.VERDICT_TOKENS))
     requests, records = [], []
     for question, model_answer, base_answer in zip(questions, answers, baseline, strict=True):
         reference = references.get(question.question_id)
@@ -588,6 +574,21 @@ def pair_judgment(record: Mapping[str, Any]) -> PairJudgment:
         first=games[0].get("verdict"),
         swapped=games[1].get("verdict"),
         reason=record.get("reason"),
+    )
+
+
+def _judge_client(
+    generator: Generator, params: SamplingParams, mode: str, logprobs: bool, candidates: tuple[str, ...]
+) -> Any:
+    """The judge client of one MT-Bench mode; in logprobs mode its id says so and it scores `candidates`."""
+    from zephyr.judging import JudgeClient
+
+    mode = f"{mode}-logprobs" if logprobs else mode
+    return JudgeClient(
+        generator,
+        params,
+        judge_id=judge_id(generator, params, mode=mode),
+        candidates=candidates if logprobs else (),
     )
 
 

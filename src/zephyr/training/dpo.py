@@ -211,12 +211,12 @@ class DPOTask:
 
     def _load_reference(self, device: torch.device) -> torch.nn.Module:
         from zephyr.models import load_model
+        from zephyr.training.prepare import weights_dtype
 
         spec = self.cfg.ref_model or self.cfg.model
         model = load_model(
             spec,
-            # as the policy's weights: fp32 masters take bf16 compute from the run's autocast
-            dtype=torch.bfloat16 if self.cfg.master_weights == "bf16" else torch.float32,
+            dtype=weights_dtype(self.cfg),  # as the policy's
             trust_remote_code=self.cfg.trust_remote_code,
             attn_implementation=self.attn_implementation,
         )

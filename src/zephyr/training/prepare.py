@@ -31,8 +31,8 @@ def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
     # one process may train several times (a pipeline: dSFT then dDPO), so each run starts from a fresh one.
     # The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    # bf16 is autocast over fp32 master weights (as DeepSpeed's bf16 mode keeps them): plain bf16 weights
-    # would round away AdamW updates at DPO learning rates (5e-7 of a weight is below bf16's resolution).
+    # bf16 precision is autocast: over fp32 master weights by default (as DeepSpeed's bf16 mode keeps them),
+    # or over bf16 weights that `StochasticAdamW` updates without losing small steps (master_weights: bf16).
     accelerator = Accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -121,13 +121,18 @@ def compile_layers(model: torch.nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
+def weights_dtype(cfg: TrainingConfig) -> torch.dtype:
+    """The dtype the policy (and a loaded reference) is held in: fp32 master weights take bf16 compute from
+    autocast; bf16 weights go with `StochasticAdamW`."""
+    return torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32
+
+
 def load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
     from zephyr import models
 
     model = models.load_model(
         cfg.model,
-        # fp32 master weights take bf16 compute from autocast; bf16 weights go with `StochasticAdamW`
-        dtype=torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32,
+        dtype=weights_dtype(cfg),
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=getattr(task, "attn_implementation", None),
     )
