@@ -110,3 +110,16 @@ def test_bf16_master_weights_keep_ddp_replicas_identical():
     ).groups()
     assert (processes, identical) == ("2", "True")
     assert int(moved) > int(total) // 4  # the steps changed the weights: there was something to round
+
+
+def test_the_cli_tears_down_the_process_group_it_ran_in(tmp_path, capsys):
+    """Left to interpreter exit, a gloo group can abort a process that succeeded (SIGABRT): `main` destroys
+    it on the way out, after success and after an error alike."""
+    import torch.distributed as dist
+
+    for argv, code in ((["assets", "list"], 0), (["check", str(tmp_path / "missing.yaml")], 2)):
+        store = dist.FileStore(str(tmp_path / f"store-{code}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        assert dist.is_initialized()
+        assert main(argv) == code
+        assert not dist.is_initialized()

@@ -25,3 +25,5 @@ if accelerator.is_main_process:
     same = bool(torch.equal(rows[0], rows[1]))
     moved = int((weights != start).sum())
     print(f"processes {accelerator.num_processes} identical {same} moved {moved} of {weights.numel()}")
+accelerator.wait_for_everyone()
+accelerator.end_training()  # destroys the process group: left to interpreter exit, gloo can abort (SIGABRT)
