@@ -123,3 +123,25 @@ def test_the_cli_tears_down_the_process_group_it_ran_in(tmp_path, capsys):
         assert dist.is_initialized()
         assert main(argv) == code
         assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_round_as_one_unsharded_tensor():
+    """FSDP2 splits each weight by rows over the processes (DTensor shards); StochasticAdamW hashes an
+    element's place in the whole tensor, not in its shard, so 2 processes step exactly as one: bit-identical
+    bf16 weights after 5 steps on the same batches."""
+    script = Path(__file__).parent / "scripts" / "fsdp_bf16_shards.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*command, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    # Linear(16, 64) then Linear(64, 3): 64 rows split 32 + 32, 3 rows split 2 + 1
+    assert "rank 0 shard starts [0, 0, 0, 0]" in lines
+    assert "rank 1 shard starts [512, 32, 128, 2]" in lines  # 32 rows × 16, 32, 2 rows × 64, 2
+    line = next(x for x in lines if x.startswith("processes"))
+    processes, identical, moved, total = re.fullmatch(
+        r"processes (\d+) identical (\w+) moved (\d+) of (\d+)", line
+    ).groups()
+    assert (processes, identical) == ("2", "True")
+    assert int(moved) > int(total) // 2

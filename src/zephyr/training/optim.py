@@ -9,10 +9,10 @@ Stochastic rounding stores the upper neighbour with probability equal to the val
 makes each stored value an unbiased estimate of the fp32 result: updates accumulate in expectation.
 
 The random bits are a counter-based hash of (element index, key), the key mixing the seed, the step and the
-tensor: the same bits on any device and in any process (DDP replicas round alike and stay identical), a
-resumed run rounds as the uninterrupted one, and the whole step compiles into one kernel per tensor on CUDA
-(reading 8 bytes and writing 6 per parameter). Elsewhere it runs eagerly, in chunks that bound the
-temporaries. The arithmetic is fp32; only the stores round. On fp32 tensors nothing rounds and the step is
+tensor: the same bits on any device and in any process (DDP replicas round alike and stay identical; an
+FSDP2 shard hashes its elements' places in the whole weight, so sharding changes no bit), a resumed run rounds
+as the uninterrupted one, and the whole step compiles into one kernel per tensor on CUDA (reading 8 bytes and
+writing 6 per parameter). Elsewhere it runs eagerly, in chunks that bound the temporaries. The arithmetic is fp32; only the stores round. On fp32 tensors nothing rounds and the step is
 AdamW's.
 """
 
@@ -122,6 +122,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return getattr(t, "_local_tensor", t)
 
 
+def shard_start(t: torch.Tensor) -> int:
+    """Where the process's shard of `t` starts in the whole tensor, in elements: 0 unless `t` is a DTensor
+    sharded by rows (FSDP2's Shard(0)), whose local rows are one contiguous run of the whole.
+
+    The rounding bits are a hash of this index plus the element's place in the shard, so an element rounds
+    alike however many processes share the tensor: FSDP over N GPUs steps as one GPU would. Other shardings
+    keep the shard's own indices (still unbiased, only not shard-invariant).
+    """
+    local = _local(t)
+    if local is t:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(t.shape)
+    local_shape, offset = compute_local_shape_and_global_offset(shape, t.device_mesh, t.placements)
+    if local.numel() == 0 or tuple(local_shape[1:]) != shape[1:]:
+        return 0
+    return offset[0] * local[0].numel() if local.dim() else 0
+
+
 class StochasticAdamW(torch.optim.Optimizer):
     """AdamW whose moments take the parameters' dtype; bf16 stores round stochastically (module docstring).
 
@@ -151,7 +171,8 @@ class StochasticAdamW(torch.optim.Optimizer):
         work = self._advance()
         if not work:
             return loss
-        # every tensor's rounding keys and every (group, step)'s scalars: one host-to-device copy each per step
+        # every tensor's rounding keys and shard start, and every (group, step)'s scalars: one host-to-device
+        # copy each per step
         devices = {tensors[0].device for tensors, _, _ in work}
         keys = {d: torch.tensor([key for t, key, _ in work if t[0].device == d]).to(d) for d in devices}
         hypers = {hyper for _, _, hyper in work}  # usually one: every tensor at the same step and group
@@ -165,7 +186,8 @@ class StochasticAdamW(torch.optim.Optimizer):
 
     def _advance(self) -> list[tuple[list[torch.Tensor], list[int], tuple]]:
         """Count a step for every parameter with a gradient: its (weight, gradient, moments), its three
-        rounding keys (from the seed, its step and its place in the optimizer) and its step's hyperparameters."""
+        rounding keys (from the seed, its step and its place in the optimizer) followed by its shard's start,
+        and its step's hyperparameters."""
         work = []
         number = 0
         for group in self.param_groups:
@@ -182,27 +204,28 @@ class StochasticAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 step = int(state["step"].item())
                 base = mix32((self.seed * 0x9E3779B1 + step * 0x85EBCA6B + number * 3) & MASK32)
-                keys = [mix32((base + k) & MASK32) for k in range(3)]
+                keys = [mix32((base + k) & MASK32) for k in range(3)] + [shard_start(p)]
                 hyper = (step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
                 tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 work.append((tensors, keys, hyper))
         return work
 
     def _update(self, tensors: list[torch.Tensor], keys: torch.Tensor, scalars: torch.Tensor) -> None:
+        """One tensor's step; `keys`: its three rounding keys, then its shard's start (int64 [4], on device)."""
         if not all(t.is_contiguous() for t in tensors):
             raise ValueError("StochasticAdamW needs contiguous parameters, gradients and moments")
         flats = [t.view(-1) for t in tensors]
-        device = flats[0].device
-        if self._use_fused(device):
+        rounding, start = keys[:3], keys[3]
+        if self._use_fused(flats[0].device):
             try:
-                self._compiled_step()(*flats, torch.zeros((), dtype=torch.long, device=device), keys, scalars)
+                self._compiled_step()(*flats, start, rounding, scalars)
                 return
             except Exception as exc:  # a compiler missing or failing: the eager step is the same math
                 logger.warning("StochasticAdamW: compiling the step failed (%s); running it eagerly", exc)
                 self.fused = False
-        for start in range(0, flats[0].numel(), CHUNK):
-            chunk = [f[start : start + CHUNK] for f in flats]
-            adamw_flat(*chunk, torch.tensor(start, device=device), keys, scalars)
+        for first in range(0, flats[0].numel(), CHUNK):
+            chunk = [f[first : first + CHUNK] for f in flats]
+            adamw_flat(*chunk, start + first, rounding, scalars)
 
     def _use_fused(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.fused is None else self.fused
