@@ -106,7 +106,7 @@ MANIFEST_STAGES = {
 
 
 def make_run(root: Path) -> Path:
-    """A complete run with two ablations; every number below is asserted somewhere."""
+    """A complete run with two ablations; every number written here is asserted somewhere."""
     run = root / "run"
     write_json(
         run / "manifest.json",
@@ -138,6 +138,14 @@ def make_run(root: Path) -> Path:
     }
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
+    write_stage_summaries(run)
+    write_training_metrics(run)
+    write_evaluations(run)
+    return run
+
+
+def write_stage_summaries(run: Path) -> None:
+    """What generate, curate and feedback leave for the report."""
     write_json(
         run / "generate" / "summary.json",
         {"strategy": "ultrachat", "selected": 12, "written": 11, "failed": 1},
@@ -172,6 +180,9 @@ def make_run(root: Path) -> Path:
     )
     (run / "feedback" / "ratings.png").write_bytes(tiny_png(3, 2))
 
+
+def write_training_metrics(run: Path) -> None:
+    """dSFT's, dDPO's and both ablations' metrics.jsonl and the DPO data summaries."""
     sft = [
         {"step": 1, "epoch": 0.5, "loss": 2.0, "lr": 2e-5, "grad_norm": float("nan")},  # -> null
         {"step": 2, "epoch": 1.0, "eval/loss": 1.5},
@@ -197,6 +208,9 @@ def make_run(root: Path) -> Path:
             {"train_pairs": 38, "eval_pairs": 10, "truncated_prompts": 0, "reference": "precomputed"},
         )
 
+
+def write_evaluations(run: Path) -> None:
+    """Every model's multiple choice, MT-Bench, AlpacaEval (one stage failed) and sample answers."""
     acc_norm = {"base": 0.40, "sft": 0.42, "dpo": 0.48, "dpo_only": 0.45, "beta_0.01": 0.47}
     for model, value in acc_norm.items():
         folder = run / "eval" / model
@@ -257,7 +271,6 @@ def make_run(root: Path) -> Path:
         write_lines(
             folder / "samples.jsonl", [{"prompt": p, "answer": a, "model": model} for p, a in answers.items()]
         )
-    return run  # fmt: skip
 
 
 @pytest.fixture(scope="module")
