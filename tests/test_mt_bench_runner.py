@@ -107,16 +107,21 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_answers_judgments_and_results_follow_the_protocol(tmp_path, setup):
-    path, questions, prompts, references = setup
+@pytest.fixture
+def protocol(tmp_path, setup):
+    """One MT-Bench run of the fake model and judge: (out folder, results, model, judge)."""
+    path, questions, _, _ = setup
     model, judge = FakeModel(questions), FakeJudge()
     out = tmp_path / "out"
     results = run_mt_bench(
         "fake-model", "fake-judge", out, questions=path, max_new_tokens=77, judge_max_tokens=99,
         model_generator=model, judge_generator=judge,
     )  # fmt: skip
+    return out, results, model, judge
 
-    # answers: both turns, stripped; token counts and finish reasons kept
+
+def test_answers_keep_both_turns_stripped_with_token_counts_and_finish_reasons(protocol):
+    out, _, _, _ = protocol
     answers = read_jsonl(out / "answers.jsonl")
     assert [a["question_id"] for a in answers] == QUESTION_IDS
     for a in answers:
@@ -125,7 +130,11 @@ def test_answers_judgments_and_results_follow_the_protocol(tmp_path, setup):
         assert a["finish_reasons"] == ["stop", "stop"] and a["prompt_tokens"] == [10, 20]
         assert a["completion_tokens"] == [4, 4] and a["model"] == "fake-model"
 
-    # turn 1 for all, then turn 2; one call per temperature group: writing 0.7, math greedy, stem 0.1
+
+def test_turn_one_is_answered_for_all_then_turn_two_in_one_call_per_temperature_group(protocol, setup):
+    """writing 0.7, math greedy, stem 0.1; turn 2 sees turn 1's answer."""
+    _, questions, _, _ = setup
+    _, _, model, _ = protocol
     temps = [(params.temperature, params.seed, len(convs)) for convs, params in model.calls]
     assert temps == [(0.7, 0, 4), (0.0, None, 1), (0.1, 0, 1)] * 2
     assert all(params.max_tokens == 77 for _, params in model.calls)
@@ -139,7 +148,11 @@ def test_answers_judgments_and_results_follow_the_protocol(tmp_path, setup):
                 {"role": "user", "content": q.turns[1]},
             ]
 
-    # judgments: one batched greedy call, two lines per question with the exact judge_messages
+
+def test_judgments_are_one_batched_greedy_call_with_the_exact_judge_messages(protocol, setup):
+    """Two lines per question; math questions get the reference answers in their prompts."""
+    _, questions, prompts, references = setup
+    out, _, _, judge = protocol
     assert len(judge.calls) == 1 and len(judge.calls[0][0]) == 12
     assert judge.calls[0][1].max_tokens == 99 and judge.calls[0][1].temperature == 0.0
     lines = read_jsonl(out / "judgments.jsonl")
@@ -160,7 +173,10 @@ def test_answers_judgments_and_results_follow_the_protocol(tmp_path, setup):
     assert references[111][1] in math_lines[1]["messages"][-1]["content"]
     assert references[111][0] not in lines[0]["messages"][-1]["content"]
 
-    # results by hand: turn 1 scores 8 7 4 3 6, turn 2 6 5 9 10 6; 83/1 and 111/2 failed
+
+def test_results_by_hand(protocol):
+    """Turn 1 scores 8 7 4 3 6, turn 2 6 5 9 10 6; 83/1 and 111/2 failed."""
+    out, results, _, _ = protocol
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == results
     assert results["score"] == pytest.approx(64 / 10)
@@ -182,7 +198,10 @@ def test_answers_judgments_and_results_follow_the_protocol(tmp_path, setup):
     assert "**Score: 6.40**" in report and "| math | 3.00 | 3.00 | n/a | 1 | 1 |" in report
     assert (out / "categories.png").read_bytes()[:4] == b"\x89PNG"
 
-    # answers.jsonl complete: a second run judges again without answering again
+
+def test_complete_answers_are_judged_again_without_answering_again_but_not_another_models(protocol, setup):
+    path, _, _, _ = setup
+    out, results, model, _ = protocol
     model.calls.clear()
     again = run_mt_bench(
         "fake-model", "fake-judge", out, questions=path, model_generator=model, judge_generator=FakeJudge()
