@@ -346,21 +346,30 @@ def hand_filled(raw_prompts, raw_refs, q, turn, a, b):
     return name, [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user}]
 
 
-def test_pairwise_against_a_baseline_file_swaps_positions_and_counts_like_fastchat(tmp_path, setup):
+@pytest.fixture
+def pairwise(tmp_path, setup):
+    """One pairwise MT-Bench run against an earlier run's answers: (out folder, results, judge, baseline)."""
     path, questions, _, _ = setup
     (tmp_path / "base").mkdir()
-    baseline = write_baseline(tmp_path / "base" / "answers.jsonl", questions)  # an earlier run's answers
+    baseline = write_baseline(tmp_path / "base" / "answers.jsonl", questions)
     judge = FakePairJudge()
     out = tmp_path / "out"
     results = run_mt_bench(
         "fake-model", "fake-judge", out, questions=path, judge_max_tokens=99, baseline=str(baseline),
         model_generator=FakeModel(questions), judge_generator=judge,
     )  # fmt: skip
+    return out, results, judge, baseline
 
-    # one batched greedy judge call, two games per (question, turn)
+
+def test_pairwise_is_one_batched_greedy_judge_call_of_two_games_per_turn(pairwise):
+    _, _, judge, _ = pairwise
     assert len(judge.calls) == 1 and len(judge.calls[0][0]) == 24
     assert (judge.calls[0][1].temperature, judge.calls[0][1].max_tokens) == (0.0, 99)
 
+
+def test_pairwise_games_swap_positions_with_fastchats_prompts_byte_for_byte(pairwise, setup):
+    _, questions, _, _ = setup
+    out, _, _, _ = pairwise
     folder = assets.fetch("mt-bench")
     raw_prompts = {
         p["name"]: p for p in map(json.loads, (folder / "judge_prompts.jsonl").read_text().splitlines())
@@ -400,7 +409,10 @@ def test_pairwise_against_a_baseline_file_swaps_positions_and_counts_like_fastch
     ]  # fmt: skip
     assert raw_refs[111]["choices"][0]["turns"][1] in lines[9]["games"][1]["messages"][1]["content"]
 
-    # verdicts as written and as winners, FastChat's g1_winner / g2_winner
+
+def test_pairwise_verdicts_as_written_and_as_fastchats_winners(pairwise):
+    out, _, _, _ = pairwise
+    lines = read_jsonl(out / "pairwise.jsonl")
     by_key = {(x["question_id"], x["turn"]): x for x in lines}
     line = by_key[(82, 1)]  # [[A]] twice: the model, then the baseline
     assert [g["verdict"] for g in line["games"]] == ["A", "A"]
@@ -414,8 +426,11 @@ def test_pairwise_against_a_baseline_file_swaps_positions_and_counts_like_fastch
     )
     assert by_key[(81, 1)]["games"][0]["verdict"] == "A" and by_key[(81, 1)]["g2_winner"] == "model_1"
 
-    # results by hand: 4 wins (81/1 84/1 111/1 141/1), 3 losses (81/2 84/2 111/2),
-    # 4 ties (82/1 82/2 83/1 141/2; all but 82/2 inconsistent), 83/2 failed
+
+def test_pairwise_results_by_hand(pairwise):
+    """4 wins (81/1 84/1 111/1 141/1), 3 losses (81/2 84/2 111/2), 4 ties (82/1 82/2 83/1 141/2; all but 82/2
+    inconsistent), 83/2 failed."""
+    out, results, _, baseline = pairwise
     assert json.loads((out / "results.json").read_text()) == results
     assert (results["mode"], results["model"], results["baseline"]) == (
         "pairwise",
