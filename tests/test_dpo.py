@@ -220,6 +220,16 @@ def test_reference_cache_is_reused_and_invalidated(
     new = fourth.collate(list(fourth.train_examples()[:5]))["ref_chosen_logps"]
     assert not torch.allclose(new, batch["ref_chosen_logps"])
 
+    # the same weights under another config (the norms' epsilon) -> recomputed, with different numbers
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    calls.clear()
+    sixth = DPOTask(cfg, cache_dir=cache)
+    sixth.prepare(load_policy(sixth, folder), accelerator)
+    assert sixth.reference_status == {"train": "computed", "eval": "computed"} and len(calls) == 2
+    assert not torch.allclose(sixth.collate(list(sixth.train_examples()[:5]))["ref_chosen_logps"], new)
+    (folder / "config.json").write_text(json.dumps(config))
+
     # other truncation lengths -> another fingerprint, even when no pair is cut
     calls.clear()
     fifth = DPOTask(make_cfg(folder, pairs_file, tmp_path, max_length=2048), cache_dir=cache)

@@ -263,6 +263,13 @@ class DPOTask:
         ) as ref:  # no weight files (a hub id): hash the tensors
             return ref_mod.state_dict_fingerprint(unwrap_model(ref))
 
+    def _config_fingerprint(self) -> str:
+        """sha256 of the reference folder's config.json; "" for a hub id (its tensors are hashed instead)."""
+        from zephyr.models import resolve_model_path
+
+        config = Path(resolve_model_path(self.cfg.ref_model or self.cfg.model)) / "config.json"
+        return ref_mod.file_sha256(config) if config.is_file() else ""
+
     def _precomputed_reference(
         self, model: torch.nn.Module, accelerator: Any
     ) -> ref_mod.PrecomputedReference:
@@ -276,6 +283,7 @@ class DPOTask:
             precision=_precision(accelerator, self.cfg),
             device_type=torch.device(accelerator.device).type,
             prefix_sharing=self.prefix_sharing,
+            config=self._config_fingerprint(),
         )
         result = ref_mod.precompute(
             {name: pairs for name, pairs in splits.items() if pairs},

@@ -129,6 +129,9 @@ class CacheKey:
     precision: str  # the run's autocast: "no" | "bf16"
     device_type: str  # "cpu" | "cuda": kernels differ in the last bits
     prefix_sharing: bool = False  # other kernels and row shapes: the same numbers to float rounding
+    # sha256 of the model's config.json: its numbers (rope, norm eps, softcapping, tied embeddings) change the
+    # log-probs of the same weights
+    config: str = ""
 
     def fingerprint(self, pairs: Sequence[TokenizedPair]) -> str:
         head: dict[str, Any] = {
@@ -143,6 +146,8 @@ class CacheKey:
         }
         if self.prefix_sharing:  # only when set, so that caches written without sharing keep their names
             head["prefix_sharing"] = True
+        if self.config:
+            head["config"] = self.config
         return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:32]
 
 
