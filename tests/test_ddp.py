@@ -145,3 +145,21 @@ def test_fsdp_shards_round_as_one_unsharded_tensor():
     ).groups()
     assert (processes, identical) == ("2", "True")
     assert int(moved) > int(total) // 2
+
+
+@pytest.mark.slow
+def test_chunked_log_probs_train_under_accelerates_fsdp2_sharding():
+    """accelerate's FSDP2 leaves the final norm and LM head in a group that stays unsharded after the forward;
+    the chunked log-probs use the head's weight, not the module, whose hooks would run once per chunk and free
+    the gathered weights before the norm's backward (a crash). 2 processes with 4 and 1 head chunks: the
+    gradients of one process over both batches. And accelerate's preparation keeps bf16 weights bf16 only
+    without mixed precision, which is why an FSDP launch with bf16 master weights goes without it."""
+    script = Path(__file__).parent / "scripts" / "fsdp_accelerate_head.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*command, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    worst = float(next(x for x in lines if x.startswith("max grad difference")).split()[-1])
+    assert worst < 1e-5
+    assert "bf16 weights under mixed precision no ['torch.bfloat16'] bf16 ['torch.float32']" in lines

@@ -575,7 +575,7 @@ def test_a_nan_loss_stops_the_command_and_names_the_last_good_checkpoint(
     assert main(sft_args(tiny_model_dir, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
-        f"error: step 5: loss is inf; stopped before applying this step; "
+        f"error: step 5: loss is inf; stopped, nothing of this step saved; "
         f"the last good checkpoint is {out / 'checkpoint-4'}"
     )
     assert not (out / "final").exists()

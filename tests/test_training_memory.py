@@ -197,3 +197,33 @@ def test_a_training_state_one_gpu_cannot_hold_is_refused_with_the_way_out():
     small = state_too_big(mistral, mistral, 2, 24 * gib, "RTX 4090")
     assert small is not None and "with bf16 master weights holds 54.0 GiB" in small
     assert "set master_weights" not in small
+
+
+def test_bf16_master_weights_under_fsdp_go_without_mixed_precision(tiny_model_dir, tmp_path, monkeypatch):
+    """accelerate's FSDP upcasts bf16 weights to fp32 under mixed precision (tests/scripts/
+    fsdp_accelerate_head.py shows it): an FSDP launch with bf16 weights builds its accelerator without."""
+    from zephyr.training.prepare import make_accelerator
+
+    bf16 = sft_config(tiny_model_dir, tmp_path / "a", precision="bf16", master_weights="bf16")
+    fp32 = sft_config(tiny_model_dir, tmp_path / "b", precision="bf16")
+    assert make_accelerator(bf16, "bf16").mixed_precision == "bf16"  # one GPU or DDP: autocast
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    assert make_accelerator(bf16, "bf16").mixed_precision == "no"
+    assert make_accelerator(fp32, "bf16").mixed_precision == "bf16"  # fp32 masters keep their autocast
+
+
+def test_a_preparation_that_upcasts_bf16_master_weights_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from zephyr.errors import ZephyrError
+
+    real = Accelerator.prepare
+
+    def upcasting(self, model, optimizer):
+        return real(self, model.float(), optimizer)
+
+    monkeypatch.setattr(Accelerator, "prepare", upcasting)
+    cfg = sft_config(tiny_model_dir, tmp_path / "out", max_steps=1, master_weights="bf16", precision="bf16")
+    with pytest.raises(ZephyrError, match=r"^master_weights: bf16, but accelerate's preparation turned the "
+                       r"trained weights from bfloat16 into float32"):  # fmt: skip
+        train(SFTTask(cfg), cfg)

@@ -162,15 +162,20 @@ def target_logps(
 def head_projection(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden [N, H] → logits [N, V] through the model's output embeddings."""
     head = causal_lm.get_output_embeddings()
-    weight = head.weight
+    weight, bias = head.weight, getattr(head, "bias", None)
     if hasattr(weight, "full_tensor"):
         # FSDP2 keeps sharded DTensor parameters outside the model's forward: gather the head once per call
         full = weight.full_tensor()
-        bias = head.bias.full_tensor() if getattr(head, "bias", None) is not None else None
+        bias = bias.full_tensor() if bias is not None else None
         return lambda h: F.linear(h.to(full.dtype), full, bias)
-    # Calling the module (not its weight) lets DeepSpeed ZeRO-3 gather the partitioned weight in its hooks.
-    # Outside the model's forward no autocast applies: bring bf16 activations to the weight's dtype.
-    return lambda h: head(h.to(weight.dtype))
+    if hasattr(weight, "ds_id") or not isinstance(head, torch.nn.Linear):
+        # calling the module lets DeepSpeed ZeRO-3 gather the partitioned weight in its hooks
+        return lambda h: head(h.to(weight.dtype))
+    # The weight itself, not the module: accelerate's FSDP2 leaves the head's group unsharded after the
+    # forward, and calling the module again would run its FSDP hooks once per chunk, whose backward frees the
+    # gathered weights before the final norm's backward reads them. Outside the model's forward no autocast
+    # applies: bring bf16 activations to the weight's dtype.
+    return lambda h: F.linear(h.to(weight.dtype), weight, bias)
 
 
 def _final_logit_softcapping(causal_lm: torch.nn.Module) -> float | None:

@@ -220,12 +220,12 @@ def train_step(
     local = torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), *(metric_sums[k] for k in names)])
     reduced = accelerator.reduce(local, reduction="sum").tolist()
     if not math.isfinite(reduced[0]):
-        raise TrainingDiverged(f"step {step + 1}: loss is {reduced[0]}; stopped before applying this step")
+        raise TrainingDiverged(f"step {step + 1}: loss is {reduced[0]}; stopped, nothing of this step saved")
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     grad_norm = float(norm) if norm is not None else float("nan")
     if norm is not None and not math.isfinite(grad_norm):
         raise TrainingDiverged(
-            f"step {step + 1}: gradient norm is {grad_norm}; stopped before applying this step"
+            f"step {step + 1}: gradient norm is {grad_norm}; stopped, nothing of this step saved"
         )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -33,8 +33,11 @@ def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
     AcceleratorState._reset_state(reset_partial_state=False)
     # bf16 precision is autocast: over fp32 master weights by default (as DeepSpeed's bf16 mode keeps them),
     # or over bf16 weights that `StochasticAdamW` updates without losing small steps (master_weights: bf16).
+    # FSDP is the exception: under mixed precision it upcasts bf16 weights to fp32 masters, so bf16 weights
+    # go without it there (they compute in bf16 all the same).
+    mixed = precision == "bf16" and not (cfg.master_weights == "bf16" and _fsdp_launch())
     accelerator = Accelerator(
-        mixed_precision="bf16" if precision == "bf16" else "no",
+        mixed_precision="bf16" if mixed else "no",
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
     _check_joined(accelerator)
@@ -49,6 +52,11 @@ def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
     return accelerator
+
+
+def _fsdp_launch() -> bool:
+    """Whether `accelerate launch` asked for FSDP (its config's `distributed_type: FSDP`)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _check_joined(accelerator: Any) -> None:
@@ -227,4 +235,21 @@ def prepare_model(
     _check_fits(model, accelerator)
     fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"
     optimizer = make_optimizer(model, cfg, fused=fused)
-    return accelerator.prepare(model, optimizer)
+    loaded = _trained_dtypes(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.master_weights == "bf16" and _trained_dtypes(model) != loaded:
+        # (DeepSpeed's bf16 mode casts fp32 weights down by design; it is refused with bf16 master weights)
+        raise ZephyrError(
+            f"master_weights: bf16, but accelerate's preparation turned the trained weights from "
+            f"{_names(loaded)} into {_names(_trained_dtypes(model))}, which would double their memory and train "
+            "another recipe; launch without mixed precision, or set master_weights: fp32"
+        )
+    return model, optimizer
+
+
+def _trained_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    return {p.dtype for p in model.parameters() if p.requires_grad}
+
+
+def _names(dtypes: set[torch.dtype]) -> str:
+    return "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
