@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from zephyr.data.packing import collate_packed, collate_padded
-from zephyr.training import attention
+from zephyr.training import attention, forward
 from zephyr.training.attention import (
     block_causal_mask,
     dense_causal_attention,
@@ -194,16 +194,61 @@ def test_chunked_head_equals_full_logits(chunk_size, tiny):
         torch.testing.assert_close(chunked, reference_logps(model, docs), atol=1e-5, rtol=0)
 
 
-def test_lm_head_runs_on_target_rows_only_in_chunks(tiny):
+def test_lm_head_runs_on_target_rows_only_in_chunks(tiny, monkeypatch):
     model = tiny()
     docs = make_docs()
+    own = []  # calls of the head module: the model's own forward
+    model.lm_head.register_forward_hook(lambda m, args, out: own.append(args[0].shape[:-1].numel()))
     rows = []
-    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    real = forward.head_projection
+
+    def counting(causal_lm):
+        project = real(causal_lm)
+        return lambda h: rows.append(len(h)) or project(h)
+
+    monkeypatch.setattr(forward, "head_projection", counting)
     with torch.no_grad():
         n = token_logps(model, collate_packed(docs), chunk_size=4).numel()
-    # the model's own forward projects nothing; then ⌈16 / 4⌉ chunks of at most 4 rows
+    # the model's own forward projects nothing; then ⌈16 / 4⌉ chunks of at most 4 rows, through the weight
     assert n == 16
-    assert rows == [0, 4, 4, 4, 4]
+    assert own == [0]
+    assert rows == [4, 4, 4, 4]
+
+
+def test_under_zero3_every_process_runs_the_head_as_often_as_the_busiest(tiny, monkeypatch):
+    """ZeRO-3 gathers the head's partitioned weight at every call of the module, a collective each process
+    must join equally often: here another process needs 6 chunks and this one 4, so it adds 2 empty ones,
+    and its log-probs and gradients are unchanged."""
+    from types import SimpleNamespace
+
+    docs = make_docs()
+    plain = tiny()
+    expected = token_logps(plain, collate_packed(docs), chunk_size=4)
+    expected.sum().backward()
+
+    model = tiny()
+    model.lm_head.weight.ds_id = 0  # how DeepSpeed marks a partitioned parameter
+    calls = []
+    model.lm_head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[:-1].numel()))
+    reduced = []
+
+    def all_reduce(tensor, op):
+        reduced.append((int(tensor), op))
+        tensor.fill_(6)  # the other process's count
+
+    max_op = torch.distributed.ReduceOp.MAX
+    stub = SimpleNamespace(
+        is_initialized=lambda: True, all_reduce=all_reduce, ReduceOp=SimpleNamespace(MAX=max_op)
+    )
+    monkeypatch.setattr(forward, "dist", stub)
+    logps = token_logps(model, collate_packed(docs), chunk_size=4)
+    assert reduced == [(4, max_op)]
+    assert calls == [0, 4, 4, 4, 4, 0, 0]  # the model's own call, then 6 chunks through the module
+    torch.testing.assert_close(logps, expected, atol=0, rtol=0)
+    logps.sum().backward()
+    assert calls[7:] == [0, 0, 4, 4, 4, 4]  # backward recomputes every chunk, last first, empty ones too
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0, msg=name)
 
 
 def test_gradients_packed_equal_per_document(tiny):

@@ -13,10 +13,12 @@ backward instead of kept: memory holds one chunk of [rows × vocab] logits, neve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -153,10 +155,26 @@ def target_logps(
 
     grad = torch.is_grad_enabled()
     pieces = []
-    for start in range(0, max(len(targets), 1), chunk_size):  # max(): an empty batch still yields a graph
-        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+    for k in range(_chunk_count(causal_lm, len(targets), chunk_size, hidden.device)):
+        h, y = hidden[k * chunk_size : (k + 1) * chunk_size], targets[k * chunk_size : (k + 1) * chunk_size]
         pieces.append(checkpoint(chunk_logps, h, y, use_reentrant=False) if grad else chunk_logps(h, y))
     return torch.cat(pieces)
+
+
+def _chunk_count(causal_lm: torch.nn.Module, rows: int, chunk_size: int, device: torch.device) -> int:
+    """Chunks for `rows` targets, at least one (an empty batch still yields a graph). Under DeepSpeed ZeRO-3
+    every call of the head gathers its partitioned weight, a collective that each process must join as often
+    as the others: there every process runs as many chunks as the one with the most (the rest empty)."""
+    count = max(math.ceil(rows / chunk_size), 1)
+    if _zero3_partitioned(causal_lm.get_output_embeddings().weight) and dist.is_initialized():
+        most = torch.tensor(count, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        count = int(most.item())
+    return count
+
+
+def _zero3_partitioned(weight: torch.Tensor) -> bool:
+    return hasattr(weight, "ds_id")  # DeepSpeed ZeRO-3 tags the parameters it partitions
 
 
 def head_projection(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -168,7 +186,7 @@ def head_projection(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor], torc
         full = weight.full_tensor()
         bias = bias.full_tensor() if bias is not None else None
         return lambda h: F.linear(h.to(full.dtype), full, bias)
-    if hasattr(weight, "ds_id") or not isinstance(head, torch.nn.Linear):
+    if _zero3_partitioned(weight) or not isinstance(head, torch.nn.Linear):
         # calling the module lets DeepSpeed ZeRO-3 gather the partitioned weight in its hooks
         return lambda h: head(h.to(weight.dtype))
     # The weight itself, not the module: accelerate's FSDP2 leaves the head's group unsharded after the
