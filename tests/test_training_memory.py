@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -142,7 +143,41 @@ def test_bf16_master_weights_dpo_starts_at_ln2(tiny_model_dir, tmp_path):
     first = next(m for m in read_metrics(result.metrics_path) if "loss" in m)
     # policy and reference are the same bf16 weights: log-ratios 0 up to bf16 reductions in other batch shapes
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert task._load_reference(torch.device("cpu")).dtype == torch.bfloat16
+    plain = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace())
+    assert task._load_reference(plain).dtype == torch.bfloat16
+
+
+def test_a_loaded_reference_has_whole_weights_under_zero3_sharded_loading(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """With `zero3_init_flag: true` a model loaded in the process comes out partitioned; the reference, which
+    no DeepSpeed engine wraps, is loaded with that switched off, for its loading only."""
+    import contextlib
+
+    import zephyr.models
+    from zephyr.config import DPOConfig
+    from zephyr.training.dpo import DPOTask
+
+    class Plugin:  # accelerate's DeepSpeedPlugin, as far as the loading uses it
+        zero3_init_flag = True
+
+        @contextlib.contextmanager
+        def zero3_init_context_manager(self, enable):
+            self.zero3_init_flag = enable
+            yield
+            self.zero3_init_flag = True
+
+    plugin = Plugin()
+    flags = []
+    real = zephyr.models.load_model
+    monkeypatch.setattr(
+        zephyr.models, "load_model", lambda *a, **k: flags.append(plugin.zero3_init_flag) or real(*a, **k)
+    )
+    cfg = DPOConfig(model=str(tiny_model_dir), train_data=str(PAIRS), output_dir=str(tmp_path / "dpo"))
+    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=plugin))
+    model = DPOTask(cfg, cache_dir=tmp_path / "cache")._load_reference(accelerator)
+    assert flags == [False] and plugin.zero3_init_flag  # off while loading, on again after
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
 # --- compiled decoder layers -----------------------------------------------------------------------------

@@ -209,24 +209,29 @@ class DPOTask:
 
     # --- references ---------------------------------------------------------------------------------------
 
-    def _load_reference(self, device: torch.device) -> torch.nn.Module:
+    def _load_reference(self, accelerator: Any) -> torch.nn.Module:
         from zephyr.models import load_model
         from zephyr.training.prepare import weights_dtype
 
         spec = self.cfg.ref_model or self.cfg.model
-        model = load_model(
-            spec,
-            dtype=weights_dtype(self.cfg),  # as the policy's
-            trust_remote_code=self.cfg.trust_remote_code,
-            attn_implementation=self.attn_implementation,
-        )
+        # Whole weights on every process, even under ZeRO-3: a model loaded while its sharded loading is on
+        # would come out partitioned, with no engine to gather it for the forward.
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        whole = plugin.zero3_init_context_manager(enable=False) if plugin else contextlib.nullcontext()
+        with whole:
+            model = load_model(
+                spec,
+                dtype=weights_dtype(self.cfg),  # as the policy's
+                trust_remote_code=self.cfg.trust_remote_code,
+                attn_implementation=self.attn_implementation,
+            )
         disable_dropout(model)
-        return model.to(device).eval().requires_grad_(False)
+        return model.to(accelerator.device).eval().requires_grad_(False)
 
     def _online_reference(self, model: torch.nn.Module, accelerator: Any) -> ref_mod.OnlineReference:
         if self.cfg.ref_model is None and ref_mod.is_peft_model(model):
             return ref_mod.OnlineReference(None)
-        return ref_mod.OnlineReference(self._load_reference(accelerator.device))
+        return ref_mod.OnlineReference(self._load_reference(accelerator))
 
     @contextlib.contextmanager
     def _reference_for_pass(self, model: torch.nn.Module, accelerator: Any) -> Iterator[torch.nn.Module]:
@@ -234,7 +239,7 @@ class DPOTask:
             with ref_mod.adapters_disabled(model):
                 yield model
             return
-        loaded = self._load_reference(accelerator.device)
+        loaded = self._load_reference(accelerator)
         try:
             yield loaded
         finally:
