@@ -55,3 +55,49 @@ def test_eval_options_reach_the_runner(monkeypatch, tmp_path):
         "baseline": None,
         "judge_mode": "logprobs",
     }
+
+
+@pytest.mark.parametrize(
+    ("argv", "overrides"),
+    [
+        (["run", "r.yaml", "--only", "eval/dpo", "dpo.beta=0.05"], ["dpo.beta=0.05"]),
+        (["run", "r.yaml", "a.b=1", "--from", "sft", "c.d=2"], ["a.b=1", "c.d=2"]),
+        (["sft", "r.yaml", "--resume", "sft.output_dir=out"], ["sft.output_dir=out"]),
+    ],
+)
+def test_overrides_may_follow_the_options(argv, overrides):
+    from zephyr.cli import parse_args
+
+    assert parse_args(build_parser(), argv).overrides == overrides
+
+
+def test_what_is_neither_an_option_nor_an_override_is_still_refused(capsys):
+    from zephyr.cli import parse_args
+
+    for argv in (["run", "r.yaml", "--only", "sft", "--nope"], ["run", "r.yaml", "--only", "sft", "stray"]):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(build_parser(), argv)
+        assert stop.value.code == 2
+        assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_says_so(monkeypatch, capsys):
+    import os
+    import signal
+
+    import zephyr.cli
+
+    finished = []
+
+    def preempted(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler preempting the job
+        finally:
+            finished.append("cleaned up")  # what the command had open is closed on the way out
+
+    monkeypatch.setattr(zephyr.cli, "_cmd_check", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert zephyr.cli.main(["check", "r.yaml"]) == 143
+    assert capsys.readouterr().err == "terminated (SIGTERM)\n"
+    assert finished == ["cleaned up"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back

@@ -535,3 +535,17 @@ def test_split_keeps_records_of_one_key_together_and_handles_edges():
         io.train_eval_split(records, 1.0, seed=0)
     with pytest.raises(DataError, match="record 0 has no 'id' field"):
         io.train_eval_split(records, 0.1, seed=0, key="id")
+
+
+def test_follow_umask_opens_owner_only_files_to_what_the_umask_grants(tmp_path):
+    (tmp_path / "final" / "sub").mkdir(parents=True)
+    files = [tmp_path / "final" / "model.safetensors", tmp_path / "final" / "sub" / "optimizer.bin"]
+    for path in files:
+        path.write_bytes(b"x")
+        path.chmod(0o600)  # as mkstemp leaves them
+    previous = os.umask(0o022)
+    try:
+        io.follow_umask(tmp_path / "final")
+    finally:
+        os.umask(previous)
+    assert [oct(p.stat().st_mode & 0o777) for p in files] == ["0o644", "0o644"]

@@ -258,6 +258,34 @@ def test_run_skips_done_stages_redoes_changed_ones_and_honours_only_and_from(
     }
 
 
+def test_a_redone_stage_outdates_the_finished_steps_that_read_it(
+    tmp_path, tiny_model_dir, one_thread, capsys
+):
+    """dpo redone alone (--only) under a new beta: the evaluations of the old dDPO model and the report are
+    marked stale and their outputs removed, so that no report shows the old model's numbers as the new one's."""
+    from zephyr.report import collect_report
+
+    run_dir = tmp_path / "run"
+    path = write(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, run_dir))
+    run_pipeline(load_recipe(path), str(path))
+    capsys.readouterr()
+    run_pipeline(load_recipe(path, ["dpo.beta=0.3"]), str(path), only="dpo")
+    now = statuses(run_dir)
+    assert now["dpo"] == "done"
+    assert {k for k, v in now.items() if v == "stale"} == {"eval/dpo/mc-arc", "eval/dpo/samples", "report"}
+    assert not (run_dir / "eval" / "dpo" / "mc-arc").exists()
+    assert not (run_dir / "eval" / "dpo" / "samples.jsonl").exists()
+    assert (run_dir / "eval" / "sft" / "mc-arc" / "results.json").is_file()  # not downstream of dpo
+    record = manifest(run_dir)["stages"]["eval/dpo/mc-arc"]
+    assert record["error"] == "dpo was redone after it" and record["outputs"] == []
+    out = capsys.readouterr().out
+    assert f"report: {run_dir / 'report.html'} is out of date (zephyr report {run_dir} rewrites it)" in out
+    missing = {m["path"]: m["reason"] for m in collect_report(run_dir)["missing"]}
+    assert missing["eval/dpo/mc-arc/results.json"] == (
+        "stage eval/dpo/mc-arc is out of date (dpo was redone after it)"
+    )
+
+
 def test_only_refuses_a_stage_whose_inputs_are_not_done(tmp_path, tiny_model_dir):
     path = write(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "run"))
     with pytest.raises(ZephyrError, match="--only dpo: needs sft done first"):

@@ -4,6 +4,7 @@ of the decoder layers, and compiled decoder layers. Each must train the same mod
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -112,6 +113,11 @@ def test_bf16_master_weights_train_save_bf16_and_resume_exactly(tiny_model_dir, 
     assert {t.dtype for t in final.values()} == {torch.bfloat16}
     moved = [k for k in final if not torch.equal(final[k], start[k].to(torch.bfloat16))]
     assert len(moved) == len(final)  # every tensor took its updates
+    umask = os.umask(0)
+    os.umask(umask)
+    written = [tmp_path / "whole" / "final" / "model.safetensors"]
+    written += sorted((tmp_path / "whole" / "checkpoint-2").rglob("*.safetensors"))
+    assert len(written) >= 3 and {p.stat().st_mode & 0o777 for p in written} == {0o666 & ~umask}
 
     # a run that stopped at its step-2 checkpoint, resumed: the same rounding, the same weights
     (tmp_path / "resumed").mkdir()

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from zephyr.errors import ZephyrError
 
@@ -407,18 +410,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    previous = _stop_on_sigterm()
     try:
         return handler(args)
     except ZephyrError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        _restore_sigterm(previous)
         _close_process_group()
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse's parse, but dotted overrides may also come after the options (`zephyr run R --only eval
+    dpo.beta=0.05`): argparse takes a command's positionals only before its first option."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # argparse's own error for what it does not know (exit 2)
+    return args
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting, `kill`): unwinds like Ctrl-C, so what is written is closed."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _stop_on_sigterm() -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal handlers belong to the main thread
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _close_process_group() -> None:

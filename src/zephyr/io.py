@@ -377,6 +377,18 @@ def sync_tree(folder: str | os.PathLike) -> None:
         _fsync_dir(Path(parent))
 
 
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give the files under `root` the permissions the umask grants (0644 under 022): libraries that write
+    through mkstemp (safetensors by way of transformers and accelerate) leave them owner-only, 0600, which
+    others on a shared machine cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root = Path(root)
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+
+
 def rename_into_place(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     """Rename `tmp` over `target` and make the rename durable."""
     os.replace(tmp, target)

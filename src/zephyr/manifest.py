@@ -35,7 +35,7 @@ def now() -> str:
 
 @dataclass
 class StageRecord:
-    status: str = "pending"  # running | done | failed
+    status: str = "pending"  # running | done | failed | stale (a step it reads was redone after it)
     fingerprint: str = ""
     started: str | None = None
     finished: str | None = None

@@ -82,7 +82,7 @@ class Step:
 
     id: str
     kind: str
-    folder: Path | None  # removed before a fresh start; None for steps that write no folder of their own
+    folder: Path | None  # removed before a fresh start (a folder or a file); None for the report
     config: Any  # hashed into the fingerprint (a config dataclass or plain values)
     action: Callable[[bool], None]  # called with resume=True when continuing an interrupted attempt
     upstream: list[str] = field(default_factory=list)
@@ -250,7 +250,9 @@ def _eval_steps(cfg: EvalConfig, model: str, spec: str, upstream: list[str], run
     if cfg.sample_prompts:
         config = {**base, "prompts": cfg.sample_prompts, "max_new_tokens": cfg.sample_max_new_tokens}
         action = partial(_run_samples, spec, model, cfg, folder / "samples.jsonl")
-        steps.append(Step(f"eval/{model}/samples", "samples", None, config, action, upstream))
+        steps.append(
+            Step(f"eval/{model}/samples", "samples", folder / "samples.jsonl", config, action, upstream)
+        )
     if cfg.mt_bench is not None:
         out = folder / "mt-bench"
         action = partial(_run_mt_bench, spec, cfg.mt_bench, out)
@@ -438,7 +440,8 @@ def run_pipeline(
         forced = forced or (start_from is not None and _matches(step.id, start_from))
         if only is not None and not _matches(step.id, only):
             continue
-        _run_step(step, manifest, run_dir, f"[{index}/{len(plan)}]", forced=forced, only=only is not None)
+        counter = f"[{index}/{len(plan)}]"
+        _run_step(step, plan, manifest, run_dir, counter, forced=forced, only=only is not None)
     _print_summary(manifest, plan, run_dir)
     return manifest
 
@@ -451,7 +454,7 @@ def _quiet_weight_loading() -> None:
 
 
 def _run_step(
-    step: Step, manifest: Manifest, run_dir: Path, counter: str, *, forced: bool, only: bool
+    step: Step, plan: list[Step], manifest: Manifest, run_dir: Path, counter: str, *, forced: bool, only: bool
 ) -> None:
     if only:
         pending = [u for u in step.upstream if manifest.stages.get(u, StageRecord()).status != "done"]
@@ -466,8 +469,11 @@ def _run_step(
     resume = same and record.status in ("running", "failed")
     if not resume:
         _clear(step, run_dir)
+        _outdate_downstream(step, plan, manifest, run_dir)
     attempts = record.attempts + 1 if resume else 1
-    record = StageRecord(status="running", fingerprint=fp, started=now(), attempts=attempts)
+    record = StageRecord(
+        status="running", fingerprint=fp, started=now(), attempts=attempts, zephyr=__version__
+    )
     manifest.stages[step.id] = record
     save_manifest(manifest, run_dir)
     print(f"{counter} {step.id}: {'resuming' if resume else 'running'}", flush=True)
@@ -484,6 +490,22 @@ def _run_step(
     record.outputs = _outputs(step, run_dir)
     save_manifest(manifest, run_dir)
     print(f"{counter} {step.id}: done in {record.seconds:.1f} s", flush=True)
+
+
+def _outdate_downstream(step: Step, plan: list[Step], manifest: Manifest, run_dir: Path) -> None:
+    """A step made afresh outdates every finished step that reads it, directly or not: their outputs are
+    removed and they are marked `stale`, so that no report shows an old model's numbers as the new one's.
+    (Their fingerprints follow this step's, so the next run redoes them anyway.)"""
+    redone = {step.id}
+    for later in plan:
+        if not redone.intersection(later.upstream):
+            continue
+        redone.add(later.id)
+        record = manifest.stages.get(later.id)
+        if record is not None and record.status == "done":
+            _clear(later, run_dir)
+            record.status, record.outputs = "stale", []
+            record.error = f"{step.id} was redone after it"
 
 
 def _made_by_another_version(record: StageRecord, step: Step) -> str:
@@ -509,5 +531,8 @@ def _print_summary(manifest: Manifest, plan: list[Step], run_dir: Path) -> None:
         seconds = f"{record.seconds:8.1f} s" if record and record.seconds is not None else ""
         print(f"  {step.id:40s} {status:8s} {seconds}")
     report = run_dir / "report.html"
-    if report.exists():
+    record = manifest.stages.get("report")
+    if report.exists() and record is not None and record.status == "done":
         print(f"report: {report}")
+    elif report.exists():
+        print(f"report: {report} is out of date (zephyr report {run_dir} rewrites it)")

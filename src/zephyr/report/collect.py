@@ -153,6 +153,8 @@ def _stage_state(stage_id: str, entry: Mapping[str, Any]) -> str:
         return f"stage {stage_id} is running (or stopped without recording it)"
     if status == "skipped":
         return f"stage {stage_id} was skipped"
+    if status == "stale":
+        return f"stage {stage_id} is out of date ({entry.get('error') or 'a stage it reads was redone'})"
     return f"stage {stage_id} is {status} but did not write it"
 
 

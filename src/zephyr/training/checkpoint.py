@@ -113,6 +113,7 @@ def _write_model_folder(
 
 
 def _replace(tmp: Path, target: Path) -> None:
+    io.follow_umask(tmp)
     io.sync_tree(tmp)
     if target.exists():
         shutil.rmtree(target)
