@@ -211,10 +211,12 @@ def sorted_lines(path: Path) -> list[str]:
 @pytest.mark.slow
 def test_feedback_sigkill_between_chunks_then_rerun_rates_every_prompt_once(tmp_path, monkeypatch):
     from test_feedback_runner import write_prompts
-    from zephyr.feedback.runner import CHUNK_PROMPTS
+    from zephyr.config import FeedbackConfig
+
+    chunk = FeedbackConfig().chunk_prompts  # the default
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    n = CHUNK_PROMPTS + 16  # two chunks
+    n = chunk + 16  # two chunks
     prompts = write_prompts(tmp_path / "prompts.jsonl", n)
     with GatedFeedbackServer(open_calls=None) as ref:
         straight = tmp_path / "straight"
@@ -224,11 +226,11 @@ def test_feedback_sigkill_between_chunks_then_rerun_rates_every_prompt_once(tmp_
         )
 
     killed = tmp_path / "killed"
-    with GatedFeedbackServer(open_calls=CHUNK_PROMPTS) as srv:  # the second chunk's judging waits
+    with GatedFeedbackServer(open_calls=chunk) as srv:  # the second chunk's judging waits
         recipe = feedback_recipe(tmp_path / "b.yaml", prompts, killed, srv.server.url)
         proc = start("feedback", str(recipe))
         rated = killed / "rated.jsonl"
-        kill_when(proc, lambda: rated.exists() and rated.read_bytes().count(b"\n") == CHUNK_PROMPTS)
+        kill_when(proc, lambda: rated.exists() and rated.read_bytes().count(b"\n") == chunk)
         with rated.open("a") as f:  # and a crash in the middle of a line
             f.write('{"prompt_id": "p70", "prompt": "quest')
         srv.gate.set()
@@ -237,7 +239,7 @@ def test_feedback_sigkill_between_chunks_then_rerun_rates_every_prompt_once(tmp_
         assert main(["feedback", str(recipe)]) == 0
         rerun = srv.judged[rerun_from:]
 
-    assert sorted(rerun) == list(range(CHUNK_PROMPTS, n))  # the rated prompts were never judged again
+    assert sorted(rerun) == list(range(chunk, n))  # the rated prompts were never judged again
     records = io.read_records(killed / "rated.jsonl", "rated").records  # valid, every prompt_id once
     assert len(records) == n
     assert sorted_lines(killed / "rated.jsonl") == sorted_lines(straight / "rated.jsonl")

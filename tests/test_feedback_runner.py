@@ -153,8 +153,8 @@ def test_a_run_writes_rated_records_pairs_stats_and_the_audit(tmp_path):
         ]
         f.write(json.dumps({"prompt_id": "multi", "prompt": "first turn", "messages": messages}) + "\n")
     gens, judge, factory = fakes()
-    cfg = config(tmp_path, prompts, eval_fraction=0.25)
-    result = run_feedback(cfg, generator_factory=factory, chunk_size=3)
+    cfg = config(tmp_path, prompts, eval_fraction=0.25, chunk_prompts=3)
+    result = run_feedback(cfg, generator_factory=factory)
     out = Path(cfg.output_dir)
 
     rated = io.read_records(out / "rated.jsonl", "rated").records
@@ -239,14 +239,15 @@ def test_a_rerun_resumes_and_never_regenerates_finished_prompts(tmp_path):
 
         return Dies()
 
-    cfg = config(tmp_path, prompts, completions_per_prompt=4)  # every generator answers every prompt
+    # every generator answers every prompt; chunks of 2
+    cfg = config(tmp_path, prompts, completions_per_prompt=4, chunk_prompts=2)
     with pytest.raises(Crash):
-        run_feedback(cfg, generator_factory=crashing, chunk_size=2)
+        run_feedback(cfg, generator_factory=crashing)
     rated_path = Path(cfg.output_dir) / "rated.jsonl"
     assert [r["prompt_id"] for r in io.read_jsonl_resumable(rated_path)] == ["p0", "p1", "p2", "p3"]
 
     gens, judge, factory = fakes()
-    result = run_feedback(cfg, generator_factory=factory, chunk_size=2)
+    result = run_feedback(cfg, generator_factory=factory)
     assert sorted(conv[-1]["content"] for conv in gens["gen-c"].seen) == ["question 4?", "question 5?"]
     assert all(len(g.seen) == 2 for g in gens.values())
     assert (result.already_rated, result.newly_rated) == (4, 2)

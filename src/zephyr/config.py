@@ -233,6 +233,8 @@ class FeedbackConfig:
     min_margin: float = bounded(0.0, ge=0)
     drop_ties: bool = True
     eval_fraction: float = bounded(0.0, ge=0, le=0.5)  # held-out pairs (test_prefs)
+    # prompts generated and judged together, then written: larger batches, or less lost to an interruption
+    chunk_prompts: int = bounded(64, ge=1)
     seed: int = 42
 
     def validate(self, where: str) -> None:

@@ -52,7 +52,6 @@ RATED = "rated.jsonl"
 PAIRS = "pairs.jsonl"
 PAIRS_TEST = "pairs_test.jsonl"
 AUDIT = "judge_audit.jsonl"
-CHUNK_PROMPTS = 64  # prompts generated and judged together: large batches, little lost to an interruption
 EMPTY_RESPONSE = "empty response"
 
 GeneratorFactory = Callable[[GeneratorConfig], Generator]
@@ -344,9 +343,7 @@ def _check(cfg: FeedbackConfig) -> None:
             raise ConfigError(f"{where}.model: {exc}") from None
 
 
-def run_feedback(
-    cfg: FeedbackConfig, *, generator_factory: GeneratorFactory | None = None, chunk_size: int = CHUNK_PROMPTS
-) -> FeedbackResult:
+def run_feedback(cfg: FeedbackConfig, *, generator_factory: GeneratorFactory | None = None) -> FeedbackResult:
     """Run the stage (module docstring). `generator_factory` builds a generator from a config (default:
     `make_generator` with the config's backend options; configs of one model share an instance)."""
     _check(cfg)
@@ -368,7 +365,7 @@ def run_feedback(
             seed=cfg.seed,
             audit_path=out / AUDIT,
         )
-        failed_prompts = _rate_prompts(cfg, todo, generators, judge, rated_path, chunk_size)
+        failed_prompts = _rate_prompts(cfg, todo, generators, judge, rated_path)
         run_usage = {"judge": judge.usage(), "generators": generators.usage()}
     records = io.read_jsonl_resumable(rated_path)
     _warn_foreign(records, prompts_)
@@ -406,7 +403,6 @@ def _rate_prompts(
     generators: _Generators,
     judge: Judge,
     rated_path: Path,
-    chunk_size: int,
 ) -> int:
     """Generate, judge and append the records of `todo`, chunk by chunk; returns the prompts that failed."""
     from tqdm.auto import tqdm
@@ -415,8 +411,8 @@ def _rate_prompts(
     draws = {p.prompt_id: draw_generators(p.prompt_id, len(pool), k, cfg.seed) for p in todo}
     failed = 0
     with tqdm(total=len(todo), desc="feedback", unit="prompt", disable=None) as bar:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
+        for start in range(0, len(todo), cfg.chunk_prompts):
+            chunk = todo[start : start + cfg.chunk_prompts]
             # a chunk is a long wait on slow models: the bar says which half of it is running
             bar.set_postfix_str(f"generating {len(chunk) * k} completions", refresh=True)
             generated = generate_chunk(chunk, draws, pool, generators, cfg.seed)
