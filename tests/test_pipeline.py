@@ -21,7 +21,7 @@ from zephyr.cli import main
 from zephyr.config import load_recipe
 from zephyr.errors import ConfigError, ZephyrError
 from zephyr.manifest import fingerprint, path_fingerprint
-from zephyr.pipeline import build_plan, parse_ref, resolve_refs, run_pipeline, stage_names
+from zephyr.pipeline import build_plan, missing_inputs, parse_ref, resolve_refs, run_pipeline, stage_names
 
 ROOT = Path(__file__).parents[1]
 RAW = ROOT / "recipes" / "data" / "raw_dialogues.jsonl"
@@ -294,13 +294,36 @@ def test_only_refuses_a_stage_whose_inputs_are_not_done(tmp_path, tiny_model_dir
 
 def test_a_failed_stage_is_recorded_and_the_run_stops(tmp_path, tiny_model_dir):
     recipe = no_report(tiny_recipe(tiny_model_dir, tmp_path / "run"))
-    recipe["sft"]["train_data"] = str(tmp_path / "missing.jsonl")
+    (tmp_path / "broken.jsonl").write_text("not json\n")
+    recipe["sft"]["train_data"] = str(tmp_path / "broken.jsonl")
     path = write(tmp_path / "r.yaml", recipe)
     with pytest.raises(ZephyrError):
         run_pipeline(load_recipe(path), str(path))
     record = manifest(tmp_path / "run")["stages"]["sft"]
-    assert record["status"] == "failed" and "missing.jsonl" in record["error"]
+    assert record["status"] == "failed" and "broken.jsonl" in record["error"]
     assert "dpo" not in manifest(tmp_path / "run")["stages"]
+
+
+def test_missing_inputs_stop_a_run_before_its_first_stage_naming_every_key(tmp_path, tiny_model_dir, capsys):
+    recipe = no_report(tiny_recipe(tiny_model_dir, tmp_path / "run"))
+    recipe["sft"]["train_data"] = "nope/train.jsonl"
+    recipe["eval"]["mc"][0]["data"] = str(tmp_path / "mc.jsonl")
+    recipe["dpo"]["ref_model"] = "./no-model"  # a path; a bare org/name would be a hub id
+    recipe["generate"] = {"seeds": "nope/seeds"}  # not among the run's stages: not checked
+    path = write(tmp_path / "r.yaml", recipe)
+    expected = [
+        "dpo.ref_model: no such file or folder: ./no-model",
+        f"eval.mc[0].data: no such file or folder: {tmp_path / 'mc.jsonl'}",
+        "sft.train_data: no such file or folder: nope/train.jsonl",
+    ]
+    assert missing_inputs(load_recipe(path)) == expected
+    with pytest.raises(ConfigError, match=r"^3 input\(s\) missing \(relative paths are read from "):
+        run_pipeline(load_recipe(path), str(path))
+    assert not (tmp_path / "run" / "manifest.json").exists()  # nothing started
+
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: 3 input(s) missing") and all(line in err for line in expected)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -445,5 +468,5 @@ def test_zephyr_check_resolves_a_pipelines_stage_references(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: {recipe}: sft.train_data: 'stage:curate' reads stage 'curate', which this run does not have\n"
     )
-    recipe = write(tmp_path / "ok.yaml", {"run": {}, "curate": {"input": "x.jsonl"}, "sft": {}})
+    recipe = write(tmp_path / "ok.yaml", {"run": {}, "curate": {"input": str(RAW)}, "sft": {}})
     assert main(["check", str(recipe)]) == 0  # sft.train_data is wired to the curated set

@@ -32,15 +32,15 @@ def _naming(recipe: str) -> Iterator[None]:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from zephyr.config import load_recipe
+    from zephyr.pipeline import build_plan, check_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.run is not None:  # a pipeline: its stage references and stages must resolve too
-        from pathlib import Path
+    with _naming(args.recipe):
+        if recipe.run is not None:  # a pipeline: its stage references and stages must resolve too
+            from pathlib import Path
 
-        from zephyr.pipeline import build_plan
-
-        with _naming(args.recipe):
             build_plan(recipe, Path(recipe.run.output_dir))
+        check_inputs(recipe)  # every local file it reads exists
     sections = [name for name, value in vars(recipe).items() if value is not None]
     print(f"{args.recipe}: ok ({', '.join(sections) or 'no sections'})")
     return 0

@@ -143,6 +143,57 @@ def local_inputs(cfg: Any, run_dir: Path) -> dict[str, str]:
     return found
 
 
+# Fields that name files or folders a stage reads (a spec with a scheme, `stage:`, `hf:`, `asset:`, is not
+# a path), and model fields, which are paths only when they look like one (else they may be hub ids).
+INPUT_FIELDS = frozenset(
+    {"train_data", "eval_data", "seeds", "prompts", "input", "data", "fewshot_data", "questions",
+     "instructions", "template_dir", "decontaminate"}
+)  # fmt: skip
+MODEL_FIELDS = frozenset({"model", "ref_model", "tokenizer", "judge", "baseline", "base_model"})
+
+
+def missing_inputs(recipe: Recipe) -> list[str]:
+    """`KEY: no such file or folder: PATH` for each local input of the recipe's stages that does not exist:
+    a pipeline checks them all before its first stage, rather than fail in one after hours of training."""
+    sections = stage_names(recipe) if recipe.run is not None else [n for n, v in vars(recipe).items() if v]
+    found = []
+    for name in sections:  # (ablations vary the dpo section, checked as such)
+        for key, value in _string_fields(getattr(recipe, name, None), name):
+            field_name = key.rsplit(".", 1)[-1].split("[")[0]
+            if _names_a_path(field_name, value) and not Path(value).expanduser().exists():
+                found.append(f"{key}: no such file or folder: {value}")
+    return sorted(set(found))
+
+
+def _string_fields(value: Any, key: str) -> list[tuple[str, str]]:
+    """(dotted key, string) for every string a config holds, in nested configs and lists too."""
+    if isinstance(value, str):
+        return [(key, value)]
+    if dataclasses.is_dataclass(value):
+        return [
+            item
+            for f in dataclasses.fields(value)
+            for item in _string_fields(getattr(value, f.name), f"{key}.{f.name}")
+        ]
+    if isinstance(value, list):
+        return [item for i, v in enumerate(value) for item in _string_fields(v, f"{key}[{i}]")]
+    return []
+
+
+def _names_a_path(field_name: str, value: str) -> bool:
+    if not value or ":" in value.split("/")[0]:
+        return False
+    if field_name in INPUT_FIELDS:
+        return True
+    return field_name in MODEL_FIELDS and value.startswith(("/", "./", "../", "~"))
+
+
+def check_inputs(recipe: Recipe) -> None:
+    if missing := missing_inputs(recipe):
+        where = f"relative paths are read from {Path.cwd()}"
+        raise ConfigError(f"{len(missing)} input(s) missing ({where}):\n  " + "\n  ".join(missing))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The plan
 
@@ -428,6 +479,7 @@ def run_pipeline(
     """Run (or resume) the recipe's pipeline into its run folder; returns the final manifest."""
     run_dir = Path(output_dir or (recipe.run.output_dir if recipe.run else "runs/pipeline"))
     plan = build_plan(recipe, run_dir)
+    check_inputs(recipe)
     _check_stage_name(start_from, plan, "--from")
     _check_stage_name(only, plan, "--only")
     check_output_dir(run_dir)  # an unwritable or full disk fails before the first stage
