@@ -712,3 +712,19 @@ def test_the_report_step_that_writes_the_page_is_not_shown_as_running():
 
     rows = _stage_rows({"sft": {"status": "running"}, "report": {"status": "running"}})
     assert [r["status"] for r in rows] == ["running", "writing this report"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("needs >= 5 parsed annotations", "needs >= 5 parsed annotations"),  # readable in the raw file
+        ("<script>alert(1)</script>", "&lt;script>alert(1)&lt;/script>"),  # no HTML
+        ("Q&A, &amp; and &#60;", "Q&A, &amp;amp; and &amp;#60;"),  # an entity shows as written
+        ("> not a quote", "\\> not a quote"),
+        ("a | b\n c", "a \\| b c"),  # one table cell, one line
+    ],
+)
+def test_markdown_text_by_hand(text, expected):
+    from zephyr.report.markdown import md_text
+
+    assert md_text(text) == expected

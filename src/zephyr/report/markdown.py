@@ -22,10 +22,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _md_text(text: str) -> str:
-    """Text safe in a Markdown line: no raw HTML, no table breaks."""
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return " ".join(text.replace("|", "\\|").split())
+def md_text(text: str) -> str:
+    """Text safe in a Markdown line: no raw HTML (`<` and a `&` that would start an entity escaped), no table
+    breaks, no quote at its start; a `>` or `&` elsewhere stays as written, readable in the raw file too."""
+    text = re.sub(r"&(?=#?\w+;)", "&amp;", text).replace("<", "&lt;")
+    text = " ".join(text.replace("|", "\\|").split())
+    return "\\" + text if text.startswith(">") else text
 
 
 def _fence(text: str) -> str:
@@ -36,17 +38,17 @@ def _fence(text: str) -> str:
 def _markdown(block: Block) -> list[str]:
     match block:
         case Heading(text, level, _):
-            return ["#" * level + " " + _md_text(text)]
+            return ["#" * level + " " + md_text(text)]
         case Text(text):
-            return [_md_text(text)]
+            return [md_text(text)]
         case Items(items):
-            return [f"- {_md_text(item)}" for item in items]
+            return [f"- {md_text(item)}" for item in items]
         case Table(header, rows, strong):
-            out = ["| " + " | ".join(_md_text(h) or " " for h in header) + " |"]
+            out = ["| " + " | ".join(md_text(h) or " " for h in header) + " |"]
             numeric = [j > 0 and all(is_numeric(r[j]) for r in rows) for j in range(len(header))]
             out.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
             for i, row in enumerate(rows):
-                cells = [_md_text(c) for c in row]
+                cells = [md_text(c) for c in row]
                 cells = [f"**{c}**" if (i, j) in strong else c for j, c in enumerate(cells)]
                 out.append("| " + " | ".join(cells) + " |")
             return out
@@ -59,7 +61,7 @@ def _markdown(block: Block) -> list[str]:
             for label, answer in answers:
                 fence = _fence(answer or "")
                 body = [fence, answer, fence] if answer is not None else ["(no answer)"]
-                out += ["", f"**{_md_text(label)}**", "", *body]
+                out += ["", f"**{md_text(label)}**", "", *body]
             return out
         case _:
             raise TypeError(f"not a Markdown block: {block!r}")
