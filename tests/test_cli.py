@@ -31,7 +31,7 @@ def test_every_eval_option_is_a_parameter_of_its_runner(command, runner):
     )
 
 
-def test_eval_options_reach_the_runner(monkeypatch, tmp_path):
+def test_eval_options_reach_the_runner(monkeypatch, tmp_path, capsys):
     import zephyr.evaluation.mt_bench_runner as runner
     from zephyr.cli import main
 
@@ -44,6 +44,7 @@ def test_eval_options_reach_the_runner(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "run_mt_bench", fake)
     argv = ["eval", "mt-bench", "--model", "m", "--judge", "j", "--out", str(tmp_path), "--limit", "3"]
     assert main([*argv, "--judge-mode", "logprobs"]) == 0
+    assert capsys.readouterr().out == f"results in {tmp_path}/results.json\n"  # the fake returns nothing
     assert seen == {
         "model": "m",
         "judge": "j",
@@ -101,3 +102,20 @@ def test_sigterm_unwinds_like_ctrl_c_and_says_so(monkeypatch, capsys):
     assert capsys.readouterr().err == "terminated (SIGTERM)\n"
     assert finished == ["cleaned up"]
     assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
+@pytest.mark.parametrize(
+    ("results", "line"),
+    [
+        ({"metric": "acc_norm", "score": 0.452123, "acc": 0.4}, "acc_norm 0.4521; "),  # multiple choice
+        ({"judge": "j", "score": 6.4, "turns": {}}, "score 6.4; "),  # MT-Bench single-answer grading
+        ({"mode": "pairwise", "win_rate": 0.3636}, "win_rate 0.3636; "),  # MT-Bench pairwise
+        ({"win_rate": 54.5, "standard_error": 4.5}, "win_rate 54.5; "),  # AlpacaEval
+        ({"n": 0}, ""),
+        (None, ""),
+    ],
+)
+def test_eval_headline_by_hand(results, line):
+    from zephyr.cli import headline
+
+    assert headline(results) == line

@@ -158,16 +158,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval as runner
     else:
         from zephyr.evaluation.multiple_choice import run_mc as runner
-    _call_with_args(runner, args)
+    results = _call_with_args(runner, args)
+    print(f"{headline(results)}results in {args.out}/results.json")
     return 0
 
 
-def _call_with_args(runner: Callable[..., object], args: argparse.Namespace) -> None:
+def headline(results: object) -> str:
+    """An evaluation's main number for the terminal: `acc_norm 0.4521; `, `score 6.40; `, `win_rate 54.5; `."""
+    if not isinstance(results, dict):
+        return ""
+    for key in ("score", "win_rate"):
+        value = results.get(key)
+        if isinstance(value, int | float):
+            name = results.get("metric", key) if key == "score" else key
+            return f"{name} {value:.4g}; "
+    return ""
+
+
+def _call_with_args(runner: Callable[..., object], args: argparse.Namespace) -> object:
     """Call a runner with the parsed options named like its parameters (each flag's dest is one)."""
     import inspect
 
     names = inspect.signature(runner).parameters
-    runner(**{name: value for name, value in vars(args).items() if name in names})
+    return runner(**{name: value for name, value in vars(args).items() if name in names})
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

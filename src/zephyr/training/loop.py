@@ -560,4 +560,6 @@ def train(task: TrainingTask, cfg: TrainingConfig, *, resume: bool = False) -> T
         if run.trackers is not None:
             run.trackers.close()
     run.accelerator.wait_for_everyone()
+    if run.main:
+        print(f"{task.name}: {state.step} steps; final model in {final_dir}", flush=True)
     return TrainResult(out_dir, final_dir, out_dir / METRICS_FILE, metrics, eval_metrics, state.step)
