@@ -89,6 +89,14 @@ class ScriptedModel:
         return [answer]
 
 
+def test_a_command_word_lists_the_commands_but_a_path_is_a_message():
+    model = ScriptedModel(Completion("a folder", "stop"))
+    out = Writes()
+    run_chat("scripted", input_fn=Lines("/help", "/usr/bin", end=EOFError), output=out, generator=model)
+    assert [c[0][0] for c in model.calls] == [[{"role": "user", "content": "/usr/bin"}]]
+    assert out.text.count("commands: /reset") == 1
+
+
 def test_system_prompt_failures_and_interrupts_stay_out_of_the_history():
     model = ScriptedModel(
         Completion("Hi!", "stop"),

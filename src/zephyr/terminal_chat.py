@@ -14,6 +14,7 @@ request) is reported and left out of the history too.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ def run_chat(
             session.reset()
             _say(out, "(conversation cleared)\n")
             continue
-        if text.startswith("/") and " " not in text:
+        if re.fullmatch(r"/[A-Za-z]+", text):  # a command word; `/usr/bin` is a message
             _say(out, "commands: " + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()) + "\n")
             continue
         _answer(session, text, out)
