@@ -268,3 +268,19 @@ def test_a_preparation_that_upcasts_bf16_master_weights_is_refused(tiny_model_di
     with pytest.raises(ZephyrError, match=r"^master_weights: bf16, but accelerate's preparation turned the "
                        r"trained weights from bfloat16 into float32"):  # fmt: skip
         train(SFTTask(cfg), cfg)
+
+
+def test_a_checkpoint_of_tied_embeddings_saves_without_accelerates_note(smollm_dir, tmp_path, caplog):
+    """accelerate notes at every save that tied weights are stored once; they load tied again, so zephyr
+    keeps the note out of the run's output."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    model_dir = tmp_path / "tied"
+    make_tiny_llama(len(tokenizer), tie_word_embeddings=True).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    cfg = sft_config(model_dir, tmp_path / "out", max_steps=2, save_steps=1)
+    with caplog.at_level("WARNING"):
+        train(SFTTask(cfg), cfg)
+    assert (tmp_path / "out" / "checkpoint-1").is_dir()
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]

@@ -21,11 +21,13 @@ the model folder, renames and deletes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,24 @@ def _fresh_tmp(accelerator: Any, out_dir: Path, name: str) -> Path:
     return tmp
 
 
+class _TiedWeightsNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_tied_weights_note() -> Iterator[None]:
+    """accelerate notes at every save that it stores tied weights (embeddings and LM head) once; they are
+    tied again on loading (the resume tests check it), so the note is noise in a run's output."""
+    note = _TiedWeightsNote()
+    source = logging.getLogger("accelerate.utils.other")
+    source.addFilter(note)
+    try:
+        yield
+    finally:
+        source.removeFilter(note)
+
+
 def save_checkpoint(
     accelerator: Any,
     model: torch.nn.Module,
@@ -165,7 +185,8 @@ def save_checkpoint(
 
     def write() -> None:
         _write_model_folder(accelerator, model, tokenizer, tmp, dtype, merge=False)
-        accelerator.save_state(str(tmp / STATE_DIR))
+        with _without_tied_weights_note():
+            accelerator.save_state(str(tmp / STATE_DIR))
         if accelerator.is_main_process:
             save_resolved(cfg, tmp)
             # written last: its presence marks the checkpoint complete
