@@ -470,3 +470,11 @@ def test_zephyr_check_resolves_a_pipelines_stage_references(tmp_path, capsys):
     )
     recipe = write(tmp_path / "ok.yaml", {"run": {}, "curate": {"input": str(RAW)}, "sft": {}})
     assert main(["check", str(recipe)]) == 0  # sft.train_data is wired to the curated set
+    capsys.readouterr()
+    # without `run:` the stage commands read the recipe, and they resolve no stage reference
+    recipe = write(tmp_path / "alone.yaml", {"dpo": {"model": "stage:sft", "train_data": str(PAIRS)}})
+    assert main(["check", str(recipe)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {recipe}: dpo.model: 'stage:sft' names another stage's output, which only `zephyr run` "
+        "resolves; run the pipeline, or give a path\n"
+    )

@@ -40,6 +40,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
             from pathlib import Path
 
             build_plan(recipe, Path(recipe.run.output_dir))
+        else:  # stage commands: no `stage:` reference resolves outside `zephyr run`
+            for name, section_cfg in vars(recipe).items():
+                if section_cfg is not None:
+                    _refuse_stage_refs(section_cfg, name, args.recipe)
         check_inputs(recipe)  # every local file it reads exists
     sections = [name for name, value in vars(recipe).items() if value is not None]
     print(f"{args.recipe}: ok ({', '.join(sections) or 'no sections'})")
@@ -78,20 +82,26 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _recipe_section(args: argparse.Namespace, name: str):
-    import dataclasses
 
     from zephyr.config import load_recipe, section
-    from zephyr.errors import ConfigError
 
     cfg = section(load_recipe(args.recipe, args.overrides), name, args.recipe)
+    _refuse_stage_refs(cfg, name, args.recipe)
+    return cfg
+
+
+def _refuse_stage_refs(cfg: Any, name: str, recipe: str) -> None:
+    import dataclasses
+
+    from zephyr.errors import ConfigError
+
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, str) and value.startswith("stage:"):
             raise ConfigError(
-                f"{args.recipe}: {name}.{f.name}: {value!r} names another stage's output, which only "
+                f"{recipe}: {name}.{f.name}: {value!r} names another stage's output, which only "
                 f"`zephyr run` resolves; run the pipeline, or give a path"
             )
-    return cfg
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
