@@ -728,3 +728,16 @@ def test_markdown_text_by_hand(text, expected):
     from zephyr.report.markdown import md_text
 
     assert md_text(text) == expected
+
+
+def test_zephyr_report_warns_about_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from zephyr.cli import main
+
+    (tmp_path / "sft").mkdir()
+    assert main(["report", str(tmp_path / "sft")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"warning: {tmp_path / 'sft'} has no manifest.json: not a `zephyr run` folder; the report lists what it "
+        "lacks\n"
+    )
+    assert captured.out.splitlines()[-1] == str(tmp_path / "sft" / "report.html")

@@ -221,8 +221,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from zephyr.report import write_report
 
+    if not (Path(args.run) / "manifest.json").is_file():  # e.g. a stage's folder, runs/x/sft
+        print(
+            f"warning: {args.run} has no manifest.json: not a `zephyr run` folder; the report lists what it lacks",
+            file=sys.stderr,
+        )
     paths = write_report(args.run, out_dir=args.out)
     print(paths.html)  # the page to open, last
     return 0
