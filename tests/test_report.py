@@ -601,10 +601,11 @@ def test_empty_and_broken_folders_still_report(tmp_path):
     assert render_html(report).startswith("<!DOCTYPE html>")
 
 
-def test_no_run_folder_is_a_data_error(tmp_path):
+def test_no_run_folder_is_a_data_error(tmp_path, capsys):
     with pytest.raises(DataError, match="no such run folder"):
         collect_report(tmp_path / "nope")
     assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "warning" not in capsys.readouterr().err  # the error alone
 
 
 def test_cli_prints_the_page(tmp_path, capsys):

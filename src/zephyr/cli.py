@@ -225,7 +225,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     from zephyr.report import write_report
 
-    if not (Path(args.run) / "manifest.json").is_file():  # e.g. a stage's folder, runs/x/sft
+    run = Path(args.run)
+    if run.is_dir() and not (run / "manifest.json").is_file():  # e.g. a stage's folder, runs/x/sft
         print(
             f"warning: {args.run} has no manifest.json: not a `zephyr run` folder; the report lists what it lacks",
             file=sys.stderr,
