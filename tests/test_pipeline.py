@@ -20,7 +20,7 @@ import zephyr
 from zephyr.cli import main
 from zephyr.config import load_recipe
 from zephyr.errors import ConfigError, ZephyrError
-from zephyr.manifest import fingerprint, path_fingerprint
+from zephyr.manifest import fingerprint, input_parts, path_fingerprint, redo_reason
 from zephyr.pipeline import build_plan, missing_inputs, parse_ref, resolve_refs, run_pipeline, stage_names
 
 ROOT = Path(__file__).parents[1]
@@ -179,6 +179,19 @@ def test_fingerprint_follows_config_upstream_and_file_content(tmp_path):
     assert path_fingerprint(folder) != before
 
 
+def test_redo_reason_by_hand():
+    before = {"config": "a", "upstream sft": "b", "file train_data": "c"}
+    assert redo_reason(before, before) == ""
+    assert redo_reason(before, {**before, "config": "x"}) == "config changed"
+    both = {**before, "upstream sft": "x", "file train_data": "y"}
+    assert redo_reason(before, both) == "train_data changed, sft redone"
+    assert redo_reason(before, {**before, "upstream curate": "z"}) == "curate redone"  # a new input
+    assert redo_reason({}, before) == ""  # recorded without parts: nothing to tell
+    parts = input_parts({"beta": 0.1}, {"sft": "f" * 64}, {"train_data": "e" * 64})
+    assert parts == {"config": parts["config"], "upstream sft": "f" * 16, "file train_data": "e" * 16}
+    assert input_parts({"beta": 0.2}, {}, {})["config"] != parts["config"]
+
+
 def test_a_stage_reference_outside_zephyr_run_exits_2(tmp_path, capsys):
     recipe = write(tmp_path / "r.yaml", {"sft": {"train_data": "stage:curate"}})
     assert main(["sft", str(recipe)]) == 2
@@ -234,8 +247,13 @@ def test_run_skips_done_stages_redoes_changed_ones_and_honours_only_and_from(
     assert any(line.endswith(note) for line in lines)
     assert any(line.endswith("dpo: done, skipped") for line in lines)
 
-    # A changed dpo section redoes dpo, the ablation built from it and their evals; dSFT stays.
+    # A changed dpo section redoes dpo, the ablation built from it and their evals; dSFT stays. Each says why.
+    capsys.readouterr()
     run_pipeline(load_recipe(path, ["dpo.beta=0.2"]), str(path))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.endswith(" dpo: running (config changed)") for line in lines)
+    assert any(line.endswith(" eval/dpo/mc-arc: running (dpo redone)") for line in lines)
+    assert any(line.endswith(" ablations/dpo_only: running (config changed)") for line in lines)
     changed = manifest(run_dir)["stages"]
     redone = {k for k in changed if changed[k]["started"] != first["stages"][k]["started"]}
     assert redone == {
@@ -251,6 +269,9 @@ def test_run_skips_done_stages_redoes_changed_ones_and_honours_only_and_from(
     # --only runs just that stage's steps; --from redoes it and everything after.
     before = manifest(run_dir)["stages"]
     run_pipeline(load_recipe(path, ["dpo.beta=0.2"]), str(path), only="eval/sft", start_from="eval/sft")
+    assert any(
+        line.endswith(" eval/sft/mc-arc: running (--from)") for line in capsys.readouterr().out.splitlines()
+    )
     after = manifest(run_dir)["stages"]
     assert {k for k in after if after[k]["started"] != before[k]["started"]} == {
         "eval/sft/mc-arc",

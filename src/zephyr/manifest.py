@@ -44,6 +44,7 @@ class StageRecord:
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     zephyr: str = ""  # the zephyr version that made the outputs (a later one keeps them; the run says so)
+    inputs: dict[str, str] = field(default_factory=dict)  # digest per input part: what changed, on a redo
 
 
 @dataclass
@@ -100,6 +101,33 @@ def path_fingerprint(path: Path) -> str:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def input_parts(config: Any, upstream: Mapping[str, str], files: Mapping[str, str]) -> dict[str, str]:
+    """A digest per part of a stage's inputs (`config`, `upstream ID`, `file FIELD`), so that a redone stage
+    can say which one changed."""
+    config_digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return {
+        "config": config_digest[:16],
+        **{f"upstream {name}": value[:16] for name, value in upstream.items()},
+        **{f"file {name}": value[:16] for name, value in files.items()},
+    }
+
+
+def redo_reason(before: Mapping[str, str], now: Mapping[str, str]) -> str:
+    """Why a stage runs afresh, from its input parts then and now: `config changed, sft redone`; "" when
+    nothing recorded tells (a new stage, or one recorded without parts)."""
+    if not before:
+        return ""
+    reasons = []
+    for key in sorted(before.keys() | now.keys()):
+        if before.get(key) == now.get(key):
+            continue
+        kind, _, name = key.partition(" ")
+        reasons.append(
+            {"config": "config changed", "upstream": f"{name} redone"}.get(kind, f"{name} changed")
+        )
+    return ", ".join(reasons)
 
 
 def fingerprint(kind: str, config: Any, upstream: Mapping[str, str], files: Mapping[str, str]) -> str:

@@ -45,10 +45,12 @@ from zephyr.manifest import (
     Manifest,
     StageRecord,
     fingerprint,
+    input_parts,
     load_manifest,
     now,
     package_versions,
     path_fingerprint,
+    redo_reason,
     save_manifest,
 )
 
@@ -445,14 +447,15 @@ def _check_stage_name(stage: str | None, plan: list[Step], flag: str) -> None:
         raise ConfigError(f"{flag} {stage}: no such stage in this run (stages: {', '.join(known)})")
 
 
-def _step_fingerprint(step: Step, manifest: Manifest, run_dir: Path) -> str:
+def _step_fingerprint(step: Step, manifest: Manifest, run_dir: Path) -> tuple[str, dict[str, str]]:
+    """The step's fingerprint, and a digest per part of its inputs (which say what changed on a redo)."""
     config = to_dict(step.config) if dataclasses.is_dataclass(step.config) else step.config
     config = json.loads(
         json.dumps(config, default=str).replace(str(run_dir), "$RUN")
     )  # a moved run stays done
     upstream = {u: manifest.stages[u].fingerprint if u in manifest.stages else "" for u in step.upstream}
     files = local_inputs(step.config, run_dir) if dataclasses.is_dataclass(step.config) else {}
-    return fingerprint(step.kind, config, upstream, files)
+    return fingerprint(step.kind, config, upstream, files), input_parts(config, upstream, files)
 
 
 def _clear(step: Step, run_dir: Path) -> None:
@@ -512,23 +515,24 @@ def _run_step(
         pending = [u for u in step.upstream if manifest.stages.get(u, StageRecord()).status != "done"]
         if pending:
             raise ZephyrError(f"--only {step.id}: needs {', '.join(pending)} done first (run without --only)")
-    fp = _step_fingerprint(step, manifest, run_dir)
+    fp, parts = _step_fingerprint(step, manifest, run_dir)
     record = manifest.stages.get(step.id)
     same = record is not None and record.fingerprint == fp and not forced
     if same and record.status == "done":
         print(f"{counter} {step.id}: done, skipped{_made_by_another_version(record, step)}", flush=True)
         return
     resume = same and record.status in ("running", "failed")
+    why = "" if resume else _why_afresh(record, parts, forced)
     if not resume:
         _clear(step, run_dir)
         _outdate_downstream(step, plan, manifest, run_dir)
     attempts = record.attempts + 1 if resume else 1
     record = StageRecord(
-        status="running", fingerprint=fp, started=now(), attempts=attempts, zephyr=__version__
+        status="running", fingerprint=fp, started=now(), attempts=attempts, zephyr=__version__, inputs=parts
     )
     manifest.stages[step.id] = record
     save_manifest(manifest, run_dir)
-    print(f"{counter} {step.id}: {'resuming' if resume else 'running'}", flush=True)
+    print(f"{counter} {step.id}: {'resuming' if resume else 'running'}{why}", flush=True)
     started = time.perf_counter()
     try:
         step.action(resume)
@@ -542,6 +546,16 @@ def _run_step(
     record.outputs = _outputs(step, run_dir)
     save_manifest(manifest, run_dir)
     print(f"{counter} {step.id}: done in {record.seconds:.1f} s", flush=True)
+
+
+def _why_afresh(record: StageRecord | None, parts: dict[str, str], forced: bool) -> str:
+    """` (config changed)`, ` (--from)`: why a step that ran before runs from the beginning."""
+    if record is None:
+        return ""
+    if forced:
+        return " (--from)"
+    reason = redo_reason(record.inputs, parts)
+    return f" ({reason})" if reason else ""
 
 
 def _outdate_downstream(step: Step, plan: list[Step], manifest: Manifest, run_dir: Path) -> None:
