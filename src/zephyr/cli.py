@@ -82,7 +82,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _recipe_section(args: argparse.Namespace, name: str):
-
     from zephyr.config import load_recipe, section
 
     cfg = section(load_recipe(args.recipe, args.overrides), name, args.recipe)

@@ -137,7 +137,7 @@ def local_inputs(cfg: Any, run_dir: Path) -> dict[str, str]:
     found = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name == "output_dir" or not isinstance(value, str) or not value or ":" in value.split("/")[0]:
+        if f.name == "output_dir" or not isinstance(value, str) or not _is_local(value):
             continue
         path = Path(value)
         if path.exists() and run_dir.resolve() not in path.resolve().parents:
@@ -182,8 +182,13 @@ def _string_fields(value: Any, key: str) -> list[tuple[str, str]]:
     return []
 
 
+def _is_local(value: str) -> bool:
+    """A value that may name a local file: not empty, and no scheme (`stage:`, `hf:`, `asset:`, `openai:`)."""
+    return bool(value) and ":" not in value.split("/")[0]
+
+
 def _names_a_path(field_name: str, value: str) -> bool:
-    if not value or ":" in value.split("/")[0]:
+    if not _is_local(value):
         return False
     if field_name in INPUT_FIELDS:
         return True
@@ -541,7 +546,7 @@ def _run_step(
         record.seconds = round(time.perf_counter() - started, 2)
         save_manifest(manifest, run_dir)
         raise
-    record.status, record.finished, record.zephyr = "done", now(), __version__
+    record.status, record.finished = "done", now()
     record.seconds = round(time.perf_counter() - started, 2)
     record.outputs = _outputs(step, run_dir)
     save_manifest(manifest, run_dir)

@@ -251,10 +251,9 @@ class DPOTask:
     def _weights_fingerprint(self, model: torch.nn.Module, accelerator: Any) -> str:
         """The reference weights' fingerprint: of its files, hashed once on the main process (every rank
         reading 14 GB would be slow), else of its tensors."""
-        from zephyr.models import resolve_model_path
         from zephyr.training.forward import unwrap_model
 
-        folder = Path(resolve_model_path(self.cfg.ref_model or self.cfg.model))
+        folder = self._reference_folder()
         if folder.is_dir() and any(folder.glob("*.safetensors")):
             memo = self.cache_dir / ref_mod.WEIGHTS_MEMO
             found = [ref_mod.weights_fingerprint(folder, memo) if accelerator.is_main_process else None]
@@ -270,10 +269,13 @@ class DPOTask:
 
     def _config_fingerprint(self) -> str:
         """sha256 of the reference folder's config.json; "" for a hub id (its tensors are hashed instead)."""
+        config = self._reference_folder() / "config.json"
+        return ref_mod.file_sha256(config) if config.is_file() else ""
+
+    def _reference_folder(self) -> Path:
         from zephyr.models import resolve_model_path
 
-        config = Path(resolve_model_path(self.cfg.ref_model or self.cfg.model)) / "config.json"
-        return ref_mod.file_sha256(config) if config.is_file() else ""
+        return Path(resolve_model_path(self.cfg.ref_model or self.cfg.model))
 
     def _precomputed_reference(
         self, model: torch.nn.Module, accelerator: Any
