@@ -21,6 +21,7 @@ assets: $(STAMP)
 	$(BIN)/zephyr assets fetch mistral-7b-tokenizer
 	$(BIN)/zephyr assets fetch mt-bench
 	$(BIN)/zephyr assets fetch alpaca-eval-templates
+	$(BIN)/zephyr assets fetch ultrafeedback-templates
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

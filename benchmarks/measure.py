@@ -25,6 +25,7 @@ import shapes
 
 H200_BF16_TFLOPS = 783.0
 DEFAULT_ENGINES = "zephyr,zephyr-ckpt,trl"
+MIN_ENGINE_SECONDS = 20.0  # less than an engine needs to start: not worth a process
 
 
 def sync() -> None:
@@ -92,9 +93,46 @@ class Engine:
 ENGINES = {
     "zephyr": Engine(),
     "zephyr-ckpt": Engine(checkpointing=1.0),
+    "zephyr-ckpt75": Engine(
+        checkpointing=0.75
+    ),  # a quarter of the layers keep their activations: 80 GB cards
     "zephyr-half": Engine(checkpointing=0.5),
     "zephyr-compile": Engine(compile=True),
 }
+
+
+class BenchmarkError(Exception):
+    """A run that produced numbers which would not mean what the table says (its message goes in the row)."""
+
+
+def attention_problem(paths: list[tuple[str, str]], cuda: bool) -> str | None:
+    """Why a zephyr engine's attention is not the one it claims (None when it is): on CUDA every packed
+    forward must reach the varlen kernel; a dense fallback is O(T²) and would be timed as zephyr's speed."""
+    if not cuda:
+        return None
+    off = [f"{path} ({why})" for path, why in paths if path != "varlen"]
+    return f"attention fell back: {'; '.join(off)}" if off else None
+
+
+def kernel_note(model) -> str:
+    """`Result.check`'s note of how the engine's attention ran: the kernel and how KV heads reach it."""
+    from zephyr.training.attention import attention_paths, gqa_mode
+
+    taken = ", ".join(sorted({path for path, _ in attention_paths()})) or "none"
+    if "varlen" not in taken:
+        return f"; attention: {taken}"
+    return f"; attention: {taken}, KV heads {gqa_mode(model.device)}"
+
+
+def require_varlen() -> None:
+    """Raise BenchmarkError if the packed forwards so far left the varlen kernel (on CUDA)."""
+    import torch
+
+    from zephyr.training.attention import attention_paths
+
+    problem = attention_problem(attention_paths(), torch.cuda.is_available())
+    if problem:
+        raise BenchmarkError(problem)
 
 
 @dataclass
@@ -248,6 +286,9 @@ def time_zephyr(model, task, groups: list, *, engine: Engine, learning_rate: flo
         if step == 0:
             result.first_loss = stats.loss_sum / stats.units
     result.peak_gib = peak_memory_gib()
+    require_varlen()
+    if optimizer.fallback:  # timed, but not as the compiled step it claims to be: the table says so
+        result.config += f", optimizer step eager (compiling failed: {optimizer.fallback[:80]})"
 
 
 def step_clock(marks: list[float]):
@@ -354,6 +395,12 @@ def add_run_arguments(p: argparse.ArgumentParser, engines: tuple[str, ...]) -> N
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU's denominator (CUDA default: 783)")
     p.add_argument("--isolate", choices=("auto", "on", "off"), default="auto", help="one process per engine")
     p.add_argument("--timeout", type=float, default=None, help="seconds per isolated engine")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for all isolated engines (the last get what is left)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table-out", default=None, help="also write the tables (Markdown) to this file")
@@ -404,18 +451,30 @@ def main(
         return
     isolate = args.isolate == "on" or (args.isolate == "auto" and torch.cuda.is_available())
     passed = list(argv if argv is not None else sys.argv[1:])
+    peak = args.peak_tflops or (H200_BF16_TFLOPS if torch.cuda.is_available() else None)
+    started = time.monotonic()
     results = []
-    for engine in chosen:
+    for n, engine in enumerate(chosen, 1):
         if isolate:
-            results.append(run_isolated(script, engine, _without_engines(passed), args.timeout))
+            left = None if args.budget is None else args.budget - (time.monotonic() - started)
+            limit = min((t for t in (args.timeout, left) if t is not None), default=None)
+            if limit is not None and limit < MIN_ENGINE_SECONDS:
+                results.append(
+                    Result(engine=engine, config="", parameters=0, error="not run: time budget spent")
+                )
+            else:
+                results.append(run_isolated(script, engine, _without_engines(passed), limit))
         else:
             results.append(run(engine))
             _reset_accelerate()
-    peak = args.peak_tflops or (H200_BF16_TFLOPS if torch.cuda.is_available() else None)
-    text = header(table.describe(args, max(r.parameters for r in results)))
-    text += "\n\n" + format_tables(
-        table.title, results, baseline="trl", unit=table.unit, peak_tflops=peak, epoch=table.epoch
-    )
+        # every finished engine's row is written at once: a slow or stuck engine later loses only its own
+        text = header(table.describe(args, max(r.parameters for r in results)))
+        text += "\n\n" + format_tables(
+            table.title, results, baseline="trl", unit=table.unit, peak_tflops=peak, epoch=table.epoch
+        )
+        if n < len(chosen):
+            text += f"\n({n} of {len(chosen)} engines done; still to run: {', '.join(chosen[n:])})\n"
+            write_table(text, args.table_out)
     report(text, args.table_out)
 
 
@@ -428,7 +487,12 @@ def run_guarded(run, engine: str) -> Result:
         return run()
     except Exception as exc:
         traceback.print_exc()
-        kind = "out of memory" if "out of memory" in str(exc).lower() else type(exc).__name__
+        if "out of memory" in str(exc).lower():
+            kind = "out of memory"
+        elif isinstance(exc, BenchmarkError):
+            kind = str(exc).replace("|", "/")  # inside a table cell
+        else:
+            kind = type(exc).__name__
         return Result(engine=engine, config="", parameters=0, error=f"failed: {kind}")
 
 
@@ -539,9 +603,16 @@ def format_tables(
 def report(text: str, path: str | None) -> None:
     """Print the tables, and write them to `path` when given."""
     print("\n" + text, flush=True)
+    write_table(text, path)
+
+
+def write_table(text: str, path: str | None) -> None:
+    """Replace `path`'s tables with `text` (through a temporary file: a reader never sees half a table)."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n", encoding="utf-8")
+        partial = Path(f"{path}.partial")
+        partial.write_text(text + "\n", encoding="utf-8")
+        partial.replace(path)
 
 
 def header(args_line: str) -> str:
@@ -555,9 +626,14 @@ def header(args_line: str) -> str:
         trl_version = trl.__version__
     except ImportError:
         trl_version = "not installed"
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
-    return f"{args_line}\n{device}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}"
+    return f"{args_line}\n{device_line()}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}"
+
+
+def device_line() -> str:
+    """The card and its memory (what decides which engines fit), or the CPU's threads."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"CPU ({torch.get_num_threads()} threads)"
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 2**30:.1f} GiB"

@@ -65,8 +65,14 @@ def make_optimizer(engine: str, params: list):
     )
 
 
-def time_engine(engine: str, sizes: list[tuple[int, ...]], args: argparse.Namespace) -> list[float]:
-    """Seconds of each timed step of `engine` over fresh bf16 tensors of `sizes`."""
+def time_engine(
+    engine: str, sizes: list[tuple[int, ...]], args: argparse.Namespace
+) -> tuple[list[float], str]:
+    """Seconds of each timed step of `engine` over fresh bf16 tensors of `sizes`, and a note for the table
+    (a compiled step that fell back to the eager one). Its tensors are freed before it returns: at 7B they
+    are 58 GB, as much as the next engine allocates."""
+    import gc
+
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,23 +89,26 @@ def time_engine(engine: str, sizes: list[tuple[int, ...]], args: argparse.Namesp
         optimizer.step()
         if step >= args.warmup:
             seconds.append(measure.now() - started)
-    del optimizer, params
+    fallback = getattr(optimizer, "fallback", None)
+    note = f"eager: compiling failed ({fallback[:80]})" if fallback else ""
+    del optimizer, params, p
+    gc.collect()  # an optimizer in a reference cycle (hooks, schedulers) would keep every tensor alive
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return seconds
+    return seconds, note
 
 
-def table(results: dict[str, list[float]], parameters: int) -> str:
-    base = statistics.median(results["torch-fused"]) if "torch-fused" in results else None
+def table(results: dict[str, tuple[list[float], str]], parameters: int) -> str:
+    base = statistics.median(results["torch-fused"][0]) if "torch-fused" in results else None
     lines = [
-        "| engine | ms/step | GB/s at 14 B/parameter | time vs torch-fused |",
-        "|---|---:|---:|---:|",
+        "| engine | ms/step | GB/s at 14 B/parameter | time vs torch-fused | note |",
+        "|---|---:|---:|---:|---|",
     ]
-    for engine, seconds in results.items():
+    for engine, (seconds, note) in results.items():
         median = statistics.median(seconds)
         rate = parameters * BYTES_PER_PARAMETER / median / 1e9
         ratio = f"{median / base:.2f}×" if base else "–"
-        lines.append(f"| {engine} | {median * 1e3:,.1f} | {rate:,.1f} | {ratio} |")
+        lines.append(f"| {engine} | {median * 1e3:,.1f} | {rate:,.1f} | {ratio} | {note} |")
     return "\n".join(lines)
 
 
@@ -116,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
     sizes = parameter_shapes(args.shape)
     parameters = sum(torch.Size(s).numel() for s in sizes)
-    results = {engine: time_engine(engine, sizes, args) for engine in chosen}
+    results = {}
+    for engine in chosen:
+        results[engine] = time_engine(engine, sizes, args)
+        measure.write_table(table(results, parameters), args.table_out)  # each row as it finishes
     text = measure.header(
         f"AdamW step, shape {args.shape} ({parameters / 1e9:.3g}B parameters, {len(sizes)} tensors, bf16), "
         f"{args.warmup} warm-up + {args.steps} timed steps"

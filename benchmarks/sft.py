@@ -133,6 +133,8 @@ def run_zephyr(args, engine: str) -> measure.Result:
         units_per_step=n,
     )
     result.check = packed_check(model, bins[0])
+    measure.require_varlen()
+    result.check += measure.kernel_note(model)
     groups = [bins[step * n : (step + 1) * n] for step in range(steps)]
     measure.time_zephyr(
         model, BenchTask(), groups, engine=settings, learning_rate=LEARNING_RATE, result=result

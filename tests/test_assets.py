@@ -124,7 +124,8 @@ def test_unknown_asset_lists_the_known_ones():
         assets.fetch("gpt-5")
     message = str(info.value)
     assert "unknown asset 'gpt-5'" in message
-    for name in ("smollm2-135m-instruct", "mistral-7b-tokenizer", "mt-bench", "alpaca-eval-templates"):
+    known = ("smollm2-135m-instruct", "mistral-7b-tokenizer", "mt-bench", "alpaca-eval-templates")
+    for name in (*known, "ultrafeedback-templates"):
         assert name in message
 
 
@@ -237,3 +238,21 @@ def test_alpaca_eval_templates():
     folder = assets.fetch("alpaca-eval-templates")
     assert "{instruction}" in (folder / "alpaca_eval_gpt4" / "alpaca_eval.txt").read_text()
     assert (folder / "alpaca_eval_gpt4_turbo_fn" / "configs.yaml").is_file()
+
+
+def test_ultrafeedback_templates():
+    # distilabel's UltraFeedback task: a Jinja2 rubric per aspect and the module holding the system prompt
+    folder = assets.fetch("ultrafeedback-templates")
+    files = sorted(p.name for p in folder.iterdir() if p.name != assets.MANIFEST)
+    assert files == [
+        "helpfulness.jinja2",
+        "honesty.jinja2",
+        "instruction-following.jinja2",
+        "truthfulness.jinja2",
+        "ultrafeedback.py",
+    ]
+    for aspect in ("helpfulness", "honesty", "instruction-following", "truthfulness"):
+        text = (folder / f"{aspect}.jinja2").read_text()
+        assert "Instruction: {{ instruction }}" in text and "<text {{ loop.index }}> {{ generation }}" in text
+    assert "_system_prompt: str = PrivateAttr(" in (folder / "ultrafeedback.py").read_text()
+    assets.verify("ultrafeedback-templates")

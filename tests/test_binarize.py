@@ -112,11 +112,40 @@ def test_lowest_mode_takes_the_first_of_equally_low():
     assert binarize(rec, rejected="lowest")[0]["rejected_model"] == "b"
 
 
-def test_tie_for_the_top_is_dropped():
+def test_tie_for_the_top_is_dropped_when_asked():
     rec = record(
         "p", completion("a", [4, 4, 4, 4]), completion("b", [5, 3, 4, 4]), completion("c", [1, 1, 1, 1])
     )
-    assert binarize(rec) == (None, TIE)
+    assert binarize(rec, drop_ties=True) == (None, TIE)
+
+
+def test_tie_for_the_top_is_kept_by_default():
+    # the paper's rule: best mean chosen, a random other rejected; a shared top mean drops nothing
+    def tied(prompt_id: str) -> dict:
+        return record(
+            prompt_id,
+            completion("a", [4, 4, 4, 4]),  # mean 4.0
+            completion("b", [5, 3, 4, 4]),  # mean 4.0
+            completion("c", [1, 1, 1, 1]),  # mean 1.0
+        )
+
+    pairs, stats = binarize_all([tied(f"p{i}") for i in range(400)], rng_seed=0)
+    assert stats.kept == 400 and stats.dropped[TIE] == 0
+    chosen = Counter(p["chosen_model"] for p in pairs)
+    assert set(chosen) == {"a", "b"} and all(150 <= n <= 250 for n in chosen.values()), chosen
+    for pair in pairs:  # the other tied answer may be rejected: a random one of the rest
+        assert pair["rejected_model"] in {"a", "b", "c"} - {pair["chosen_model"]}
+        assert pair["score_chosen"] == 4.0 and pair["score_rejected"] in {4.0, 1.0}
+
+
+def test_tie_break_first_takes_the_first_of_the_tied():
+    # HuggingFaceH4/ultrafeedback_binarized: Python's max() over the completions in record order
+    rec = record(
+        "p", completion("a", [1, 1, 1, 1]), completion("b", [4, 4, 4, 4]), completion("c", [5, 3, 4, 4])
+    )
+    for seed in range(20):
+        pair, _ = binarize(rec, tie_break="first", rejected="lowest", rng_seed=seed)
+        assert (pair["chosen_model"], pair["rejected_model"]) == ("b", "a")
 
 
 def test_tie_kept_when_asked():
@@ -214,7 +243,7 @@ def test_binarize_all_counts():
         four("p4"),
         record("p5", completion("a", [4] * 4, "same"), completion("b", [1] * 4, "same")),  # identical
     ]
-    pairs, stats = binarize_all(records, min_margin=0.0)
+    pairs, stats = binarize_all(records, min_margin=0.0, drop_ties=True)
     assert [p["prompt_id"] for p in pairs] == ["p1", "p4"]
     assert stats.to_dict() == {
         "total": 5,
@@ -225,8 +254,28 @@ def test_binarize_all_counts():
     assert all(validate_pair(p) == [] for p in pairs)
 
 
+def test_overall_score_ranks_by_the_critique_score():
+    # UltraFeedback's overall_score (1-10), what HuggingFaceH4/ultrafeedback_binarized ranked by
+    rec = four()  # means: a 4.5, b 2.0, c 3.25, d 1.0
+    for c, overall in zip(rec["completions"], (6.0, 8.5, None, 3.0), strict=True):
+        c["overall_score"] = overall
+    pair, reason = binarize(rec, score="overall", rejected="lowest")
+    assert reason is None
+    assert (pair["chosen_model"], pair["rejected_model"]) == ("b", "d")  # c has no overall_score
+    assert (pair["score_chosen"], pair["score_rejected"]) == (8.5, 3.0)
+    assert validate_pair(pair) == []
+    # the same record by the mean: a over d
+    assert binarize(rec, rejected="lowest")[0]["chosen_model"] == "a"
+    # records without the field (judged ones) have nothing to rank by
+    assert binarize(four(), score="overall") == (None, FEWER_THAN_TWO)
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="rejected"):
         binarize(four(), rejected="worst")
     with pytest.raises(ValueError, match="min_margin"):
         binarize_all([four()], min_margin=-1)
+    with pytest.raises(ValueError, match="score"):
+        binarize(four(), score="median")
+    with pytest.raises(ValueError, match="tie_break"):
+        binarize_all([four()], tie_break="last")

@@ -167,3 +167,89 @@ def test_errors_name_the_line_of_the_key_in_the_file_it_was_written(tmp_path):
     with pytest.raises(ConfigError) as err:  # a value given on the command line has no line
         load_recipe(tmp_path / "top.yaml", ["sft.lora.r=-1"])
     assert str(err.value) == f"{tmp_path / 'top.yaml'}: sft.lora.r: must be >= 1, got -1"
+
+
+# --- global batch: one number for every launch -------------------------------------------------------------
+
+
+def test_global_batch_size_derives_the_accumulation_from_the_process_count():
+    from zephyr.config import BatchPlan, batch_plan, resolve_batch
+
+    paper_sft = SFTConfig(global_batch_size=512, per_device_batch_size=8)
+    # 512 / (8 × P): the paper's 16 A100s, an 8-GPU box, one GPU
+    assert batch_plan(paper_sft, 16, "sft") == BatchPlan(processes=16, per_device=8, accumulation=4)
+    assert batch_plan(paper_sft, 8, "sft") == BatchPlan(processes=8, per_device=8, accumulation=8)
+    assert batch_plan(paper_sft, 1, "sft") == BatchPlan(processes=1, per_device=8, accumulation=64)
+    paper_dpo = DPOConfig(global_batch_size=32, per_device_batch_size=2)
+    assert [batch_plan(paper_dpo, p, "dpo").accumulation for p in (1, 8, 16)] == [16, 2, 1]
+    assert (
+        str(batch_plan(paper_dpo, 16, "dpo"))
+        == "global batch 32 = 16 processes × 2 per device × 1 accumulation"
+    )
+    resolved = resolve_batch(paper_dpo, 8, "dpo")
+    assert (resolved.global_batch_size, resolved.gradient_accumulation_steps) == (32, 2)
+    # without a global batch: per device × accumulation (1 when unset) × processes, as before
+    assert batch_plan(DPOConfig(per_device_batch_size=2), 16, "dpo").global_batch == 32
+    assert (
+        batch_plan(DPOConfig(per_device_batch_size=2, gradient_accumulation_steps=3), 4, "dpo").global_batch
+        == 24
+    )
+
+
+def test_an_indivisible_global_batch_is_an_error_naming_the_numbers():
+    from zephyr.config import batch_plan
+
+    with pytest.raises(ConfigError) as err:
+        batch_plan(SFTConfig(global_batch_size=512, per_device_batch_size=8), 6, "sft")
+    assert str(err.value) == (
+        "sft.global_batch_size: 512 is not divisible by per_device_batch_size 8 × 6 processes = 48; "
+        "process counts that fit: 1, 2, 4, 8, 16, 32, 64 (or change per_device_batch_size)"
+    )
+    # set both, they must agree on the launch: 8 × 4 × 8 GPUs = 256, not 512
+    both = DPOConfig(global_batch_size=512, per_device_batch_size=8, gradient_accumulation_steps=4)
+    assert batch_plan(both, 16, "dpo").accumulation == 4
+    with pytest.raises(
+        ConfigError,
+        match=r"dpo.global_batch_size: 512 ≠ per_device_batch_size 8 × "
+        r"gradient_accumulation_steps 4 × 8 processes = 256; set only global_batch_size",
+    ):
+        batch_plan(both, 8, "dpo")
+
+
+def test_a_global_batch_no_launch_can_make_is_refused_when_the_recipe_loads(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("sft:\n  per_device_batch_size: 8\n  global_batch_size: 100\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value) == (
+        f"{path}:3: sft.global_batch_size: 100 is not a multiple of per_device_batch_size 8 = 8"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"not a multiple of per_device_batch_size 8 × "
+        r"gradient_accumulation_steps 3 = 24",
+    ):
+        load_recipe(path, ["sft.global_batch_size=64", "sft.gradient_accumulation_steps=3"])
+
+
+def test_cli_check_validates_the_batches_for_a_stated_process_count(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("dpo:\n  per_device_batch_size: 2\n  global_batch_size: 32\n", encoding="utf-8")
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "dpo: global batch 32 = 1 process × 2 per device × 16 accumulation (1 process assumed" in out
+    assert main(["check", str(path), "--num-processes", "16"]) == 0
+    assert (
+        "  dpo: global batch 32 = 16 processes × 2 per device × 1 accumulation\n" in capsys.readouterr().out
+    )
+    assert main(["check", str(path), "--num-processes", "6"]) == 2
+    assert "dpo.global_batch_size: 32 is not divisible by per_device_batch_size 2 × 6 processes = 12" in (
+        capsys.readouterr().err
+    )
+
+
+def test_loss_on_is_assistant_by_default_and_checked(recipe):
+    assert load_recipe(recipe).sft.loss_on == "assistant"
+    assert load_recipe(recipe, ["sft.loss_on=all"]).sft.loss_on == "all"
+    with pytest.raises(ConfigError, match=r"sft.loss_on: must be one of 'assistant' \| 'all', got 'answers'"):
+        load_recipe(recipe, ["sft.loss_on=answers"])

@@ -29,6 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from rounding import PATHS, tolerance
 from zephyr import io
 from zephyr.cli import main
 from zephyr.errors import ZephyrError
@@ -75,16 +76,21 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     proc.stderr.close()
 
 
-def assert_same_weights(expected_dir: Path, got_dir: Path) -> None:
-    expected = load_file(expected_dir / "model.safetensors")
-    got = load_file(got_dir / "model.safetensors")
+def assert_same_run(straight: Path, resumed: Path) -> None:
+    """The resumed run logs every step once, with the losses of the uninterrupted one, and ends with its weights:
+    up to the rounding of that many steps in two processes (tests/rounding.py). A resume that lost the
+    optimizer state, the data order or the schedule moves the weights by about the learning rate, 1e-3 here."""
+    lines = [[m for m in read_metrics(run / "metrics.jsonl") if "loss" in m] for run in (straight, resumed)]
+    assert [m["step"] for m in lines[1]] == [m["step"] for m in lines[0]]
+    rounds = PATHS * len(lines[0])
+    losses = [m["loss"] for m in lines[0]]
+    assert [m["loss"] for m in lines[1]] == pytest.approx(losses, abs=tolerance(losses, roundings=rounds))
+    expected = load_file(straight / "final" / "model.safetensors")
+    got = load_file(resumed / "final" / "model.safetensors")
     assert expected.keys() == got.keys()
+    allowed = tolerance(list(expected.values()), roundings=rounds)  # the model's largest weight
     for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
-
-
-def steps_and_losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(m["step"], round(m["loss"], 6)) for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+        torch.testing.assert_close(got[key], value, atol=allowed, rtol=0, msg=key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,8 +142,7 @@ def test_dpo_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_mode
         f.write('{"step": 3, "loss": 0.69')
 
     assert main(["dpo", str(recipe), f"dpo.output_dir={killed}", "--resume"]) == 0
-    assert_same_weights(straight / "final", killed / "final")
-    assert steps_and_losses(killed) == steps_and_losses(straight)  # every step once
+    assert_same_run(straight, killed)
     assert not (killed / ".tmp-checkpoint-4").exists()
 
 
@@ -527,8 +532,7 @@ def test_a_full_disk_while_saving_stops_cleanly_and_resumes(
 
     monkeypatch.setattr(checkpoint, "_write_model_folder", real_write)
     assert main([*sft_args(tiny_model_dir, out), "--resume"]) == 0
-    assert_same_weights(straight / "final", out / "final")
-    assert steps_and_losses(out) == steps_and_losses(straight)
+    assert_same_run(straight, out)
 
 
 def test_a_full_disk_while_appending_is_a_clear_error():

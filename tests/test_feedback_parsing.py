@@ -8,8 +8,10 @@ import pytest
 
 from zephyr.feedback.parsing import (
     AMBIGUOUS,
+    FORMAT_ERROR,
     NO_RATING,
     NO_RATING_TOKEN,
+    NOT_APPLICABLE,
     OUT_OF_RANGE,
     REASONS,
     WRONG_SCALE,
@@ -106,7 +108,8 @@ def test_parse_rating_shapes(answer, scale, expected):
 def test_shape_table_is_large_and_uses_the_vocabulary():
     assert len(SHAPES) >= 25
     reasons = {e.reason for _, _, e in SHAPES if e.reason}
-    assert reasons == set(REASONS) - {NO_RATING_TOKEN}
+    # the logprobs reason, and UltraFeedback's (tests/test_feedback_ultrafeedback.py), are not text shapes
+    assert reasons == set(REASONS) - {NO_RATING_TOKEN, FORMAT_ERROR, NOT_APPLICABLE}
 
 
 def test_values_are_floats():

@@ -97,6 +97,8 @@ def test_parse_failures_per_reason():
             "wrong scale": 0,
             "ambiguous": 0,
             "no rating token in top logprobs": 0,
+            "format error": 0,
+            "not applicable": 0,
         },
     }
 
@@ -135,7 +137,7 @@ def test_pair_stats():
 
 
 def full_summary() -> dict:
-    pairs, bstats = binarize_all(RECORDS)  # r1 kept; r2 tie; r3 one rated
+    pairs, bstats = binarize_all(RECORDS, drop_ties=True)  # r1 kept; r2 tie; r3 one rated
     assert bstats.to_dict()["dropped"]["tie for the top"] == 1
     return summarize(
         RECORDS,

@@ -345,6 +345,78 @@ def test_hub_source_rows_and_default_split(monkeypatch):
     assert calls[-1] == ("org/prefs", "test_prefs")
 
 
+@pytest.mark.parametrize(
+    ("source", "name", "revision", "split"),
+    [
+        ("hf:HuggingFaceH4/ultrachat_200k", "HuggingFaceH4/ultrachat_200k", None, None),
+        ("hf:HuggingFaceH4/ultrachat_200k:train_sft", "HuggingFaceH4/ultrachat_200k", None, "train_sft"),
+        ("hf:org/prefs@8c4e5a1b:test_prefs", "org/prefs", "8c4e5a1b", "test_prefs"),
+        ("hf:org/prefs@v1.0", "org/prefs", "v1.0", None),
+        ("hf:org/prefs@refs/convert/parquet:train", "org/prefs", "refs/convert/parquet", "train"),
+    ],
+)
+def test_hub_specs_parse_into_name_revision_and_split(source, name, revision, split):
+    assert io.parse_hub_spec(source) == io.HubSpec(name, revision, split)
+
+
+@pytest.mark.parametrize(
+    "source", ["hf:", "hf:org/prefs@", "hf:org/prefs@:train", "hf:org/p:a:b", "hf:a@b@c"]
+)
+def test_malformed_hub_specs_are_errors_naming_the_spec(source):
+    with pytest.raises(DataError) as err:
+        io.parse_hub_spec(source)
+    assert str(err.value).startswith(f"{source}: expected hf:NAME[@REVISION][:SPLIT]")
+
+
+def test_a_pinned_revision_reaches_load_dataset(monkeypatch):
+    calls = []
+
+    def load_dataset(name, split, **kwargs):
+        calls.append((name, split, kwargs))
+        return [_pair("a")]
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(load_dataset))
+    io.read_records("hf:org/prefs@8c4e5a1b:test_prefs", "pairs")
+    io.read_records("hf:org/prefs@v2", "pairs")
+    io.read_records("hf:org/prefs:test_prefs", "pairs")  # unpinned: the hub's latest, no revision passed
+    assert calls == [
+        ("org/prefs", "test_prefs", {"revision": "8c4e5a1b"}),
+        ("org/prefs", "train", {"revision": "v2"}),
+        ("org/prefs", "test_prefs", {}),
+    ]
+
+
+def test_the_run_manifest_records_each_stages_hub_datasets_and_revisions(tmp_path, monkeypatch):
+    from zephyr import pipeline
+    from zephyr.config import load_recipe
+    from zephyr.manifest import hub_datasets, load_manifest
+
+    assert hub_datasets({"model": "m", "instructions": "hf:tatsu-lab/alpaca_eval:eval", "data": None}) == {
+        "instructions": {"dataset": "tatsu-lab/alpaca_eval", "revision": None, "split": "eval"}
+    }
+    monkeypatch.setattr(pipeline, "_run_training", lambda kind, cfg, resume, launcher: None)  # no training
+    recipe = load_recipe(
+        None,
+        [
+            f"run.output_dir={tmp_path / 'run'}",
+            "run.stages=[sft]",
+            "sft.train_data=hf:HuggingFaceH4/ultrachat_200k@8c4e5a1b:train_sft",
+            "sft.eval_data=hf:HuggingFaceH4/ultrachat_200k:test_sft",
+        ],
+    )
+    pipeline.run_pipeline(recipe, None)
+    record = load_manifest(tmp_path / "run", "").stages["sft"]
+    assert record.status == "done"
+    assert record.datasets == {
+        "train_data": {
+            "dataset": "HuggingFaceH4/ultrachat_200k",
+            "revision": "8c4e5a1b",
+            "split": "train_sft",
+        },
+        "eval_data": {"dataset": "HuggingFaceH4/ultrachat_200k", "revision": None, "split": "test_sft"},
+    }
+
+
 def test_hub_failure_is_a_clear_error(monkeypatch):
     def load_dataset(name, split):
         raise ConnectionError("Couldn't reach the Hub")

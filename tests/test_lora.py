@@ -23,6 +23,7 @@ import torch
 pytest.importorskip("peft")
 
 from conftest import make_tiny_llama
+from rounding import BUG_FACTOR, step_zero_tolerance, tolerance
 from zephyr.config import DPOConfig, LoraConfig, SFTConfig
 from zephyr.errors import ConfigError
 
@@ -134,7 +135,7 @@ def test_sft_with_lora_resumes_from_an_adapter_checkpoint(model_dir, tmp_path):
     a, b = read_tensors(full.final_dir), read_tensors(resumed.final_dir)
     assert set(a) == set(b)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)  # one process, same shapes
 
 
 # --- DPO -------------------------------------------------------------------------------------------------
@@ -176,8 +177,9 @@ def test_dpo_with_lora_starts_at_ln2(model_dir, pairs_file, tmp_path, monkeypatc
     lines = [json.loads(x) for x in result.metrics_path.read_text().splitlines()]
     losses = [x["loss"] for x in lines if "loss" in x]
     assert len(losses) == 2
-    assert losses[0] == pytest.approx(LN2, abs=1e-6)  # policy = base model = reference at step 0
-    assert losses[1] != pytest.approx(LN2, abs=1e-4)  # the adapters moved after one step
+    allowed = step_zero_tolerance(0.1, next(x for x in lines if "loss" in x))
+    assert losses[0] == pytest.approx(LN2, abs=allowed)  # policy = base model = reference at step 0
+    assert losses[1] != pytest.approx(LN2, abs=allowed)  # the adapters moved after one step
     final = read_tensors(result.final_dir)
     assert not [k for k in final if "lora_" in k]
 
@@ -216,9 +218,13 @@ def test_dpo_reference_is_the_model_with_adapters_disabled(
         want = logps_mod.pair_logps(base, batch)
         ref = task.reference.logps(policy, batch)
         live = logps_mod.pair_logps(policy, batch)
-    torch.testing.assert_close(ref.chosen.double(), want.chosen.double(), rtol=0, atol=1e-4)
-    torch.testing.assert_close(ref.rejected.double(), want.rejected.double(), rtol=0, atol=1e-4)
-    assert (live.chosen.double() - want.chosen.double()).abs().max() > 1e-2  # adapters are on for the policy
+    for side in ("chosen", "rejected"):  # (a precomputed reference comes back from its cache in float64)
+        expected = getattr(want, side)
+        torch.testing.assert_close(
+            getattr(ref, side).double(), expected.double(), rtol=0, atol=tolerance(expected)
+        )
+    # the adapters are on for the policy
+    assert (live.chosen - want.chosen).abs().max() > BUG_FACTOR * tolerance(want.chosen)
 
 
 # --- without peft ----------------------------------------------------------------------------------------

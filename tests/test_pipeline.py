@@ -17,11 +17,13 @@ import yaml
 from safetensors.torch import load_file
 
 import zephyr
+from rounding import PATHS, tolerance
 from zephyr.cli import main
 from zephyr.config import load_recipe
 from zephyr.errors import ConfigError, ZephyrError
 from zephyr.manifest import fingerprint, input_parts, path_fingerprint, redo_reason
 from zephyr.pipeline import build_plan, missing_inputs, parse_ref, resolve_refs, run_pipeline, stage_names
+from zephyr.tracking import read_metrics
 
 ROOT = Path(__file__).parents[1]
 RAW = ROOT / "recipes" / "data" / "raw_dialogues.jsonl"
@@ -389,8 +391,11 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_m
     for stage in ("sft", "dpo"):
         expected = load_file(straight / stage / "final" / "model.safetensors")
         got = load_file(killed / stage / "final" / "model.safetensors")
+        # two processes: up to the rounding of the stage's steps (tests/rounding.py)
+        steps = sum("loss" in m for m in read_metrics(straight / stage / "metrics.jsonl"))
+        allowed = tolerance(list(expected.values()), roundings=PATHS * steps)
         for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=f"{stage}: {key}")
+            torch.testing.assert_close(got[key], value, atol=allowed, rtol=0, msg=f"{stage}: {key}")
     for model in ("base", "sft", "dpo"):
         got = json.loads((killed / "eval" / model / "mc-arc" / "results.json").read_text())
         expected = json.loads((straight / "eval" / model / "mc-arc" / "results.json").read_text())

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from zephyr.config import load_recipe
+from zephyr.config import batch_plan, load_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 NOT_RECIPES = ("accelerate", "data")  # launch configs and data files, not zephyr recipes
@@ -32,16 +33,59 @@ def test_paper_sft_recipe():
     assert sft.model == "transformers:mistralai/Mistral-7B-v0.1"
     assert sft.train_data == "hf:HuggingFaceH4/ultrachat_200k:train_sft"
     assert (sft.num_epochs, sft.lr_scheduler, sft.learning_rate, sft.warmup_ratio) == (1, "cosine", 2e-5, 0.1)
-    assert sft.per_device_batch_size * sft.gradient_accumulation_steps * 16 == 512  # 16 A100s
+    # the paper's global batch on any launch: the accumulation follows from the process count
+    assert (sft.global_batch_size, sft.gradient_accumulation_steps) == (512, None)
+    assert [batch_plan(sft, n, "sft").accumulation for n in (1, 8, 16)] == [64, 8, 4]
     assert (sft.packing, sft.max_length, sft.weight_decay, sft.precision) == (True, 2048, 0.0, "bf16")
     assert sft.chat_template == "zephyr"
+    assert sft.loss_on == "all"  # SFTTrainer with packing trained every token (the recipe's comment)
 
 
 def test_handbook_sft_recipe():
     sft = load_recipe(RECIPES / "zephyr-7b-beta-handbook" / "sft.yaml").sft
-    assert sft.per_device_batch_size * sft.gradient_accumulation_steps * 8 == 128  # 8 GPUs
-    assert sft.packing is False
+    assert (sft.global_batch_size, batch_plan(sft, 8, "sft").accumulation) == (128, 1)  # 16 × 1 × 8 GPUs
+    assert sft.packing is False and sft.loss_on == "all"
     assert (sft.num_epochs, sft.lr_scheduler, sft.learning_rate, sft.warmup_ratio) == (1, "cosine", 2e-5, 0.1)
+
+
+def provenance(path: Path, key: str) -> str:
+    """The comment that labels a recipe key: its own line's, else the comment lines right above it."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    (i,) = [i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:")]
+    _, _, comment = lines[i].partition("#")
+    above = []
+    while not comment and lines[i - 1 - len(above)].strip().startswith("#"):
+        above.insert(0, lines[i - 1 - len(above)].strip().lstrip("# "))
+    return comment.strip() or " ".join(above)
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "source"),
+    [
+        # the paper's text (REFERENCE.md): lr, schedule, warmup, epochs, global batches, beta, bf16, packing
+        ("sft", "learning_rate", "paper"),
+        ("sft", "warmup_ratio", "paper"),
+        ("sft", "num_epochs", "paper"),
+        ("sft", "global_batch_size", "paper"),
+        ("sft", "max_length", "paper"),
+        ("dpo", "beta", "paper"),
+        ("dpo", "num_epochs", "paper"),
+        ("dpo", "global_batch_size", "paper"),
+        ("dpo", "warmup_ratio", "model card"),
+        # not in the paper: the alignment-handbook's values, said so
+        ("dpo", "max_length", "handbook"),
+        ("dpo", "max_prompt_length", "handbook"),
+        ("dpo", "weight_decay", "handbook"),
+        ("dpo", "max_grad_norm", "handbook"),
+        ("sft", "adam_beta1", "handbook"),
+        ("sft", "max_grad_norm", "handbook"),
+        ("sft", "loss_on", "handbook"),
+        ("sft", "per_device_batch_size", "zephyr"),
+    ],
+)
+def test_paper_recipe_values_name_where_they_come_from(name, key, source):
+    label = provenance(RECIPES / "zephyr-7b-beta" / f"{name}.yaml", key)
+    assert re.match(rf"{source}\b", label), label  # the label starts with its source
 
 
 def test_small_sft_recipe_runs_offline():

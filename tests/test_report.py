@@ -130,7 +130,12 @@ def make_run(root: Path) -> Path:
         "sft": {"model": "stage:base"},
         "dpo": {"beta": 0.1},
         "eval": {
-            "mc": [{"name": "arc"}, {"name": "truthfulqa"}],
+            "mc": [
+                {"name": "arc", "preset": "arc"},
+                {"name": "hellaswag", "preset": "hellaswag"},
+                {"name": "mmlu", "preset": "mmlu"},
+                {"name": "truthfulqa", "preset": "truthfulqa"},
+            ],
             "mt_bench": {"judge": "asset:smollm2-135m-instruct"},
             "alpaca_eval": {"judge": "asset:smollm2-135m-instruct"},
             "sample_prompts": PROMPTS,
@@ -209,34 +214,76 @@ def write_training_metrics(run: Path) -> None:
         )
 
 
+def write_mc_results(folder: Path, value: float) -> None:
+    """The four Open LLM v1 presets as `zephyr eval mc` writes them: every set has acc and acc_norm (and
+    TruthfulQA mc1, mc2); `metric` names the preset's headline one; MMLU's acc is the unweighted mean of
+    its subjects, next to the mean over all items (acc_weighted)."""
+    write_json(
+        folder / "mc-arc" / "results.json",
+        {
+            "preset": "arc",
+            "metric": "acc_norm",
+            "score": value,
+            "acc": 0.5,
+            "acc_stderr": 0.1,
+            "acc_norm": value,
+            "acc_norm_stderr": 0.11,
+            "counts": {"items": 20},
+            "num_fewshot": 25,
+        },
+    )
+    write_json(
+        folder / "mc-hellaswag" / "results.json",
+        {
+            "preset": "hellaswag",
+            "metric": "acc_norm",
+            "score": round(value + 0.3, 2),
+            "acc": 0.1,
+            "acc_norm": round(value + 0.3, 2),
+            "counts": {"items": 10},
+            "num_fewshot": 10,
+        },
+    )
+    subjects = {
+        "anatomy": {"acc": 0.5, "acc_norm": 0.25, "items": 4},
+        "astronomy": {"acc": 0.7, "acc_norm": 0.25, "items": 1},
+    }
+    write_json(
+        folder / "mc-mmlu" / "results.json",
+        {
+            "preset": "mmlu",
+            "metric": "acc",
+            "score": 0.6,
+            "acc": 0.6,  # (0.5 + 0.7) / 2
+            "acc_weighted": 0.54,  # (4 * 0.5 + 0.7) / 5
+            "acc_norm": 0.25,
+            "subjects": subjects,
+            "counts": {"items": 5},
+            "num_fewshot": 5,
+        },
+    )
+    write_json(
+        folder / "mc-truthfulqa" / "results.json",
+        {
+            "preset": "truthfulqa",
+            "metric": "mc2",
+            "score": round(value + 0.1, 2),
+            "acc": 0.2,
+            "acc_norm": 0.21,
+            "mc1": 0.2,
+            "mc2": round(value + 0.1, 2),
+            "counts": {"items": 10},
+            "num_fewshot": 0,
+        },
+    )
+
+
 def write_evaluations(run: Path) -> None:
     """Every model's multiple choice, MT-Bench, AlpacaEval (one stage failed) and sample answers."""
     acc_norm = {"base": 0.40, "sft": 0.42, "dpo": 0.48, "dpo_only": 0.45, "beta_0.01": 0.47}
     for model, value in acc_norm.items():
         folder = run / "eval" / model
-        write_json(
-            folder / "mc-arc" / "results.json",
-            {
-                "metric": "acc",
-                "score": 0.5,
-                "acc": 0.5,
-                "acc_stderr": 0.1,
-                "acc_norm": value,
-                "acc_norm_stderr": 0.11,
-                "counts": {"items": 20},
-                "num_fewshot": 0,
-            },
-        )
-        write_json(
-            folder / "mc-truthfulqa" / "results.json",
-            {
-                "metric": "mc2",
-                "score": 0.3,
-                "mc1": 0.2,
-                "mc2": 0.3 + acc_norm[model] / 10,
-                "counts": {"items": 10},
-            },
-        )
+        write_mc_results(folder, value)
         write_json(
             folder / "mt-bench" / "results.json",
             {
@@ -314,7 +361,10 @@ def test_comparison_table_has_a_row_per_model_and_a_column_per_metric(report):
     ]
     assert [c["key"] for c in table["columns"]] == [
         "mc/arc/acc_norm",
-        "mc/truthfulqa/mc2",  # no acc_norm in that set: its headline metric
+        "mc/hellaswag/acc_norm",
+        "mc/mmlu/acc",  # each preset's own metric, though every set has acc_norm
+        "mc/truthfulqa/mc2",
+        "open_llm/average",
         "mt_bench/overall",
         "mt_bench/turn_1",
         "mt_bench/turn_2",
@@ -325,8 +375,12 @@ def test_comparison_table_has_a_row_per_model_and_a_column_per_metric(report):
         "sft/eval_loss",
     ]
     dpo_only = row(report, "dpo_only")["values"]
-    assert dpo_only["mc/arc/acc_norm"] == 0.45
-    assert dpo_only["mc/truthfulqa/mc2"] == pytest.approx(0.345)
+    # In percent; float64 products and a mean of four near 100: a few ulps of 1.4e-14
+    assert dpo_only["mc/arc/acc_norm"] == pytest.approx(45.0, abs=1e-12)
+    assert dpo_only["mc/hellaswag/acc_norm"] == pytest.approx(75.0, abs=1e-12)
+    assert dpo_only["mc/mmlu/acc"] == pytest.approx(60.0, abs=1e-12)  # unweighted over subjects, not 54
+    assert dpo_only["mc/truthfulqa/mc2"] == pytest.approx(55.0, abs=1e-12)
+    assert dpo_only["open_llm/average"] == pytest.approx((45 + 75 + 60 + 55) / 4, abs=1e-12)  # 58.75
     assert dpo_only["mt_bench/overall"] == pytest.approx(5.45)
     assert dpo_only["mt_bench/turn_2"] == pytest.approx(4.9)
     assert dpo_only["alpaca_eval/win_rate"] is None  # its stage failed
@@ -340,7 +394,7 @@ def test_comparison_table_has_a_row_per_model_and_a_column_per_metric(report):
     assert sft["values"]["dpo/eval_reward_accuracy"] is None
     assert sft["values"]["alpaca_eval/win_rate"] == 42.0
     assert sft["stderr"]["alpaca_eval/win_rate"] == 4.5
-    assert sft["stderr"]["mc/arc/acc_norm"] == 0.11
+    assert sft["stderr"]["mc/arc/acc_norm"] == pytest.approx(11.0, abs=1e-12)
     assert row(report, "base")["values"]["mt_bench/turn_1"] == 6.0
 
 
@@ -414,11 +468,11 @@ def test_a_failed_stage_is_missing_with_its_error(report):
 def test_markdown_comparison_row_and_sections(report):
     md = render_markdown(report)
     assert (
-        "| dpo_only | DPO without SFT | 0.4500 ± 0.1100 | 0.3450 | 5.45 | 6.00 | 4.90 | – | – | 0.6000 | 0.0700 | – |"
-        in md
+        "| dpo_only | DPO without SFT | 45.00 ± 11.00 | 75.00 | 60.00 | 55.00 | 58.75 | 5.45 | 6.00 | 4.90 | – | – "
+        "| 0.6000 | 0.0700 | – |" in md
     )
-    # the best value of a column is bold: dpo's acc_norm 0.48, sft's held-out loss (the only one: not bold)
-    assert "| dpo | full | **0.4800 ± 0.1100** |" in md
+    # the best value of a column is bold: dpo's acc_norm 48%, sft's held-out loss (the only one: not bold)
+    assert "| dpo | full | **48.00 ± 11.00** |" in md
     assert "| 1.2500 |" in md and "**1.2500**" not in md
     for heading in ("## Missing", "## Stages", "## Comparison", "## Evaluation", "## Training"):
         assert heading in md
@@ -495,8 +549,8 @@ def test_html_is_self_contained_escaped_and_has_the_plots(written):
 def test_a_plot_that_fails_leaves_a_note(report):
     report["training"] = {"dpo": report["training"]["dpo"] | {"train": ["not", "columns"]}}
     report["eval"] = {
-        "base": {"mc": {"arc": {"acc_norm": "oops"}}},
-        "sft": {"mc": {"arc": {"acc_norm": 0.5}}},
+        "base": {"mc": {"arc": {"metric": "acc_norm", "acc_norm": "oops"}}},
+        "sft": {"mc": {"arc": {"metric": "acc_norm", "acc_norm": 0.5}}},
     }
     report["data"] = {}
     page = render_html(report, {})
@@ -519,7 +573,7 @@ def test_written_files_and_strict_json(written, report):
         None,
         4.0,
     ]  # NaN is null (the fixture rejects NaN)
-    assert report["comparison"]["rows"][3]["values"]["mc/arc/acc_norm"] == 0.45
+    assert report["comparison"]["rows"][3]["values"]["mc/arc/acc_norm"] == pytest.approx(45.0, abs=1e-12)
     assert written.md.read_text(encoding="utf-8") == render_markdown(report)
     assert sorted(p.name for p in written.json.parent.iterdir()) == [
         "report.html",
@@ -627,7 +681,8 @@ def test_cli_prints_the_page(tmp_path, capsys):
 def test_comparison_table_is_pure():
     models = [{"name": "sft", "label": "SFT only"}, {"name": "x", "label": "x"}]
     pairwise = {"mode": "pairwise", "win_rate": 0.7, "turns": {"1": {"win_rate": 0.6}}}  # no MT-Bench score
-    evals = {"x": {"mc": {"hs": {"acc_norm": 0.25, "acc_norm_stderr": 0.5}}, "mt_bench": pairwise}}
+    hs = {"metric": "acc_norm", "acc": 0.75, "acc_norm": 0.25, "acc_norm_stderr": 0.5}
+    evals = {"x": {"mc": {"hs": hs}, "mt_bench": pairwise}}
     training = {
         "sft": {"kind": "sft", "last_eval": {"eval/loss": 2.0}},
         "x": {"kind": "dpo", "last_eval": {}},
@@ -635,8 +690,8 @@ def test_comparison_table_is_pure():
     table = comparison_table(models, evals, training)
     assert [c["key"] for c in table["columns"]] == ["mc/hs/acc_norm", "sft/eval_loss"]
     assert table["rows"][0]["values"] == {"mc/hs/acc_norm": None, "sft/eval_loss": 2.0}
-    assert table["rows"][1]["values"] == {"mc/hs/acc_norm": 0.25, "sft/eval_loss": None}
-    assert table["rows"][1]["stderr"] == {"mc/hs/acc_norm": 0.5}
+    assert table["rows"][1]["values"] == {"mc/hs/acc_norm": 25.0, "sft/eval_loss": None}  # in percent
+    assert table["rows"][1]["stderr"] == {"mc/hs/acc_norm": 50.0}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
+from rounding import PATHS, tolerance
 from zephyr.cli import main
 from zephyr.tracking import read_metrics
 
@@ -75,15 +76,21 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, smollm_dir)
     )
     assert "resuming from" in resumed.stdout
 
+    # Two processes: equal up to the rounding of as many steps (tests/rounding.py). A resume that lost the
+    # optimizer state, the data order, the schedule or the dropout RNG moves the weights by a share of the
+    # learning rate (5e-3).
+    straight_losses = [(m["step"], m["loss"]) for m in read_metrics(straight / "metrics.jsonl")]
+    rounds = PATHS * len(straight_losses)
     expected = load_file(straight / "final" / "model.safetensors")
     got = load_file(killed / "final" / "model.safetensors")
     assert expected.keys() == got.keys()
+    allowed = tolerance(list(expected.values()), roundings=rounds)  # the model's largest weight
     for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(got[key], value, atol=allowed, rtol=0, msg=key)
     # the metrics file reads as one run: every step once, the same losses
-    straight_losses = [(m["step"], m["loss"]) for m in read_metrics(straight / "metrics.jsonl")]
     resumed_losses = [(m["step"], m["loss"]) for m in read_metrics(killed / "metrics.jsonl")]
     assert [s for s, _ in resumed_losses] == [s for s, _ in straight_losses]
+    losses = [loss for _, loss in straight_losses]
     assert [loss for _, loss in resumed_losses] == pytest.approx(
-        [loss for _, loss in straight_losses], abs=1e-6
+        losses, abs=tolerance(losses, roundings=rounds)
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rounding import tolerance
 from zephyr.config import SFTConfig
 from zephyr.data.packing import collate_packed, collate_padded
 from zephyr.tracking import read_metrics
@@ -19,6 +20,7 @@ from zephyr.training.sft import (
     pack_documents,
     packing_efficiency,
     run_sft,
+    trained_mask,
 )
 
 TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
@@ -36,6 +38,15 @@ def test_fit_documents_truncates_keeping_the_start_and_drops_untrained():
     docs, stats = fit_documents(rendered, max_length=5)
     assert docs == [([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]), ([4, 5, 6], [0, 1, 1])]
     assert stats == DocumentStats(conversations=4, truncated=2, dropped=2)
+
+
+def test_trained_mask_is_the_assistant_mask_or_every_token():
+    assistant = [0, 0, 1, 1, 0, 0, 1]  # a user turn, an answer, a user turn, an answer
+    assert trained_mask(assistant, "assistant") == [0, 0, 1, 1, 0, 0, 1]
+    assert trained_mask(assistant, "all") == [1, 1, 1, 1, 1, 1, 1]
+    # fitted, every token but the first is a target (nothing in its document precedes the first)
+    docs, _ = fit_documents([([5, 6, 7, 8, 9, 10, 11], trained_mask(assistant, "all"))], max_length=5)
+    assert docs == [([5, 6, 7, 8, 9], [1, 1, 1, 1, 1])]
 
 
 def test_packing_efficiency_by_hand():
@@ -63,9 +74,10 @@ def sft_config(model_dir: Path, out: Path, **overrides) -> SFTConfig:
     return SFTConfig(**values)
 
 
-def reference_loss(model_dir: Path, conversations: int) -> float:
-    """Plain transformers forward, full logits, cross-entropy over assistant tokens of every conversation,
-    divided by the number of those tokens (what one optimizer step over all the data must report)."""
+def reference_loss(model_dir: Path, conversations: int, loss_on: str = "assistant") -> float:
+    """Plain transformers forward, full logits, cross-entropy over assistant tokens of every conversation
+    (`all`: over every token after each conversation's first), divided by the number of those tokens (what
+    one optimizer step over all the data must report)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zephyr.data.chat import render_conversation
@@ -79,6 +91,8 @@ def reference_loss(model_dir: Path, conversations: int) -> float:
             ids = torch.tensor([rendered.input_ids])
             logits = model(ids).logits[0, :-1]
             mask = torch.tensor(rendered.loss_mask[1:], dtype=torch.bool)  # token t+1 is predicted at t
+            if loss_on == "all":
+                mask = torch.ones_like(mask)
             nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
             total += float(nll[mask].sum())
             count += int(mask.sum())
@@ -102,7 +116,34 @@ def test_sft_loss_equals_a_hand_written_reference(tiny_model_dir, tmp_path, caps
     assert "sft: 16 conversations (0 bad records skipped, 0 truncated to 256 tokens, 0 dropped" in printed
     assert f"{bins} bins of 256 (packing efficiency" in printed and "1 optimizer steps" in printed
     (first,) = [m for m in read_metrics(result.metrics_path) if "loss" in m]
-    assert first["loss"] == pytest.approx(reference_loss(tiny_model_dir, 16), abs=1e-5)
+    expected = reference_loss(tiny_model_dir, 16)
+    assert first["loss"] == pytest.approx(expected, abs=tolerance(expected))
+
+
+def test_loss_on_all_trains_every_token_of_each_conversation(tiny_model_dir, tmp_path, capsys):
+    from zephyr.data.chat import render_conversation
+    from zephyr.models import load_tokenizer
+
+    probe = SFTTask(sft_config(tiny_model_dir, tmp_path / "probe", max_samples=16, loss_on="all"))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lengths = [
+        len(render_conversation(tokenizer, json.loads(line)["messages"]).input_ids)
+        for line in TINY_CHAT.read_text().splitlines()[:16]
+    ]
+    batch = probe.collate(list(probe.train_examples()))
+    assert probe.units(batch) == sum(n - 1 for n in lengths)  # every token but each conversation's first
+    # one optimizer step over all the data: the mean over those tokens
+    cfg = sft_config(
+        tiny_model_dir, tmp_path / "run", max_samples=16, loss_on="all", per_device_batch_size=len(lengths)
+    )
+    result = run_sft(cfg)
+    assert ", loss on every token;" in capsys.readouterr().out
+    (first,) = [m for m in read_metrics(result.metrics_path) if "loss" in m]
+    expected = reference_loss(tiny_model_dir, 16, loss_on="all")
+    assert expected != pytest.approx(
+        reference_loss(tiny_model_dir, 16), abs=1e-3
+    )  # another loss than the default
+    assert first["loss"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_packed_and_padded_batches_give_the_same_token_losses(tiny_model_dir):
@@ -118,7 +159,7 @@ def test_packed_and_padded_batches_give_the_same_token_losses(tiny_model_dir):
         packed = token_logps(packed_model, collate_packed(docs))
         padded = token_logps(plain_model, collate_padded(docs, pad_id=task.pad_id))
     assert packed.shape == padded.shape and packed.numel() == sum(sum(m[1:]) for _, m in docs)
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed, padded, atol=tolerance(padded), rtol=0)
 
 
 def test_packed_and_unpacked_runs_report_the_same_loss(tiny_model_dir, tmp_path):
@@ -134,7 +175,7 @@ def test_packed_and_unpacked_runs_report_the_same_loss(tiny_model_dir, tmp_path)
         result = run_sft(cfg)  # one step over all the data: bins or single conversations
         losses[packing] = [m["loss"] for m in read_metrics(result.metrics_path) if "loss" in m]
     assert len(losses[True]) == len(losses[False]) == 1
-    assert losses[True][0] == pytest.approx(losses[False][0], abs=1e-5)
+    assert losses[True][0] == pytest.approx(losses[False][0], abs=tolerance(losses[False]))
 
 
 # --- the final folder -------------------------------------------------------------------------------------

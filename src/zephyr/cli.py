@@ -45,9 +45,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 if section_cfg is not None:
                     _refuse_stage_refs(section_cfg, name, args.recipe)
         check_inputs(recipe)  # every local file it reads exists
+        batches = _batch_lines(recipe, 1 if args.num_processes is None else args.num_processes)
     sections = [name for name, value in vars(recipe).items() if value is not None]
     print(f"{args.recipe}: ok ({', '.join(sections) or 'no sections'})")
+    for line in batches:
+        assumed = " (1 process assumed: --num-processes N for N)" if args.num_processes is None else ""
+        print(f"  {line}{assumed}")
     return 0
+
+
+def _batch_lines(recipe: Any, processes: int) -> list[str]:
+    """Each training section's global batch split over `processes`; an indivisible one is a ConfigError."""
+    from zephyr.config import batch_plan
+    from zephyr.errors import ConfigError
+
+    if processes < 1:
+        raise ConfigError(f"--num-processes: must be at least 1, got {processes}")
+    sections = [(name, getattr(recipe, name)) for name in ("sft", "dpo")]
+    return [f"{name}: {batch_plan(cfg, processes, name)}" for name, cfg in sections if cfg is not None]
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
@@ -259,6 +274,12 @@ JUDGE_MODE_HELP = "text: parse the judge's answer; logprobs: from its token prob
 def _add_check_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="validate a recipe without running it")
     _add_recipe_args(p)
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="check the training batches for a launch of N processes (default: 1)",
+    )
     p.set_defaults(handler=_cmd_check)
 
 
@@ -341,6 +362,8 @@ def _add_mt_bench_parser(esub: argparse._SubParsersAction) -> None:
 
 
 def _add_alpaca_eval_parser(esub: argparse._SubParsersAction) -> None:
+    from zephyr.config import DEFAULT_ALPACA_EVAL_ANNOTATOR
+
     a = esub.add_parser("alpaca-eval", help="AlpacaEval: pairwise win rate against reference outputs")
     a.add_argument("--model", required=True)
     a.add_argument("--judge", required=True)
@@ -348,8 +371,19 @@ def _add_alpaca_eval_parser(esub: argparse._SubParsersAction) -> None:
     a.add_argument("--instructions", default="hf:tatsu-lab/alpaca_eval:eval", help="JSONL or hf:NAME:SPLIT")
     a.add_argument("--limit", type=int, default=None)
     a.add_argument("--max-new-tokens", type=int, default=2048)
-    a.add_argument("--annotator", default="alpaca_eval_gpt4", help="annotator config in the templates asset")
+    a.add_argument(
+        "--annotator",
+        default=DEFAULT_ALPACA_EVAL_ANNOTATOR,
+        help="alpaca_eval annotator: alpaca_eval_gpt4 (AlpacaEval 1, default), weighted_alpaca_eval_gpt4_turbo "
+        "(AlpacaEval 2.0), chatgpt",
+    )
     a.add_argument("--judge-mode", choices=["text", "logprobs"], default="text", help=JUDGE_MODE_HELP)
+    a.add_argument(
+        "--lc-data",
+        default=None,
+        help="alpaca_eval's df_gamed.csv (FILE or hf:tatsu-lab/alpaca_eval) for the length_controlled_v1 LC "
+        "win rate; without it: length_controlled_minimal",
+    )
 
 
 def _add_mc_parser(esub: argparse._SubParsersAction) -> None:

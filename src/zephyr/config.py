@@ -71,7 +71,7 @@ class TrainingConfig:
     chat_template: str = (
         "auto"  # auto (the tokenizer's, else zephyr) | zephyr | chatml | path to a .jinja file
     )
-    train_data: str = ""  # JSONL / Parquet path or hf:NAME[:SPLIT]
+    train_data: str = ""  # JSONL / Parquet path or hf:NAME[@REVISION][:SPLIT]
     eval_data: str | None = None
     eval_fraction: float = bounded(0.0, ge=0, le=0.5)  # held out from train_data when eval_data is unset
     max_samples: int | None = bounded(None, ge=1)
@@ -80,7 +80,11 @@ class TrainingConfig:
     num_epochs: float = bounded(1.0, gt=0)
     max_steps: int | None = bounded(None, ge=1)  # optimizer steps; overrides num_epochs when set
     per_device_batch_size: int = bounded(8, ge=1)
-    gradient_accumulation_steps: int = bounded(1, ge=1)
+    # examples per optimizer step over all processes (SFT: packed sequences, or conversations unpacked; DPO:
+    # pairs). The accumulation is derived from it once the process count is known (`resolve_batch`);
+    # null: per_device_batch_size × gradient_accumulation_steps × processes, whatever the launch gives
+    global_batch_size: int | None = bounded(None, ge=1)
+    gradient_accumulation_steps: int | None = bounded(None, ge=1)  # null: from global_batch_size, else 1
     learning_rate: float = bounded(2e-5, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = bounded(0.1, ge=0, le=1)  # of the true number of optimizer steps
@@ -112,15 +116,103 @@ class TrainingConfig:
             raise ConfigError(
                 f"{where}.master_weights: bf16 weights contradict precision fp32; use auto or bf16"
             )
+        if self.global_batch_size is not None:
+            per_process = self.per_device_batch_size * (self.gradient_accumulation_steps or 1)
+            if self.global_batch_size % per_process:  # no process count can make up the difference
+                raise ConfigError(
+                    f"{where}.global_batch_size: {self.global_batch_size} is not a multiple of "
+                    f"{_per_process_text(self)} = {per_process}"
+                )
+
+
+def _per_process_text(cfg: TrainingConfig) -> str:
+    text = f"per_device_batch_size {cfg.per_device_batch_size}"
+    if cfg.gradient_accumulation_steps is not None:
+        text += f" × gradient_accumulation_steps {cfg.gradient_accumulation_steps}"
+    return text
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How an optimizer step's examples are split: processes × per device × accumulation = global."""
+
+    processes: int
+    per_device: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.processes * self.per_device * self.accumulation
+
+    def __str__(self) -> str:
+        processes = _processes_text(self.processes)
+        return (
+            f"global batch {self.global_batch} = {processes} × {self.per_device} per device × "
+            f"{self.accumulation} accumulation"
+        )
+
+
+def batch_plan(cfg: TrainingConfig, processes: int, where: str) -> BatchPlan:
+    """The split of a training section's global batch over `processes` (the launch's world size).
+
+    `global_batch_size` fixes the step (the paper's 512 sequences for dSFT, 32 pairs for dDPO) on any number
+    of processes that divides it; `gradient_accumulation_steps` alone fixes the step per process instead.
+    Both set must agree; neither set is one micro-batch per process.
+    """
+    per_device, accumulation, wanted = (
+        cfg.per_device_batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.global_batch_size,
+    )
+    if wanted is None:
+        return BatchPlan(processes, per_device, accumulation or 1)
+    if accumulation is not None:
+        plan = BatchPlan(processes, per_device, accumulation)
+        if plan.global_batch != wanted:
+            raise ConfigError(
+                f"{where}.global_batch_size: {wanted} ≠ per_device_batch_size {per_device} × "
+                f"gradient_accumulation_steps {accumulation} × {_processes_text(processes)} = "
+                f"{plan.global_batch}; set only global_batch_size (the accumulation follows from the process "
+                "count)"
+            )
+        return plan
+    per_step = per_device * processes
+    if wanted % per_step:
+        fits = [n for n in range(1, wanted // per_device + 1) if wanted % (per_device * n) == 0]
+        hint = f"process counts that fit: {', '.join(map(str, fits))}" if fits else "no process count fits"
+        raise ConfigError(
+            f"{where}.global_batch_size: {wanted} is not divisible by per_device_batch_size {per_device} × "
+            f"{_processes_text(processes)} = {per_step}; {hint} (or change per_device_batch_size)"
+        )
+    return BatchPlan(processes, per_device, wanted // per_step)
+
+
+def _processes_text(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
+_Training = typing.TypeVar("_Training", bound=TrainingConfig)
+
+
+def resolve_batch(cfg: _Training, processes: int, where: str) -> _Training:
+    """The training config with its batch resolved for `processes`: both global_batch_size and
+    gradient_accumulation_steps filled in (what the run's resolved config records)."""
+    plan = batch_plan(cfg, processes, where)
+    return dataclasses.replace(
+        cfg, global_batch_size=plan.global_batch, gradient_accumulation_steps=plan.accumulation
+    )
 
 
 @dataclass
 class SFTConfig(TrainingConfig):
-    """dSFT: supervised fine-tuning on dialogues, assistant tokens only."""
+    """dSFT: supervised fine-tuning on dialogues (the assistant's tokens, or every token: `loss_on`)."""
 
     output_dir: str = "runs/sft"
     max_length: int = bounded(2048, ge=16)  # paper: packed to 2048 tokens
     packing: bool = True  # best-fit-decreasing bins, no attention across documents
+    # assistant: the answers and their end-of-turn tokens; all: every token of each conversation, template
+    # and user turns too (what SFTTrainer's language-modelling loss trained on; docs/training.md)
+    loss_on: Literal["assistant", "all"] = "assistant"
     learning_rate: float = bounded(2e-5, gt=0)  # paper: cosine, peak 2e-5
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
 
@@ -208,7 +300,7 @@ class JudgeConfig:
 
     model: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(temperature=0.0, max_tokens=512))
     mode: Literal["text", "logprobs"] = "text"  # logprobs: expected rating from rating-token probabilities
-    scale: int = bounded(10, ge=2)  # ratings 1..scale (UltraFeedback: 1-10 per aspect after rescaling)
+    scale: int = bounded(10, ge=2)  # ratings 1..scale (UltraFeedback's rubric: 1-5)
     layout: Literal["all_aspects", "per_aspect"] = "all_aspects"  # one call for all aspects, or one each
     aspects: list[str] = field(
         default_factory=lambda: ["instruction_following", "helpfulness", "honesty", "truthfulness"]
@@ -216,6 +308,35 @@ class JudgeConfig:
     template_dir: str | None = None  # overrides the shipped rubric templates by file name
     repeats: int = bounded(1, ge=1)  # judgments per completion; the median is kept
     audit_log: bool = True  # every request and raw answer, one JSON line each
+    # zephyr: zephyr's own rubric (templates/feedback); ultrafeedback: UltraFeedback's published annotation
+    # protocol (its rubric text from the ultrafeedback-templates asset, answer format, parser and retries)
+    preset: Literal["zephyr", "ultrafeedback"] = "zephyr"
+
+    @staticmethod
+    def preset_defaults(data: dict) -> dict:
+        """What a preset sets where the recipe does not (`build` merges the recipe's own keys over it)."""
+        if data.get("preset") != "ultrafeedback":
+            return {}
+        # UltraFeedback, src/data_annotation/annotate_preference.py: GPT-4 at temperature 0, top_p 0.6,
+        # max_tokens 500; one call per aspect, each rated 1-5
+        return {
+            "scale": 5,
+            "layout": "per_aspect",
+            "model": {"temperature": 0.0, "top_p": 0.6, "max_tokens": 500},
+        }
+
+    def validate(self, where: str) -> None:
+        if self.preset != "ultrafeedback":
+            return
+        fixed = {"scale": (self.scale, 5), "layout": (self.layout, "per_aspect"), "mode": (self.mode, "text")}
+        for key, (value, wanted) in fixed.items():
+            if value != wanted:
+                raise ConfigError(f"{where}.{key}: the ultrafeedback preset needs {wanted!r}, got {value!r}")
+        if self.template_dir is not None:
+            raise ConfigError(
+                f"{where}.template_dir: the ultrafeedback preset's text is UltraFeedback's (use preset zephyr "
+                "for templates of your own)"
+            )
 
 
 @dataclass
@@ -231,13 +352,22 @@ class FeedbackConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     rejected: Literal["random", "lowest"] = "random"  # paper: a random one of the other three
     min_margin: float = bounded(0.0, ge=0)
-    drop_ties: bool = True
+    drop_ties: bool = False  # paper: a tie for the top is no reason to drop a prompt
+    tie_break: Literal["random", "first"] = "random"  # which of a tie for the top is chosen (H4: first)
+    # what binarization ranks by: mean of the aspect ratings (paper), or UltraFeedback's critique
+    # overall_score (HuggingFaceH4/ultrafeedback_binarized; imported raw UltraFeedback records only)
+    score: Literal["mean", "overall"] = "mean"
     eval_fraction: float = bounded(0.0, ge=0, le=0.5)  # held-out pairs (test_prefs)
     # prompts generated and judged together, then written: larger batches, or less lost to an interruption
     chunk_prompts: int = bounded(64, ge=1)
     seed: int = 42
 
     def validate(self, where: str) -> None:
+        if self.score == "overall" and self.generators:
+            raise ConfigError(
+                f"{where}.score: 'overall' ranks by UltraFeedback's overall_score, which only imported raw "
+                "UltraFeedback records carry (no generators); judged completions rank by 'mean'"
+            )
         if self.generators and len(self.generators) < self.completions_per_prompt:
             raise ConfigError(
                 f"{where}.generators: {len(self.generators)} generators for "
@@ -306,6 +436,11 @@ class MtBenchEvalConfig:
     )
 
 
+# The paper's AlpacaEval (1) annotator, GPT-4 ranking the two outputs; AlpacaEval 2.0's default is
+# weighted_alpaca_eval_gpt4_turbo. The one definition: the recipe key, the CLI flag and the runner read it.
+DEFAULT_ALPACA_EVAL_ANNOTATOR = "alpaca_eval_gpt4"
+
+
 @dataclass
 class AlpacaEvalEvalConfig:
     """AlpacaEval: pairwise win rate against reference outputs."""
@@ -314,10 +449,13 @@ class AlpacaEvalEvalConfig:
     instructions: str = "hf:tatsu-lab/alpaca_eval:eval"  # or any JSONL of instruction / output
     limit: int | None = bounded(None, ge=1)
     max_new_tokens: int = bounded(2048, ge=1)
-    annotator: str = "alpaca_eval_gpt4"
+    annotator: str = DEFAULT_ALPACA_EVAL_ANNOTATOR  # an annotator of the alpaca-eval-templates asset
     judge_mode: Literal["text", "logprobs"] = (
         "text"  # logprobs: preference from the judge's token probabilities
     )
+    # alpaca_eval's df_gamed.csv (a file, or hf:tatsu-lab/alpaca_eval): instruction difficulty and gamed
+    # baselines for the leaderboard's length_controlled_v1; null: length_controlled_minimal
+    lc_data: str | None = None
 
 
 @dataclass
@@ -355,6 +493,19 @@ class AblationConfig:
                 _check_override_path(DPOConfig, path)
         except ConfigError as exc:
             raise ConfigError(f"{where}.overrides: {exc}") from None
+
+
+@dataclass
+class ReportConfig:
+    """What the report shows beside the run's own models: reference rows in the comparison table."""
+
+    paper_reference: bool = False  # the paper's published Zephyr-7B-β numbers (paper / model card) as a row
+    references: list[str] = field(default_factory=list)  # YAML/JSON files of rows: label, source, values
+
+    def validate(self, where: str) -> None:
+        for i, path in enumerate(self.references):
+            if not path.endswith((".yaml", ".yml", ".json")):
+                raise ConfigError(f"{where}.references[{i}]: a .yaml, .yml or .json file, got {path!r}")
 
 
 STAGES = ("generate", "curate", "sft", "feedback", "dpo", "ablations", "eval", "report")
@@ -397,6 +548,7 @@ class Recipe:
     feedback: FeedbackConfig | None = None
     dpo: DPOConfig | None = None
     eval: EvalConfig | None = None
+    report: ReportConfig | None = None
 
     def validate(self, where: str) -> None:
         if self.run is None or not self.run.ablations:
@@ -506,6 +658,8 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     where = prefix or "recipe"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    if hasattr(cls, "preset_defaults"):  # values a chosen preset implies, under the mapping's own
+        data = _deep_merge(cls.preset_defaults(data), data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -540,8 +694,8 @@ def _over_factory_default(f: dataclasses.Field, value: Any) -> Any:
     if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
         return value
     default = f.default_factory()
-    if not dataclasses.is_dataclass(default):
-        return value
+    if not dataclasses.is_dataclass(default) or default == type(default)():
+        return value  # the class's own defaults: `build` applies them (and a preset's) itself
     return _deep_merge(dataclasses.asdict(default), value)
 
 
@@ -680,10 +834,14 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_resolved(cfg: Any, out_dir: str | Path, name: str = "resolved_config.yaml") -> Path:
-    """Write the resolved config into an output folder (every output carries the config that made it)."""
+def save_resolved(
+    cfg: Any, out_dir: str | Path, name: str = "resolved_config.yaml", comment: str | None = None
+) -> Path:
+    """Write the resolved config into an output folder (every output carries the config that made it);
+    `comment` heads the file as a YAML comment (what was resolved at run time, e.g. the batch split)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / name
-    target.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    head = f"# {comment}\n" if comment else ""
+    target.write_text(head + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     return target

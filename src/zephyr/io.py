@@ -67,7 +67,7 @@ def read_records(
     on_bad_record: BadRecordPolicy = "error",
     limit: int | None = None,
 ) -> ReadResult:
-    """Read and validate the records of `path` (`.jsonl`, `.json`, `.parquet` or `hf:NAME[:SPLIT]`).
+    """Read and validate the records of `path` (`.jsonl`, `.json`, `.parquet`, `hf:NAME[@REVISION][:SPLIT]`).
 
     `fmt` is a key of `schema.FORMATS`, or "auto" to detect it from the first record whose keys match a
     format. A repeated record id (`prompt_id`; `id` for mc) is a problem of the later record. `limit` stops
@@ -136,7 +136,7 @@ def iter_rows(source: str) -> Iterator[_Row]:
     path = Path(source)
     if path.suffix not in SUFFIXES:
         raise DataError(
-            f"{source}: unsupported file type (expected {', '.join(SUFFIXES)} or hf:NAME[:SPLIT])"
+            f"{source}: unsupported file type (expected {', '.join(SUFFIXES)} or hf:NAME[@REVISION][:SPLIT])"
         )
     if not path.is_file():
         raise DataError(f"{source}: no such file")
@@ -229,23 +229,45 @@ def _iter_parquet(source: str) -> Iterator[_Row]:
             yield row, record, None
 
 
+@dataclass(frozen=True)
+class HubSpec:
+    """A hub dataset: `hf:NAME[@REVISION][:SPLIT]`. The revision (a commit, tag or branch) pins the data;
+    without one the hub's latest is read, which may change between runs."""
+
+    name: str
+    revision: str | None = None
+    split: str | None = None
+
+
+HUB_SPEC = re.compile(r"hf:(?P<name>[^@:\s]+)(?:@(?P<revision>[^@:\s]+))?(?::(?P<split>[^@:\s]+))?")
+
+
+def parse_hub_spec(source: str) -> HubSpec:
+    """`hf:NAME[@REVISION][:SPLIT]` into its parts; anything else is an error naming the source."""
+    match = HUB_SPEC.fullmatch(source)
+    if match is None:
+        example = "hf:HuggingFaceH4/ultrachat_200k@COMMIT:train_sft"
+        raise DataError(f"{source}: expected hf:NAME[@REVISION][:SPLIT], e.g. {example}")
+    return HubSpec(match["name"], match["revision"], match["split"])
+
+
 def _iter_hub(source: str) -> Iterator[_Row]:
-    """`hf:NAME[:SPLIT]` (default split: train) through `datasets.load_dataset`."""
-    name, _, split = source.removeprefix("hf:").partition(":")
-    if not name:
-        raise DataError(f"{source}: expected hf:NAME[:SPLIT]")
+    """`hf:NAME[@REVISION][:SPLIT]` (default split: train) through `datasets.load_dataset`."""
+    spec = parse_hub_spec(source)
     try:
         import datasets
     except ImportError:
         raise ZephyrError(f"{source}: reading hub datasets needs the `datasets` package") from None
+    pinned = {"revision": spec.revision} if spec.revision else {}
     try:
-        dataset = datasets.load_dataset(name, split=split or "train")
+        dataset = datasets.load_dataset(spec.name, split=spec.split or "train", **pinned)
     # load_dataset fails in many ways (offline, unknown name or split, HTTP errors); each means the same to
     # the user: this source cannot be read here.
     except Exception as exc:
         raise ZephyrError(
-            f"{source}: could not load the dataset ({type(exc).__name__}: {exc}); check the name and split, "
-            "and that the Hugging Face hub is reachable (HF_DATASETS_OFFLINE unset) or the dataset is cached"
+            f"{source}: could not load the dataset ({type(exc).__name__}: {exc}); check the name, revision "
+            "and split, and that the Hugging Face hub is reachable (HF_DATASETS_OFFLINE unset) or the "
+            "dataset is cached"
         ) from exc
     for row, record in enumerate(dataset, start=1):
         yield row, record, None

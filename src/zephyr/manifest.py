@@ -6,7 +6,9 @@ output files, plus the package versions of the run. It is rewritten atomically (
 every change of state, so a crash never leaves it half-written.
 
 A stage's fingerprint hashes its resolved config, the fingerprints of the stages it reads from, and the
-content of the local files it reads: a stage is redone exactly when one of those changed.
+content of the local files it reads: a stage is redone exactly when one of those changed. Hub datasets
+(`hf:NAME[@REVISION][:SPLIT]`) are recorded per stage with their revision: a pinned one names the exact data;
+an unpinned one (`revision: null`) read whatever the hub held when the stage ran.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import os
 import platform
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from zephyr.errors import ZephyrError
-from zephyr.io import write_text
+from zephyr.io import parse_hub_spec, write_text
 
 MANIFEST = "manifest.json"
 HASH_LIMIT = 256 << 20  # files up to this size are hashed by content; larger ones by size and mtime
@@ -45,6 +47,8 @@ class StageRecord:
     error: str | None = None
     zephyr: str = ""  # the zephyr version that made the outputs (a later one keeps them; the run says so)
     inputs: dict[str, str] = field(default_factory=dict)  # digest per input part: what changed, on a redo
+    # hub datasets read, by config field: {"dataset", "revision" (null: unpinned), "split"}
+    datasets: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +116,18 @@ def input_parts(config: Any, upstream: Mapping[str, str], files: Mapping[str, st
         **{f"upstream {name}": value[:16] for name, value in upstream.items()},
         **{f"file {name}": value[:16] for name, value in files.items()},
     }
+
+
+def hub_datasets(config: Any) -> dict[str, dict[str, str | None]]:
+    """The hub datasets a stage's config reads (`hf:` values of its top-level fields), each with the revision
+    it pins (None: the hub's latest at run time) and its split."""
+    values = asdict(config) if is_dataclass(config) else dict(config)
+    found = {}
+    for name, value in values.items():
+        if isinstance(value, str) and value.startswith("hf:"):
+            spec = parse_hub_spec(value)
+            found[name] = {"dataset": spec.name, "revision": spec.revision, "split": spec.split}
+    return found
 
 
 def redo_reason(before: Mapping[str, str], now: Mapping[str, str]) -> str:

@@ -45,6 +45,7 @@ from zephyr.manifest import (
     Manifest,
     StageRecord,
     fingerprint,
+    hub_datasets,
     input_parts,
     load_manifest,
     now,
@@ -533,7 +534,13 @@ def _run_step(
         _outdate_downstream(step, plan, manifest, run_dir)
     attempts = record.attempts + 1 if resume else 1
     record = StageRecord(
-        status="running", fingerprint=fp, started=now(), attempts=attempts, zephyr=__version__, inputs=parts
+        status="running",
+        fingerprint=fp,
+        started=now(),
+        attempts=attempts,
+        zephyr=__version__,
+        inputs=parts,
+        datasets=hub_datasets(step.config),  # each with its revision: the data the run read
     )
     manifest.stages[step.id] = record
     save_manifest(manifest, run_dir)

@@ -7,14 +7,23 @@ as a draw too). None marks a judge answer that could not be parsed.
 Prompts. An annotator is a prompt template plus a parser (`load_annotator` reads alpaca_eval's
 `configs.yaml` and template). Before the prompt is filled, the two outputs are swapped for about half the
 items: alpaca_eval's `RandomSwitchTwoColumnsProcessor` with its seeding, `random.Random("is_switched_outputs"
-+ instruction + str(seed)).choices([False, True])[0]`, seed 123. The judge's ranking is read in the order
-shown and mapped back (3 - x when switched). The template's `{instruction}`, `{output_1}`, `{output_2}` are
-filled as alpaca_eval's `make_prompts` does (see `fill_template` for the one difference) and the prompt is
-split into chat messages at `<|im_start|>` markers (alpaca_eval's `prompt_to_chatml`). Identical outputs are a draw (1.5) without a judge call.
++ instruction + str(seed)).choices([False, True])[0]`, with the seed its evaluation pipeline uses, 0
+(`PairwiseAnnotator` hands its seed, default 0, down to the switch). The judge's ranking is read in the
+order shown and mapped back (3 - x when switched). The template's `{instruction}`, `{output_1}`,
+`{output_2}` are filled as alpaca_eval's `make_prompts` does (see `fill_template` for the one difference)
+and the prompt is split into chat messages at `<|im_start|>` markers (alpaca_eval's `prompt_to_chatml`).
+Identical outputs are a draw (1.5) without a judge call.
 
-Logprobs mode (local judges, the `ranking` annotator): the judge's answer is forced to `ranking_prefix` (up
-to the number of the first model it ranks) and the preference is 1 + P(the output shown second is ranked
-first), unswitched as above (`preference_from_logprobs`): alpaca_eval's weighted-annotator rule.
+Parsers (alpaca_eval `completion_parsers.py`): `ranking` (a Python list of {'model', 'rank'}),
+`json_ranking` (the function-calling annotators' JSON), `regex` (the first of the `outputs_to_match`
+patterns found, exactly once: `chatgpt`) and `logprob` (the weighted annotators: the judge writes one token
+and the preference is read from the top log-probabilities of the tokens that name the two outputs,
+`preference_from_top_logprobs`).
+
+Logprobs mode (local judges): the judge's answer is forced up to the token that names the output it prefers
+(`forced_answer`: after `ranking_prefix` for the `ranking` annotator, at the very start for a weighted one)
+and the preference is 1 + P(the output shown second), P renormalised over the two naming tokens, which are
+always scored (`preference_from_logprobs`), unswitched as above.
 
 Metrics (alpaca_eval `metrics/helpers.py`, `winrate.py`, `glm_winrate.py`):
 - `win_rate`: 100 × mean(preference − 1) over the preferences in [1, 2]; `standard_error`: 100 × the
@@ -44,8 +53,9 @@ import numpy as np
 
 from zephyr.errors import AssetError, ConfigError
 
-DEFAULT_ANNOTATOR = "alpaca_eval_gpt4_turbo_fn"
-DEFAULT_SEED = 123  # alpaca_eval's SingleAnnotator seed, used for the output-order switch
+# alpaca_eval's PairwiseAnnotator seed (BaseAnnotator's default), which it passes to the output-order switch;
+# SingleAnnotator's own default, 123, is always overridden in its pipeline.
+DEFAULT_SEED = 0
 SWITCH_SEED_PREFIX = "is_switched_outputs"  # alpaca_eval's `_switch_column` for pairwise annotators
 
 NO_RANKING = "no valid ranking in the judge's answer"
@@ -54,60 +64,119 @@ NO_RANKING = "no valid ranking in the judge's answer"
 # Annotators and prompts
 
 
+PARSERS = ("ranking", "json_ranking", "regex", "logprob")
+
+
+@dataclass(frozen=True)
+class LogprobRule:
+    """alpaca_eval `logprob_parser` settings of a weighted annotator: `numerator_token` names the output
+    shown first, `denominator_tokens` both outputs' tokens; `is_binarize` rounds the preference to 1 or 2."""
+
+    numerator_token: str
+    denominator_tokens: tuple[str, str]
+    is_binarize: bool
+
+    @property
+    def tokens(self) -> tuple[str, str]:
+        """The tokens naming the output shown first and the output shown second."""
+        other = next(t for t in self.denominator_tokens if t != self.numerator_token)
+        return self.numerator_token, other
+
+
 @dataclass(frozen=True)
 class Annotator:
     """An alpaca_eval annotator: template, how to read its answer, and the judge request settings.
 
-    `parser` is "ranking" (the answer is a Python list of {'model', 'rank'} dicts, `ranking_parser`) or
+    `parser` (one of `PARSERS`): "ranking" (the answer is a Python list of {'model', 'rank'} dicts,
+    `ranking_parser`; `model_1_name` is the name the template gives the output shown first),
     "json_ranking" (a JSON object whose `annotation_key` holds that list: the function-calling annotators;
-    the judge's answer is the tool call's `arguments` string). `model_1_name` is the name the template gives
-    the output shown first. `completions_kwargs` is the config's request block (model_name, max_tokens,
-    temperature, tools, tool_choice) for the judge layer.
+    the judge's answer is the tool call's `arguments` string), "regex" (`regex_parser` with
+    `outputs_to_match`, (preference, pattern) pairs: `chatgpt`) or "logprob" (`logprob_parser` with
+    `logprob`: the weighted annotators, whose one-token answer is read through its top log-probabilities).
+    `completions_kwargs` is the config's request block (model_name, max_tokens, temperature, logprobs,
+    top_logprobs, tools, tool_choice) for the judge layer.
     """
 
     name: str
     template: str
     parser: str
-    model_1_name: str
+    model_1_name: str = "model_1"
     annotation_key: str | None = None
     completions_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    outputs_to_match: tuple[tuple[int, str], ...] = ()
+    logprob: LogprobRule | None = None
 
 
-def load_annotator(folder: str | Path, name: str = DEFAULT_ANNOTATOR) -> Annotator:
+# The configs.yaml keys zephyr reads (pretty_name, link: documentation only; fn_completions: zephyr's judge
+# spec picks the backend). Others (processors_to_kwargs, is_randomize_output_order) change what alpaca_eval
+# does in ways zephyr does not reproduce, so such annotators are refused rather than judged differently.
+_CONFIG_KEYS = frozenset(
+    {"prompt_template", "fn_completions", "completions_kwargs", "fn_completion_parser",
+     "completion_parser_kwargs", "batch_size", "completion_key", "pretty_name", "link"}
+)  # fmt: skip
+
+
+def annotator_names(folder: str | Path) -> list[str]:
+    """The annotators of an `evaluators_configs`-layout folder (each a `NAME/configs.yaml`)."""
+    return sorted(p.parent.name for p in Path(folder).glob("*/configs.yaml"))
+
+
+def load_annotator(folder: str | Path, name: str) -> Annotator:
     """An annotator from alpaca_eval's `evaluators_configs` layout: `folder/NAME/configs.yaml` + template."""
     import yaml
 
     config_path = Path(folder) / name / "configs.yaml"
+    if not config_path.is_file():
+        known = ", ".join(annotator_names(folder)) or "none"
+        raise AssetError(f"{config_path}: no annotator named {name!r}; annotators in {folder}: {known}")
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))[name]
-    except (OSError, KeyError, TypeError) as exc:
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
         raise AssetError(f"{config_path}: no annotator config named {name!r} ({exc})") from exc
+    unsupported = sorted(set(config) - _CONFIG_KEYS)
+    if config.get("batch_size", 1) != 1:
+        unsupported.append(f"batch_size {config['batch_size']}")
+    if unsupported:
+        raise AssetError(f"{config_path}: annotator {name!r} sets {', '.join(unsupported)}: not supported")
     template_path = Path(folder) / config["prompt_template"]
     try:
         template = template_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise AssetError(f"{template_path}: cannot read the prompt template: {exc}") from exc
-    parser_name = config.get("fn_completion_parser")
-    parser_kwargs = config.get("completion_parser_kwargs", {}) or {}
-    if parser_name == "ranking_parser":
-        return Annotator(
-            name,
-            template,
-            "ranking",
-            parser_kwargs.get("model_1_name", "model_1"),
-            completions_kwargs=config.get("completions_kwargs", {}),
-        )
-    steps = parser_kwargs.get("parsers_to_kwargs", {})
-    if parser_name == "pipeline_meta_parser" and list(steps) == ["json_parser", "ranking_parser"]:
-        return Annotator(
-            name,
-            template,
-            "json_ranking",
-            (steps["ranking_parser"] or {}).get("model_1_name", "model_1"),
-            annotation_key=steps["json_parser"].get("annotation_key"),
-            completions_kwargs=config.get("completions_kwargs", {}),
-        )
-    raise AssetError(f"{config_path}: annotator {name!r} uses parser {parser_name!r}, not supported")
+    fields = _parser_fields(config, f"{config_path}: annotator {name!r}")
+    return Annotator(name, template, completions_kwargs=config.get("completions_kwargs") or {}, **fields)
+
+
+def _parser_fields(config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The `Annotator` fields that say how to read the judge's answer, from the config's parser block."""
+    parser = config.get("fn_completion_parser") or "regex_parser"  # SinglePairwiseAnnotator's default
+    kwargs = config.get("completion_parser_kwargs") or {}
+    # alpaca_eval parses `completions` (the text) unless completion_key names the whole API answer
+    completion_key = config.get("completion_key", "completions")
+    text_answer = completion_key == "completions"
+    steps = kwargs.get("parsers_to_kwargs") or {}
+    if parser == "ranking_parser" and text_answer:
+        return {"parser": "ranking", "model_1_name": kwargs.get("model_1_name", "model_1")}
+    if parser == "pipeline_meta_parser" and list(steps) == ["json_parser", "ranking_parser"] and text_answer:
+        return {
+            "parser": "json_ranking",
+            "model_1_name": (steps["ranking_parser"] or {}).get("model_1_name", "model_1"),
+            "annotation_key": (steps["json_parser"] or {}).get("annotation_key"),
+        }
+    if parser == "regex_parser" and kwargs.get("outputs_to_match") and text_answer:
+        return {"parser": "regex", "outputs_to_match": tuple(kwargs["outputs_to_match"].items())}
+    denominators = tuple(kwargs.get("denominator_tokens") or ())
+    if (
+        parser == "logprob_parser"
+        and completion_key == "completions_all"
+        and len(denominators) == len(set(denominators)) == 2
+        and kwargs.get("numerator_token") in denominators
+        and kwargs.get("log_prob_index", "batch") == "batch"
+    ):
+        rule = LogprobRule(kwargs["numerator_token"], denominators, bool(kwargs.get("is_binarize", True)))
+        return {"parser": "logprob", "logprob": rule}
+    detail = f"parser {parser!r} with {dict(kwargs)} (completion_key {completion_key!r})"
+    raise AssetError(f"{where}: {detail} is not supported")
 
 
 def is_switched(instruction: str, seed: int = DEFAULT_SEED) -> bool:
@@ -188,12 +257,38 @@ def _rank_of(ranking: Any, model_1_name: str) -> int | None:
     return int(rank) if rank in (1, 2) else None
 
 
-def _parse_ranking(annotator: Annotator, completion: str) -> int | None:
+def _regex_choice(outputs_to_match: Sequence[tuple[int, str]], completion: str) -> int | None:
+    """alpaca_eval `regex_parser` for one example: the key of the earliest matching pattern, the search
+    resuming after each match; an annotation only when exactly one match is found (batch size 1)."""
+    patterns = [(key, re.compile(pattern)) for key, pattern in outputs_to_match]
+    found = []
+    while True:
+        first = None
+        for key, pattern in patterns:
+            match = pattern.search(completion)
+            if match and (first is None or match.start() < first[1].start()):
+                first = (key, match)
+        if first is None:
+            break
+        found.append(first[0])
+        completion = completion[first[1].end() :]
+    return found[0] if len(found) == 1 and found[0] in (1, 2) else None
+
+
+def _shown_preference(annotator: Annotator, completion: str) -> int | None:
+    """1 or 2: which output, in the order shown, the judge's text prefers (None: no valid answer)."""
     if annotator.parser == "ranking":
         try:
             return _rank_of(ast.literal_eval(completion), annotator.model_1_name)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             return None
+    if annotator.parser == "regex":
+        return _regex_choice(annotator.outputs_to_match, completion)
+    if annotator.parser != "json_ranking":
+        raise ConfigError(
+            f"annotator {annotator.name!r} reads the judge's log-probabilities, not its text "
+            "(parse_logprob_preference)"
+        )
     if "```json" in completion:  # alpaca_eval json_parser: the content of a ```json fence
         completion = re.search(r"```json(.*?)```", completion, re.DOTALL).group(1)
     loaded = json.loads(completion)
@@ -212,21 +307,73 @@ def parse_preference(
     if not completion:
         return None, "empty judge answer"
     try:
-        rank = _parse_ranking(annotator, completion)
+        shown = _shown_preference(annotator, completion)
     except (ValueError, TypeError, KeyError, AttributeError):  # bad JSON, wrong shapes
-        rank = None
-    if rank is None:
+        shown = None
+    if shown is None:
         return None, NO_RANKING
-    return float(3 - rank if switched else rank), None
+    return float(3 - shown if switched else shown), None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weighted annotators: the preference from the top log-probabilities of the judge's one-token answer
+
+NO_LOGPROBS = "the judge's answer carries no log-probabilities (its backend must return top_logprobs)"
+NOT_ONE_TOKEN = "the judge's answer is not exactly one token"
+NO_OUTPUT_TOKEN = "neither output's token is among the judge's top log-probabilities"
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    """log Σ exp(v) as scipy's `logsumexp` computes it: max + log1p(the sum of the others' exp(v − max))."""
+    top = max(values)
+    if top == -math.inf:
+        return top
+    rest = list(values)
+    rest.remove(top)
+    return top + math.log1p(math.fsum(math.exp(v - top) for v in rest))
+
+
+def preference_from_top_logprobs(
+    rule: LogprobRule, top_logprobs: Sequence[Mapping[str, Any]]
+) -> float | None:
+    """alpaca_eval `logprob_parser` on one answer token, in the order shown: 2 − P(numerator) / P(either
+    token) from the `{"token", "logprob"}` alternatives (a token not among them has probability 0), or 1 /
+    2 when binarized; None (alpaca_eval's NaN) when neither token is among them."""
+    wanted = (*rule.denominator_tokens, rule.numerator_token)
+    found = {t["token"]: float(t["logprob"]) for t in top_logprobs if t["token"] in wanted}
+    if not found:
+        return None
+    numerator = found.get(rule.numerator_token, -math.inf)
+    if rule.is_binarize:
+        others = [found.get(t, -math.inf) for t in rule.denominator_tokens if t != rule.numerator_token]
+        return 1.0 if all(numerator > other for other in others) else 2.0
+    denominator = _logsumexp([found.get(t, -math.inf) for t in rule.denominator_tokens])
+    return 2 - math.exp(numerator - denominator)
+
+
+def parse_logprob_preference(
+    annotator: Annotator, content: Sequence[Mapping[str, Any]] | None, switched: bool
+) -> tuple[float | None, str | None]:
+    """A weighted annotator's preference in the unswitched frame from the judge's answer tokens (each
+    `{"token", "logprob", "top_logprobs"}`, the API's `logprobs.content`); (None, reason) where alpaca_eval
+    has no annotation."""
+    if annotator.logprob is None:
+        raise ConfigError(f"annotator {annotator.name!r} reads the judge's text (parse_preference)")
+    if not content:
+        return None, NO_LOGPROBS
+    if len(content) != 1:  # alpaca_eval reads one value per token; a batch of one needs one
+        return None, NOT_ONE_TOKEN
+    shown = preference_from_top_logprobs(annotator.logprob, content[0].get("top_logprobs") or [])
+    if shown is None:
+        return None, NO_OUTPUT_TOKEN
+    return (3 - shown if switched else shown), None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Logprobs mode: the preference from the judge's next-token probabilities (local judges)
 
-MIN_MASS = 1e-3  # below this the judge is not writing the ranking there: a failure, not a preference
-LOW_MASS = (
-    "the model digits 1 and 2 hold under 1e-3 of the judge's probability after the forced ranking start"
-)
+MIN_MASS = 1e-3  # below this the judge is not naming an output there: a failure, not a preference
+LOW_MASS = "the two outputs' tokens hold under 1e-3 of the judge's probability after the forced answer start"
 
 
 def ranking_prefix(annotator: Annotator) -> str:
@@ -237,17 +384,35 @@ def ranking_prefix(annotator: Annotator) -> str:
     if annotator.parser != "ranking" or not name.endswith("1"):
         raise ConfigError(
             f"annotator {annotator.name!r}: judge_mode logprobs needs a plain-text ranking annotator with "
-            f"models named like model_1 / model_2 (alpaca_eval_gpt4)"
+            "models named like model_1 / model_2 (alpaca_eval_gpt4) or a weighted annotator "
+            "(weighted_alpaca_eval_gpt4_turbo)"
         )
     return "[\n    {'model': '" + name[:-1]
 
 
 @dataclass(frozen=True)
+class ForcedAnswer:
+    """Where a local judge's answer names the output it prefers: the answer's start (`prefix`) and the
+    tokens that come next for the output shown first and second."""
+
+    prefix: str
+    tokens: tuple[str, str]
+
+
+def forced_answer(annotator: Annotator) -> ForcedAnswer:
+    """A weighted annotator's answer is the naming token itself ("m" / "M"); the `ranking` annotator's
+    comes after `ranking_prefix` ("1" / "2"). Others cannot be read this way (ConfigError)."""
+    if annotator.logprob is not None:
+        return ForcedAnswer("", annotator.logprob.tokens)
+    return ForcedAnswer(ranking_prefix(annotator), ("1", "2"))
+
+
+@dataclass(frozen=True)
 class LogprobPreference:
-    """A preference read from next-token log-probabilities after `ranking_prefix`: `preference` in [1, 2]
-    in the unswitched frame (None with the `reason` when "1" and "2" carry too little probability), `mass`
-    their probability before renormalising, `first` the renormalised probability that the judge ranks the
-    output shown first ("1") or second ("2") at the top."""
+    """A preference read from next-token log-probabilities after the forced answer start: `preference` in
+    [1, 2] in the unswitched frame (None with the `reason` when the two naming tokens carry too little
+    probability), `mass` their probability before renormalising, `first` the renormalised probability that
+    each token (the output shown first, then second) comes next."""
 
     preference: float | None
     reason: str | None
@@ -256,17 +421,21 @@ class LogprobPreference:
 
 
 def preference_from_logprobs(
-    top_logprobs: Mapping[str, float], switched: bool, min_mass: float = MIN_MASS
+    top_logprobs: Mapping[str, float],
+    switched: bool,
+    min_mass: float = MIN_MASS,
+    tokens: tuple[str, str] = ("1", "2"),
 ) -> LogprobPreference:
-    """The expected preference: 1 + P(the output shown second is ranked first), P renormalised over the
-    tokens "1" and "2", mapped back to the unswitched frame (3 − x when switched) as `parse_preference`
-    does. Fractional, as alpaca_eval's weighted annotators; its metrics take any value in [1, 2]."""
-    p = {digit: math.exp(top_logprobs[digit]) if digit in top_logprobs else 0.0 for digit in ("1", "2")}
+    """The expected preference: 1 + P(the output shown second is named), P renormalised over `tokens` (the
+    output shown first's, then second's), mapped back to the unswitched frame (3 − x when switched) as
+    `parse_preference` does. Fractional, as alpaca_eval's weighted annotators; its metrics take any value
+    in [1, 2]."""
+    p = {token: math.exp(top_logprobs[token]) if token in top_logprobs else 0.0 for token in tokens}
     mass = math.fsum(p.values())
     if mass < min_mass:
         return LogprobPreference(None, LOW_MASS, mass, {})
-    first = {digit: value / mass for digit, value in p.items()}
-    shown = 1.0 + first["2"]
+    first = {token: value / mass for token, value in p.items()}
+    shown = 1.0 + first[tokens[1]]
     return LogprobPreference(3.0 - shown if switched else shown, None, mass, first)
 
 
@@ -518,8 +687,8 @@ def length_controlled_win_rate(
       which join the fit with weight 0.2 / 2 each and a model feature of 0;
     - `length_controlled_noreg`: needs `instruction_difficulty` only;
     - `length_controlled_minimal`: no difficulty term, needs nothing else (any instruction set).
-    Rows with a None preference are left out of the fit but predicted (as alpaca_eval); pass only the
-    parsed rows to match alpaca_eval's pipeline, which drops unparsed annotations before its metrics.
+    Rows with a None preference are left out of the fit but predicted (as alpaca_eval); its pipeline
+    passes them, so `summarize` does too.
     `same_model`: the model is the baseline itself, every prediction is 0.5 (as alpaca_eval).
     """
     if glm not in GLMS:
@@ -601,13 +770,16 @@ def summarize(
     annotations: Sequence[Annotation],
     *,
     glm: str | None = None,
-    instruction_difficulty: Sequence[float] | None = None,
+    instruction_difficulty: Sequence[float] | Mapping[int, float] | None = None,
     gamed: GamedBaselines | None = None,
 ) -> dict[str, Any]:
-    """alpaca_eval's leaderboard row for one model, plus the parse failures it would drop unseen.
+    """alpaca_eval's leaderboard row for one model (`get_length_controlled_winrate` on the annotations its
+    pipeline returns), plus the count of parse failures it would not show.
 
-    Unparsed annotations are counted (`n_failed`) and left out of every metric, as alpaca_eval's pipeline
-    does. `instruction_difficulty` is indexed by `Annotation.index`. `glm` None picks
+    Unparsed annotations are counted (`n_failed`). As in alpaca_eval's pipeline, which keeps them with a
+    null preference: the win rates and counts leave them out, and the length-controlled GLM is fitted
+    without them but averages its predictions over every annotation (their length differences count in
+    sd(Δ) too). `instruction_difficulty` is indexed by `Annotation.index`. `glm` None picks
     `length_controlled_v1` when the difficulty and gamed-baseline data are given, else
     `length_controlled_minimal`; the one used is reported as `length_controlled_glm`.
     """
@@ -632,11 +804,11 @@ def summarize(
         return _nan_to_none(result)
     difficulty = None
     if instruction_difficulty is not None:
-        difficulty = [instruction_difficulty[a.index] for a in parsed]
+        difficulty = [instruction_difficulty[a.index] for a in annotations]
     lc = length_controlled_win_rate(
-        preferences,
-        [len(a.model_output) for a in parsed],
-        [len(a.reference_output) for a in parsed],
+        [a.preference for a in annotations],
+        [len(a.model_output) for a in annotations],
+        [len(a.reference_output) for a in annotations],
         glm=glm,
         instruction_difficulty=difficulty,
         gamed=gamed,

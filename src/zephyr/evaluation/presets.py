@@ -15,12 +15,17 @@ and the headline metric.
 
 Offline, a preset reads records already in that form from `--data` (and `--fewshot-data`); MMLU records
 carry a `subject` field. With hub access, the records are converted from the hub rows here.
+
+`Preset.metric` is the one declaration of a preset's headline metric: `zephyr eval mc` records it as
+`metric` (and its value as `score`) in results.json, and the report's comparison table shows that metric.
+The Open LLM Leaderboard v1 scored a model by the first four presets and their average (`OPEN_LLM_V1`,
+`open_llm_average`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +177,22 @@ PRESETS: dict[str, Preset] = {
         "validation", None, truthfulqa_mc1_record,
     ),
 }  # fmt: skip
+
+
+# The Open LLM Leaderboard v1 as the Zephyr paper reports it (before Winogrande, GSM8K and DROP joined in
+# November 2023): these four presets, each by its own metric.
+OPEN_LLM_V1 = ("arc", "hellaswag", "mmlu", "truthfulqa")
+
+
+def open_llm_average(percent: Mapping[str, float | None]) -> float | None:
+    """The leaderboard's average of `percent` (preset name -> its headline metric × 100): the plain mean
+    of the four, unrounded, as the leaderboard computed it (`sum(results) / len(Tasks)`, each result
+    `mean * 100.0`; MMLU's result is already the unweighted mean of its subjects). None unless all four are
+    there (the leaderboard divided whatever it had by four: a missing task read as a score of 0)."""
+    values = [percent.get(name) for name in OPEN_LLM_V1]
+    if any(value is None for value in values):
+        return None
+    return sum(value for value in values if value is not None) / len(OPEN_LLM_V1)
 
 
 def get_preset(name: str) -> Preset:

@@ -1,8 +1,11 @@
 """Binarization: rated completions (UltraFeedback) → preference pairs (ultrafeedback_binarized).
 
-Per prompt, over the completions with a mean rating (null means are ignored):
-- chosen = the completion with the highest mean rating. When that mean is shared, the prompt is dropped as
-  a tie (with `drop_ties=False` a seeded random one of the tied completions is chosen instead);
+Per prompt, over the completions with a score (null scores are ignored). The score is the mean rating
+(`score="mean"`, the paper's rule), or UltraFeedback's critique `overall_score` (`score="overall"`, what
+HuggingFaceH4/ultrafeedback_binarized ranked by; only imported raw UltraFeedback records carry it):
+- chosen = the completion with the highest score. When that score is shared, a seeded random one of the
+  tied completions is chosen (`tie_break="first"`: the first in the record, as Python's `max` does), or
+  the prompt is dropped as a tie with `drop_ties=True`;
 - rejected = a seeded random one of the others (Zephyr's rule) or the lowest-rated one (`rejected="lowest"`;
   among equally low ones, the first in the record). Candidates whose answer is the chosen answer's text
   (ignoring surrounding whitespace) are skipped: identical answers teach nothing. With `min_margin`, only
@@ -11,7 +14,7 @@ Per prompt, over the completions with a mean rating (null means are ignored):
   pair does not depend on the other records or their order.
 
 The pair's conversations are the prompt messages plus the assistant's answer; `score_chosen` and
-`score_rejected` are the mean ratings; `chosen_model` / `rejected_model` name the generators. The prompt
+`score_rejected` are the scores; `chosen_model` / `rejected_model` name the generators. The prompt
 messages are the record's optional `prompt_messages` (a conversation ending with the user's turn, for
 multi-turn prompts), else one user message holding `prompt`.
 """
@@ -31,6 +34,8 @@ IDENTICAL = "identical responses"
 MARGIN = "margin below minimum"
 DROP_REASONS = (FEWER_THAN_TWO, TIE, IDENTICAL, MARGIN)
 REJECTED_MODES = ("random", "lowest")
+SCORES = {"mean": "mean_rating", "overall": "overall_score"}  # option -> the completion field ranked by
+TIE_BREAKS = ("random", "first")
 
 # Means of integer ratings are exact in floating point; this only absorbs summation-order noise.
 _EPS = 1e-9
@@ -74,18 +79,23 @@ def _rng(rng_seed: int, prompt_id: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def _completion_mean(completion: Mapping[str, Any]) -> float | None:
-    """The stored `mean_rating`; computed from `ratings` only when the key is absent."""
-    if "mean_rating" in completion:
-        return completion["mean_rating"]
-    return mean_rating(completion.get("ratings") or {})
+def _completion_score(completion: Mapping[str, Any], score: str) -> float | None:
+    """The completion's `score` field; a missing `mean_rating` is computed from `ratings`."""
+    field_name = SCORES[score]
+    if field_name in completion:
+        return completion[field_name]
+    return mean_rating(completion.get("ratings") or {}) if score == "mean" else None
 
 
-def _check_options(rejected: str, min_margin: float) -> None:
+def _check_options(rejected: str, min_margin: float, score: str, tie_break: str) -> None:
     if rejected not in REJECTED_MODES:
         raise ValueError(f"rejected must be one of {', '.join(REJECTED_MODES)}, got {rejected!r}")
     if min_margin < 0:
         raise ValueError(f"min_margin must be non-negative, got {min_margin}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
 
 
 def binarize(
@@ -94,11 +104,13 @@ def binarize(
     rejected: str = "random",
     min_margin: float = 0.0,
     rng_seed: int = 0,
-    drop_ties: bool = True,
+    drop_ties: bool = False,
+    tie_break: str = "random",
+    score: str = "mean",
 ) -> tuple[dict[str, Any] | None, str | None]:
     """One rated record as a preference pair, or (None, the reason it was dropped: one of `DROP_REASONS`)."""
-    _check_options(rejected, min_margin)
-    rated = [(c, m) for c in rated_record["completions"] if (m := _completion_mean(c)) is not None]
+    _check_options(rejected, min_margin, score, tie_break)
+    rated = [(c, m) for c in rated_record["completions"] if (m := _completion_score(c, score)) is not None]
     if len(rated) < 2:
         return None, FEWER_THAN_TWO
     rng = _rng(rng_seed, str(rated_record["prompt_id"]))
@@ -106,7 +118,7 @@ def binarize(
     top = [i for i, (_, m) in enumerate(rated) if m >= best - _EPS]
     if len(top) > 1 and drop_ties:
         return None, TIE
-    chosen_index = top[0] if len(top) == 1 else rng.choice(top)
+    chosen_index = top[0] if len(top) == 1 or tie_break == "first" else rng.choice(top)
     chosen, chosen_mean = rated[chosen_index]
     others = [(c, m) for i, (c, m) in enumerate(rated) if i != chosen_index]
     others = [(c, m) for c, m in others if c["response"].strip() != chosen["response"].strip()]
@@ -144,15 +156,18 @@ def binarize_all(
     rejected: str = "random",
     min_margin: float = 0.0,
     rng_seed: int = 0,
-    drop_ties: bool = True,
+    drop_ties: bool = False,
+    tie_break: str = "random",
+    score: str = "mean",
 ) -> tuple[list[dict[str, Any]], BinarizeStats]:
     """`binarize` over records: the pairs in input order, and the counts of kept and dropped records."""
-    _check_options(rejected, min_margin)
+    _check_options(rejected, min_margin, score, tie_break)
+    options = {"drop_ties": drop_ties, "tie_break": tie_break, "score": score}
     pairs: list[dict[str, Any]] = []
     stats = BinarizeStats()
     for record in records:
         pair, reason = binarize(
-            record, rejected=rejected, min_margin=min_margin, rng_seed=rng_seed, drop_ties=drop_ties
+            record, rejected=rejected, min_margin=min_margin, rng_seed=rng_seed, **options
         )
         stats.add(reason)
         if pair is not None:

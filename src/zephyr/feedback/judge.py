@@ -23,6 +23,12 @@ Rating modes (`JudgeConfig.mode`):
   generated answers that distribution is known only where the judge wrote "1", so prefer the 1–5 scale
   for judges whose tokenizer splits digits.
 
+Presets (`JudgeConfig.preset`): `zephyr`, the rubric and answer format above; `ultrafeedback`, UltraFeedback's
+annotation protocol (`zephyr.feedback.ultrafeedback`): its rubric texts from the `ultrafeedback-templates`
+asset, one call per aspect on a 1-5 scale, its answer format and parser; an answer in the wrong format is
+asked again with a new seed (each try in the audit log, `attempt` 1, 2, ...), up to `ultrafeedback.ATTEMPTS`
+answers, after which its ratings are null with the reason "format error".
+
 Aspect names: ratings are keyed by the configured names (UltraFeedback's `instruction_following`); the
 templates and the answer lines use the same words joined by "-" (`instruction-following`).
 
@@ -33,6 +39,7 @@ different judges are never mixed unnoticed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -46,7 +53,7 @@ from typing import Any, NamedTuple
 
 from zephyr.config import JudgeConfig
 from zephyr.errors import ConfigError
-from zephyr.feedback import parsing, prompts
+from zephyr.feedback import parsing, prompts, ultrafeedback
 from zephyr.generation.base import MAX_TOP_LOGPROBS, Generator, SamplingParams, TokenLogprob
 from zephyr.judging import JUDGE_CALL_FAILED, JudgeAnswer, JudgeClient, JudgeReply, JudgeRequest, Rating
 
@@ -95,8 +102,13 @@ def template_aspect(aspect: str) -> str:
     return aspect.replace("_", "-")
 
 
-def check_judge_config(config: JudgeConfig) -> prompts.JudgeTemplates:
-    """Everything about a judge config that can be wrong before any model loads; returns its templates."""
+Templates = prompts.JudgeTemplates | ultrafeedback.Templates
+
+
+def check_judge_config(config: JudgeConfig) -> Templates:
+    """Everything about a judge config that can be wrong before any model loads; returns its templates
+    (the `ultrafeedback` preset's come from its asset, fetched when missing)."""
+    config.validate("judge")  # what the preset fixes, for configs not built from a recipe
     prompts.level_labels(config.scale)  # the scale is one the rubrics support (ConfigError otherwise)
     names = [template_aspect(a) for a in config.aspects]
     if len(set(names)) != len(names):
@@ -106,18 +118,26 @@ def check_judge_config(config: JudgeConfig) -> prompts.JudgeTemplates:
             "judge.model.system_prompt: the judge's system message is the template system.txt; "
             "change it through judge.template_dir"
         )
+    if config.preset == "ultrafeedback":
+        from zephyr import assets
+
+        return ultrafeedback.load_templates(assets.fetch(ultrafeedback.ASSET), names)
     return prompts.load_templates(config.template_dir, names)
 
 
-def judge_id(config: JudgeConfig, templates: prompts.JudgeTemplates) -> str:
+def judge_id(config: JudgeConfig, templates: Templates) -> str:
     """`LABEL|HASH`: the judge model's label and a hash of what else decides its ratings."""
+    if isinstance(templates, ultrafeedback.Templates):
+        texts: list = ["ultrafeedback", templates.system, dict(templates.rubrics)]
+    else:  # unchanged since the first release: the ids of earlier runs stay valid
+        texts = [templates.system, templates.one_aspect, templates.all_aspects, dict(templates.rubrics)]
     pinned = {
         "model": config.model.model,
         "mode": config.mode,
         "scale": config.scale,
         "layout": config.layout,
         "aspects": list(config.aspects),
-        "templates": [templates.system, templates.one_aspect, templates.all_aspects, dict(templates.rubrics)],
+        "templates": texts,
         "sampling": [config.model.temperature, config.model.top_p, config.model.max_tokens],
     }
     digest = hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
@@ -144,6 +164,8 @@ class Judge:
             from zephyr.generation import make_generator
 
             generator = make_generator(config.model.model)
+        self.preset = self.templates if isinstance(self.templates, ultrafeedback.Templates) else None
+        self.attempts = ultrafeedback.ATTEMPTS if self.preset is not None else 1
         self.forced = config.mode == "logprobs" and hasattr(generator, "next_token_logprobs")
         wants_logprobs = config.mode == "logprobs" and not self.forced
         params = SamplingParams(
@@ -174,7 +196,7 @@ class Judge:
             for repeat in range(self.config.repeats)
             for call in self._calls(item, repeat)
         ]
-        replies = self.client.judge([call.request for _, call in plans])
+        replies = self._judge_with_retries([call.request for _, call in plans])
         collected: list[list[tuple[_Call, JudgeReply]]] = [[] for _ in items]
         for (i, call), reply in zip(plans, replies, strict=True):
             collected[i].append((call, reply))
@@ -182,6 +204,18 @@ class Judge:
 
     def usage(self) -> dict[str, Any]:
         return self.client.usage()
+
+    def _judge_with_retries(self, requests: list[JudgeRequest]) -> list[JudgeReply]:
+        """The replies; an answer in the wrong format is asked again (new seed) up to `self.attempts` times."""
+        replies = self.client.judge(requests)
+        for attempt in range(1, self.attempts):
+            again = [i for i, reply in enumerate(replies) if _format_error(reply)]
+            if not again:
+                break
+            retried = self.client.judge([_retry(replies[i].request, attempt) for i in again])
+            for i, reply in zip(again, retried, strict=True):
+                replies[i] = reply
+        return replies
 
     # -----------------------------------------------------------------------------------------------------
     # Requests
@@ -192,6 +226,8 @@ class Judge:
 
     def _call(self, item: JudgeItem, repeat: int, aspect: str | None) -> _Call:
         seed = self.seed + repeat
+        if self.preset is not None and aspect is not None:
+            return self._ultrafeedback_call(item, repeat, aspect, seed)
         messages, order = prompts.build_judge_messages(
             item.prompt_messages,
             item.completions,
@@ -216,6 +252,23 @@ class Judge:
             prefixes, parse = (), _text_parser(n, names, self.config.scale)
         request = JudgeRequest(item.key, messages, parse, slots, meta, seed=seed, prefixes=prefixes)
         return _Call(request, order, rated)
+
+    def _ultrafeedback_call(self, item: JudgeItem, repeat: int, aspect: str, seed: int) -> _Call:
+        """One aspect's call in UltraFeedback's protocol: the texts in a seeded random order, as `_call`."""
+        name, n = self.aspects[aspect], len(item.completions)
+        order = prompts.shuffle_order(n, seed, f"{item.key}/{name}")
+        # UltraFeedback sent the instruction and the responses as they are (no stripping)
+        single = len(item.prompt_messages) == 1 and item.prompt_messages[0]["role"] == "user"
+        instruction = (
+            item.prompt_messages[0]["content"] if single else prompts.render_instruction(item.prompt_messages)
+        )
+        messages = ultrafeedback.build_messages(
+            self.preset, name, instruction, [item.completions[i] for i in order]
+        )
+        slots = tuple({"completion": order[p], "aspect": aspect, "position": p} for p in range(n))
+        meta = {"aspect": aspect, "repeat": repeat, "order": order, "mode": self.config.mode, "attempt": 0}
+        request = JudgeRequest(item.key, messages, _ultrafeedback_parser(n, name), slots, meta, seed=seed)
+        return _Call(request, order, [aspect])
 
     def _label(self, call_aspect: str | None, aspect: str) -> str:
         """The word before the rating in the answer format: "Rating" (one aspect per call) or the aspect."""
@@ -251,13 +304,26 @@ class Judge:
                     )
                 )
             if self.config.mode == "text" and reply.answer.text:
-                by_position = parsing.parse_rationales(reply.answer.text, len(call.order))
+                by_position = self._rationales(reply, call)
                 for position, text in enumerate(by_position):
                     for aspect in call.aspects:
                         target = rationales[call.order[position]]
                         target[aspect] = target[aspect] or text
         ratings, reasons = _medians(readings, len(item.completions), list(self.aspects))
         return JudgeResult(item.key, ratings, reasons, rationales, readings)
+
+    def _rationales(self, reply: JudgeReply, call: _Call) -> list[str]:
+        """The rationale of each position's rating (empty where the answer could not be read)."""
+        n = len(call.order)
+        if self.preset is None:
+            return parsing.parse_rationales(reply.answer.text or "", n)
+        try:
+            annotations = ultrafeedback.parse_answer(
+                reply.answer.text or "", n, self.aspects[call.aspects[0]]
+            )
+        except ultrafeedback.FormatError:
+            return [""] * n
+        return [a.rationale.strip() for a in annotations]
 
 
 @dataclass(frozen=True)
@@ -307,6 +373,29 @@ def _text_parser(n: int, aspects: list[str] | None, scale: int) -> Callable[[Jud
         return [Rating.of(by_position[p][a]) for p in range(n) for a in aspects]
 
     return parse
+
+
+def _ultrafeedback_parser(n: int, aspect: str) -> Callable[[JudgeAnswer], list[Rating]]:
+    """UltraFeedback's parser: every text's rating, or a format error for all of them (asked again)."""
+
+    def parse(answer: JudgeAnswer) -> list[Rating]:
+        try:
+            return [Rating.of(a.rating) for a in ultrafeedback.parse_answer(answer.text or "", n, aspect)]
+        except ultrafeedback.FormatError:
+            return [Rating(None, parsing.FORMAT_ERROR)] * n
+
+    return parse
+
+
+def _format_error(reply: JudgeReply) -> bool:
+    return reply.answer.ok and any(r.reason == parsing.FORMAT_ERROR for r in reply.ratings)
+
+
+def _retry(request: JudgeRequest, attempt: int) -> JudgeRequest:
+    """The same call asked again: a new seed (a new sample, and a new entry in any response cache)."""
+    digest = hashlib.sha256(f"{request.seed}\x00retry\x00{attempt}".encode()).digest()
+    seed = int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+    return dataclasses.replace(request, seed=seed, meta={**request.meta, "attempt": attempt})
 
 
 def _forced_parser(slots: int, scale: int) -> Callable[[JudgeAnswer], list[Rating]]:

@@ -43,7 +43,11 @@ OUT_OF_RANGE = "out of range"
 WRONG_SCALE = "wrong scale"
 AMBIGUOUS = "ambiguous"
 NO_RATING_TOKEN = "no rating token in top logprobs"
-REASONS = (NO_RATING, OUT_OF_RANGE, WRONG_SCALE, AMBIGUOUS, NO_RATING_TOKEN)
+# UltraFeedback's protocol (`zephyr.feedback.ultrafeedback`): an answer not in its format after every
+# retry, and a rating the judge declared not applicable ("N/A", not a failure: left out of the mean).
+FORMAT_ERROR = "format error"
+NOT_APPLICABLE = "not applicable"
+REASONS = (NO_RATING, OUT_OF_RANGE, WRONG_SCALE, AMBIGUOUS, NO_RATING_TOKEN, FORMAT_ERROR, NOT_APPLICABLE)
 
 
 @dataclass(frozen=True)

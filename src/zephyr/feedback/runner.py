@@ -9,9 +9,14 @@ prompts already there, so an interrupted run resumes where it stopped; the pairs
 from the whole of `rated.jsonl` at the end.
 
 The prompt of an input record: a conversation's messages before its last assistant turn (all of them when
-it ends with the user), a pair's `chosen` minus the answer, or `prompt` as one user message. A generator's
-`system_prompt` is put in front of the conversation (joined with the conversation's own system message,
-when it has one); the judge sees the prompt without it.
+it ends with the user), a pair's `chosen` minus the answer, `prompt` as one user message, or a raw
+UltraFeedback record's `instruction` (its prompt id the SHA-256 of the text, as ultrafeedback_binarized's).
+A generator's `system_prompt` is put in front of the conversation (joined with the conversation's own system
+message, when it has one); the judge sees the prompt without it.
+
+Without generators the stage imports instead (`import_ultrafeedback`): the prompts file holds raw
+`openbmb/UltraFeedback` records, already rated by GPT-4, which become `rated.jsonl` as they are (no model
+runs), then pairs and statistics as below.
 
 Outputs in `output_dir`:
 - `rated.jsonl`: UltraFeedback records; each completion also holds `finish_reason`, its system prompt,
@@ -40,7 +45,7 @@ from typing import Any
 from zephyr import io
 from zephyr.config import FeedbackConfig, GeneratorConfig, save_resolved
 from zephyr.errors import ConfigError, DataError, ZephyrError
-from zephyr.feedback import binarize, stats
+from zephyr.feedback import binarize, stats, ultrafeedback
 from zephyr.feedback.judge import Judge, JudgeItem, JudgeResult, check_judge_config, judge_id
 from zephyr.feedback.parsing import ParsedRating
 from zephyr.generation.base import Completion, Generator, SamplingParams, parse_spec
@@ -90,38 +95,70 @@ def read_prompts(path: str, on_bad_record: str = "error", limit: int | None = No
     A bad record stops the run (`error`) with `FILE:LINE: field: problem`, or is left out and counted
     (`skip`); a repeated prompt id is a problem of the later record.
     """
-    prompts_: list[Prompt] = []
+    return _read_checked(path, on_bad_record, limit, _prompt_of, lambda p: p.prompt_id, "prompt")
+
+
+def read_raw_ultrafeedback(path: str, on_bad_record: str = "error", limit: int | None = None) -> list[dict]:
+    """Raw UltraFeedback records as rated records, checked as `read_prompts` checks prompts (a repeated
+    instruction is a repeated prompt id)."""
+    return _read_checked(
+        path, on_bad_record, limit, _rated_of_raw, lambda r: r["prompt_id"], "raw UltraFeedback"
+    )
+
+
+def _read_checked(
+    path: str, on_bad_record: str, limit: int | None, convert: Callable, key: Callable, kind: str
+) -> list:
+    """`convert(record) -> (item, None) | (None, Problem)` over a file's records; see `read_prompts`."""
+    items: list = []
     seen: dict[str, int] = {}
     bad: Counter[str] = Counter()
     total = 0
     for line, record, problem in io.iter_rows(path):
         total += 1
-        prompt, problem = (None, problem) if problem else _prompt_of(record)
-        if prompt is not None and prompt.prompt_id in seen:
-            prompt, problem = None, Problem("prompt_id", f"duplicate of line {seen[prompt.prompt_id]}")
-        if prompt is None:
+        item, problem = (None, problem) if problem else convert(record)
+        if item is not None and key(item) in seen:
+            item, problem = None, Problem("prompt_id", f"duplicate of line {seen[key(item)]}")
+        if item is None:
             assert problem is not None
             if on_bad_record == "error":
                 raise DataError(f"{path}:{line}: {problem.field}: {problem.message}")
             bad[problem.field] += 1
             continue
-        seen[prompt.prompt_id] = line
-        prompts_.append(prompt)
-        if limit is not None and len(prompts_) >= limit:
+        seen[key(item)] = line
+        items.append(item)
+        if limit is not None and len(items) >= limit:
             break
     if total == 0:
         raise DataError(f"{path}: no records (the file is empty)")
     if bad:
         fields = ", ".join(f"{name} {n}" for name, n in bad.most_common())
         logger.warning("%s: skipped %d of %d records: %s", path, sum(bad.values()), total, fields)
-    if not prompts_:
-        raise DataError(f"{path}: no valid prompt records")
-    return prompts_
+    if not items:
+        raise DataError(f"{path}: no valid {kind} records")
+    return items
+
+
+def _rated_of_raw(record: Any) -> tuple[dict | None, Problem | None]:
+    if not ultrafeedback.is_raw(record):
+        return None, Problem(
+            "record",
+            "not a raw UltraFeedback record (`instruction`, `completions`); with no feedback.generators "
+            "the stage imports those (add generators to rate prompts)",
+        )
+    problems = ultrafeedback.validate_raw(record)
+    return (None, problems[0]) if problems else (ultrafeedback.rated_from_raw(record), None)
 
 
 def _prompt_of(record: Any) -> tuple[Prompt | None, Problem | None]:
     if not isinstance(record, dict):
         return None, Problem("record", "must be an object")
+    if ultrafeedback.is_raw(record):
+        instruction = record["instruction"]
+        if not isinstance(instruction, str) or not instruction.strip():
+            return None, Problem("instruction", "must be a non-empty string")
+        user = [{"role": "user", "content": instruction}]
+        return Prompt(ultrafeedback.prompt_id(instruction), instruction, user), None
     if "chosen" in record and "rejected" in record:
         problems = validate_pair(record)
         messages = record["chosen"][:-1] if not problems else []
@@ -132,7 +169,10 @@ def _prompt_of(record: Any) -> tuple[Prompt | None, Problem | None]:
         problems = _prompt_problems(record)
         messages = [{"role": "user", "content": record["prompt"]}] if not problems else []
     else:
-        return None, Problem("record", "expected `messages`, `chosen`/`rejected` or `prompt`")
+        return None, Problem(
+            "record",
+            "expected `messages`, `chosen`/`rejected`, `prompt` or `instruction` (raw UltraFeedback)",
+        )
     if problems:
         return None, problems[0]
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -320,10 +360,6 @@ def rated_record(
 
 
 def _check(cfg: FeedbackConfig) -> None:
-    if not cfg.prompts:
-        raise ConfigError("feedback.prompts: no prompt file given")
-    if not cfg.generators:
-        raise ConfigError("feedback.generators: the pool of generators is empty")
     if len(cfg.generators) < cfg.completions_per_prompt:
         raise ConfigError(
             f"feedback.generators: {len(cfg.generators)} generators for completions_per_prompt "
@@ -346,6 +382,10 @@ def _check(cfg: FeedbackConfig) -> None:
 def run_feedback(cfg: FeedbackConfig, *, generator_factory: GeneratorFactory | None = None) -> FeedbackResult:
     """Run the stage (module docstring). `generator_factory` builds a generator from a config (default:
     `make_generator` with the config's backend options; configs of one model share an instance)."""
+    if not cfg.prompts:
+        raise ConfigError("feedback.prompts: no prompt file given")
+    if not cfg.generators:
+        return import_ultrafeedback(cfg)
     _check(cfg)
     templates = check_judge_config(cfg.judge)  # template mistakes fail before any model loads
     prompts_ = read_prompts(cfg.prompts, cfg.on_bad_record, cfg.num_prompts)
@@ -369,7 +409,7 @@ def run_feedback(cfg: FeedbackConfig, *, generator_factory: GeneratorFactory | N
         run_usage = {"judge": judge.usage(), "generators": generators.usage()}
     records = io.read_jsonl_resumable(rated_path)
     _warn_foreign(records, prompts_)
-    summary = _write_pairs_and_stats(cfg, out, records)
+    summary = _write_pairs_and_stats(cfg, out, records, cfg.judge.scale)
     summary["this_run"] = run_usage | {"prompts_without_completions": failed_prompts}
     _write_stats(out, summary)
     result = FeedbackResult(
@@ -383,6 +423,40 @@ def run_feedback(cfg: FeedbackConfig, *, generator_factory: GeneratorFactory | N
         stats=summary,
     )
     print(_summary(cfg, result))
+    return result
+
+
+def import_ultrafeedback(cfg: FeedbackConfig) -> FeedbackResult:
+    """The stage without generators: raw UltraFeedback records (`cfg.prompts`) rewritten as `rated.jsonl`,
+    binarized into the pair files, with the statistics; the judge section is not used."""
+    first = next((record for _, record, problem in io.iter_rows(cfg.prompts) if problem is None), None)
+    if not ultrafeedback.is_raw(first):
+        raise ConfigError(
+            f"feedback.generators: the pool of generators is empty, and {cfg.prompts} holds prompts, not raw "
+            "UltraFeedback records to import; add generators to answer the prompts"
+        )
+    records = read_raw_ultrafeedback(cfg.prompts, cfg.on_bad_record, cfg.num_prompts)
+    out = io.check_output_dir(cfg.output_dir)
+    save_resolved(cfg, out)
+    _rated_ids(out / RATED, ultrafeedback.IMPORTED_JUDGE)  # another judge's ratings are never overwritten
+    io.write_jsonl(out / RATED, records)
+    summary = _write_pairs_and_stats(cfg, out, records, ultrafeedback.SCALE)
+    summary["this_run"] = {"imported": len(records)}
+    _write_stats(out, summary)
+    result = FeedbackResult(
+        output_dir=out,
+        prompts=len(records),
+        already_rated=0,
+        newly_rated=len(records),
+        failed_prompts=0,
+        pairs=summary["split"]["train"],
+        test_pairs=summary["split"]["test"],
+        stats=summary,
+    )
+    print(
+        f"feedback {cfg.prompts} -> {out}\n  imported {len(records)} raw UltraFeedback records "
+        f"(score: {cfg.score})\n  pairs: {result.pairs} train, {result.test_pairs} test"
+    )
     return result
 
 
@@ -452,10 +526,16 @@ def _warn_foreign(records: list[dict], prompts_: list[Prompt]) -> None:
         )
 
 
-def _write_pairs_and_stats(cfg: FeedbackConfig, out: Path, records: list[dict]) -> dict[str, Any]:
+def _write_pairs_and_stats(cfg: FeedbackConfig, out: Path, records: list[dict], scale: int) -> dict[str, Any]:
     """Binarize all rated records into the pair files; returns the statistics."""
     pairs, bstats = binarize.binarize_all(
-        records, rejected=cfg.rejected, min_margin=cfg.min_margin, rng_seed=cfg.seed, drop_ties=cfg.drop_ties
+        records,
+        rejected=cfg.rejected,
+        min_margin=cfg.min_margin,
+        rng_seed=cfg.seed,
+        drop_ties=cfg.drop_ties,
+        tie_break=cfg.tie_break,
+        score=cfg.score,
     )
     train, test = (
         io.train_eval_split(pairs, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (pairs, [])
@@ -465,7 +545,7 @@ def _write_pairs_and_stats(cfg: FeedbackConfig, out: Path, records: list[dict]) 
         io.write_jsonl(out / PAIRS_TEST, test)
     else:
         (out / PAIRS_TEST).unlink(missing_ok=True)  # a stale split of an earlier run must not be read
-    summary = feedback_stats(records, cfg.judge.scale, pairs, bstats)
+    summary = feedback_stats(records, scale, pairs, bstats)
     summary["split"] = {"train": len(train), "test": len(test), "eval_fraction": cfg.eval_fraction}
     return summary
 

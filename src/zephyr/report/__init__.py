@@ -12,9 +12,9 @@ Three steps, I/O at the edges:
 
 The run folder layout and the report's keys are described in docs/report.md.
 
-Modules, by layer: `collect` (the run folder into the report dict, with `comparison` and `values`),
-`layout` (the dict as blocks, with `blocks` and `eval_layout`), `markdown` and `html` (the blocks as
-text), and this package's `__init__` (writing the three files).
+Modules, by layer: `collect` (the run folder into the report dict, with `comparison`, `references` and
+`values`), `layout` (the dict as blocks, with `blocks` and `eval_layout`), `markdown` and `html` (the
+blocks as text), and this package's `__init__` (writing the three files).
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ from typing import Any
 
 import yaml
 
-from zephyr.config import STAGES
-from zephyr.errors import DataError
+from zephyr.config import STAGES, ReportConfig, build
+from zephyr.errors import ConfigError, DataError
 from zephyr.report.comparison import comparison_table
+from zephyr.report.references import PAPER_ZEPHYR_7B_BETA, ReferenceRow, parse_references
 from zephyr.report.values import _get, _mapping, _number
 
 REPORT_VERSION = 1
@@ -63,7 +64,7 @@ def collect_report(run_dir: str | os.PathLike) -> dict[str, Any]:
         "updated": _mapping(manifest).get("updated"),
         "models": models,
         "stages": _stage_rows(reader.stages),
-        "comparison": comparison_table(models, evals, training),
+        "comparison": comparison_table(models, evals, training, _collect_references(reader, recipe)),
         "training": training,
         "eval": evals,
         "samples": samples,
@@ -330,6 +331,27 @@ def _collect_evals(reader: _Reader, model: str, plan: _Plan) -> dict[str, Any]:
         if (data := reader.json(f"{folder}/{sub}/results.json", why)) is not None:
             result[key] = data
     return result
+
+
+def _collect_references(reader: _Reader, recipe: Mapping[str, Any] | None) -> list[ReferenceRow]:
+    """The reference rows the recipe's `report` section asks for: the paper's, then each file's. A file is
+    read like every path of a recipe (relative to the working folder); one that is absent or invalid is
+    an entry of `missing`."""
+    section = _mapping(recipe).get("report")
+    if section is None:
+        return []
+    try:
+        config = build(ReportConfig, section, "report")
+    except ConfigError as exc:
+        reader.lack("recipe.yaml", f"unreadable: {exc}")
+        return []
+    rows = [PAPER_ZEPHYR_7B_BETA] if config.paper_reference else []
+    for path in config.references:
+        try:
+            rows += parse_references(Path(path).expanduser().read_text(encoding="utf-8"), path)
+        except (OSError, ValueError, DataError) as exc:  # absent, not UTF-8, not rows
+            reader.lack(path, f"reference rows (report.references) not read: {exc}")
+    return rows
 
 
 def _collect_samples(reader: _Reader, plan: _Plan) -> list[dict[str, Any]]:

@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from zephyr.report.blocks import Block, Figure, Heading, Table, Text, fmt
-from zephyr.report.comparison import _mc_metric, _mt_bench
+from zephyr.report.comparison import _mt_bench, mc_metric, mc_percent, mc_sets
 from zephyr.report.values import _get, _mapping, _number
+
+_MC_METRICS = ("acc", "acc_norm", "mc1", "mc2")
 
 
 def _mc_blocks(evals: Mapping[str, Any], labels: Mapping[str, str]) -> list[Block]:
@@ -24,34 +26,43 @@ def _mc_blocks(evals: Mapping[str, Any], labels: Mapping[str, str]) -> list[Bloc
                 [
                     name,
                     model,
-                    *(_with_se(r, m) for m in ("acc", "acc_norm", "mc1", "mc2")),
+                    fmt(mc_metric(r)),
+                    *(_percent_with_se(r, m) for m in _MC_METRICS),
                     fmt(_get(r, "counts", "items") or r.get("n_items")),
                     fmt(r.get("num_fewshot")),
                 ]
             )
-    header = ["set", "model", "acc", "acc_norm", "mc1", "mc2", "items", "shots"]
+    header = ["set", "model", "headline", *(f"{m} (%)" for m in _MC_METRICS), "items", "shots"]
+    headline = mc_sets(evals)
     bars = {
-        "sets": [f"{name} {_mc_metric(evals, name)}" for name in sets],
+        "sets": [f"{name} {metric}" for name, (metric, _) in headline.items()],
         "models": [labels.get(m, m) for m in evals],
-        "values": [[_number(_get(e, "mc", n, _mc_metric(evals, n))) for n in sets] for e in evals.values()],
+        "values": [
+            [mc_percent(_get(e, "mc", n), m)[0] for n, (m, _) in headline.items()] for e in evals.values()
+        ],
         "stderr": [
-            [_number(_get(e, "mc", n, _mc_metric(evals, n) + "_stderr")) for n in sets]
-            for e in evals.values()
+            [mc_percent(_get(e, "mc", n), m)[1] for n, (m, _) in headline.items()] for e in evals.values()
         ],
     }
-    return [
+    blocks: list[Block] = [
         Heading("Multiple choice", 3, "multiple-choice"),
+        Text(
+            "In percent (results.json holds fractions). `headline` is the set's own metric, the one the"
+            " comparison table shows; MMLU's acc is the unweighted mean of its subjects."
+        ),
         Table(header, rows),
-        Figure("mc", "Multiple choice: each set's metric per model (error bars: standard error)", bars),
     ]
+    if headline:
+        caption = "Multiple choice: each set's headline metric per model, % (error bars: standard error)"
+        blocks.append(Figure("mc", caption, bars))
+    return blocks
 
 
-def _with_se(result: Mapping[str, Any], metric: str) -> str:
-    value = _number(result.get(metric))
+def _percent_with_se(result: Mapping[str, Any], metric: str) -> str:
+    value, se = mc_percent(result, metric)
     if value is None:
         return "–"
-    se = _number(result.get(f"{metric}_stderr"))
-    return fmt(value, 4) + (f" ± {fmt(se, 4)}" if se is not None else "")
+    return fmt(value, 2) + (f" ± {fmt(se, 2)}" if se is not None else "")
 
 
 def _mt_bench_blocks(evals: Mapping[str, Any], labels: Mapping[str, str]) -> list[Block]:
@@ -137,6 +148,9 @@ def _alpaca_eval_blocks(evals: Mapping[str, Any], labels: Mapping[str, str]) -> 
     blocks: list[Block] = [Heading("AlpacaEval", 3, "alpacaeval"), Table(header, rows)]
     if notes:
         blocks.append(Text("Length-controlled win rate not computed: " + "; ".join(notes)))
+    glms = [f"{m}: {r['length_controlled_glm']}" for m, r in results.items() if "length_controlled_glm" in r]
+    if glms:  # alpaca_eval's LC variant: only length_controlled_v1 is the AlpacaEval 2.0 leaderboard's
+        blocks.append(Text("Length-controlled GLM (leaderboard: length_controlled_v1): " + ", ".join(glms)))
     blocks.append(Figure("alpaca_eval", "AlpacaEval win rates (error bars: standard error)", bars))
     return blocks
 

@@ -247,7 +247,8 @@ def mc_png(data: Mapping[str, Any]) -> bytes:
         for model, values, errors in zip(data["models"], data["values"], data["stderr"], strict=True)
     ]
     _grouped_bars(ax, data["sets"], series)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("%")
     ax.set_title("Multiple choice")
     return _png(fig)
 

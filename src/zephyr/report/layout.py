@@ -118,11 +118,21 @@ def _comparison_blocks(report: Mapping[str, Any]) -> list[Block]:
                 text += f" ± {fmt(se, c['digits'])}"
             line.append(text)
         cells.append(line)
-    numbers = [[row["values"].get(c["key"]) for c in columns] for row in rows]
+    # The best of the run's own models is bold; reference rows (listed last) are there to compare against.
+    numbers = [[row["values"].get(c["key"]) for c in columns] for row in rows if not row.get("reference")]
     strong = _best_cells(numbers, [c["higher_is_better"] for c in columns], 2)
+    text = "One row per model of the run, one column per metric; the best value of the run's models is bold."
+    if any(row.get("reference") for row in rows):
+        text += " Reference rows (published numbers, with their source) follow the run's models."
+    if any(c["group"] == "multiple choice" for c in columns):
+        text += (
+            " Multiple choice: each set's headline metric in percent (ARC and HellaSwag acc_norm, MMLU acc as"
+            " the unweighted mean of its subjects, TruthfulQA mc2); the Open LLM v1 average is the mean of"
+            " the four."
+        )
     return [
         _section("Comparison"),
-        Text("One row per model of the run, one column per metric; the best value of a column is bold."),
+        Text(text),
         Table(["model", "what it is", *(c["label"] for c in columns)], cells, strong),
     ]
 

@@ -10,7 +10,18 @@ flash-attention path, as forward kwargs that reach every attention call: `cu_seq
 Kernels: on CUDA with `torch.nn.attention.varlen` (torch ≥ 2.10) the flash varlen kernel, causal via
 `window_size=(-1, 0)`; elsewhere one dense SDPA call under a block-diagonal causal boolean mask, which is
 exact and is what the tests compare the kernel against. Batches with a padding mask, and decoding with a
-cache, take transformers' SDPA path unchanged.
+cache, take transformers' SDPA path unchanged. The kernel takes half precision only: under autocast, query,
+keys and values are cast to the autocast dtype first (with fp32 weights the rotary embedding hands over an
+fp32 query and key, which SDPA would have cast the same way). Each path is logged once per process, a CUDA
+forward that falls back to the dense path as a warning, and `attention_paths()` lists those taken.
+
+Sliding windows (Mistral's `sliding_window`, passed by the model as a kwarg): a query sees itself and the
+window − 1 keys before it in its document, as transformers' masks say; the kernel takes it as
+`window_size=(window − 1, 0)` and the dense path adds it to its mask.
+
+Grouped-query attention: keys and values go to the kernel with their own heads where it takes fewer than the
+query's (`enable_gqa`, or a kernel that takes them without the argument, which a probe checks once per
+process against the repeated heads); otherwise each KV head is repeated for its query heads first.
 
 Shared prefixes (`zephyr.data.packing.collate_shared_prefix`): the forward kwarg `shared_kv_index` (long
 [keys]) lists, segment by segment, the row positions whose keys and values each query segment attends to, and
@@ -23,13 +34,17 @@ lengths differ, so the varlen kernel takes the gathered keys as they are, and th
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+logger = logging.getLogger(__name__)
+
 ATTN_IMPLEMENTATION = "zephyr_packed"
+HALF = (torch.float16, torch.bfloat16)
 
 
 def register_packed_attention() -> str:
@@ -88,27 +103,36 @@ def packed_attention_forward(
             raise ValueError("shared_kv_index needs a packed row without attention mask or cache")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        _note_path(query, "sdpa", "a padding mask or a cache")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     segments = _segments(query, kwargs)
-    if segments is not None and _varlen_available(query):
+    window = kwargs.get("sliding_window")
+    dtype, why = varlen_dtype(query)
+    if segments is None:
+        dtype, why = None, "no segment boundaries (cu_seq_lens_q) given"
+    if dtype is not None:
         if dropout:
             raise ValueError("the varlen attention kernel has no dropout; set attention_dropout to 0")
+        _note_path(query, "varlen", why)
         out = varlen_causal_attention(
-            query,
-            key,
-            value,
+            query.to(dtype),
+            key.to(dtype),
+            value.to(dtype),
             segments.cu_q,
             segments.max_q,
             scaling,
             cu_seqlens_k=segments.cu_k,
             max_seqlen_k=segments.max_k,
             kv_index=segments.kv_index,
+            window=window,
         )
     elif segments is not None and segments.kv_index is not None:
-        out = dense_shared_attention(query, key, value, segments, dropout, scaling)
+        _note_path(query, "dense", why, missed_kernel=True)
+        out = dense_shared_attention(query, key, value, segments, dropout, scaling, window=window)
     else:
+        _note_path(query, "dense", why, missed_kernel=segments is not None)
         out = dense_causal_attention(
             query,
             key,
@@ -117,8 +141,30 @@ def packed_attention_forward(
             kwargs.get("position_ids"),
             dropout,
             scaling,
+            window=window,
         )
     return out, None
+
+
+# (path, why) of each attention path taken in this process, in the order first taken
+_PATHS: dict[tuple[str, str], None] = {}
+
+
+def attention_paths() -> list[tuple[str, str]]:
+    """The paths "zephyr_packed" attention took in this process: ("varlen" | "dense" | "sdpa", why)."""
+    return list(_PATHS)
+
+
+def _note_path(query: torch.Tensor, path: str, why: str, *, missed_kernel: bool = False) -> None:
+    """Log each path once per process: a packed CUDA row that missed the varlen kernel as a warning (the
+    dense path costs a [T, T] mask and a host sync per layer), anything else as information. Not while
+    compiling (a compiled layer takes the path its eager calls took)."""
+    if torch.compiler.is_compiling() or (path, why) in _PATHS:
+        return
+    _PATHS[(path, why)] = None
+    (logger.warning if missed_kernel and query.is_cuda else logger.info)(
+        "zephyr_packed attention on %s: %s (%s)", query.device, path, why
+    )
 
 
 @dataclass(frozen=True)
@@ -168,9 +214,31 @@ def _segments(query: torch.Tensor, kwargs: dict[str, Any]) -> Segments | None:
     return Segments(cu_q, cu_k, int(max_q), int(max_k), kv_index)
 
 
-def _varlen_available(query: torch.Tensor) -> bool:
-    # flash kernels: CUDA and half precision only; anything else takes the exact dense path
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
+def varlen_dtype(query: torch.Tensor) -> tuple[torch.dtype | None, str]:
+    """The half dtype the flash varlen kernel runs `query` in (None where it cannot), and why.
+
+    Its own dtype when half; else, under autocast, the autocast dtype: with fp32 weights and bf16 autocast
+    the rotary embedding returns fp32 cos/sin, so query and key reach attention in fp32 (SDPA would cast them
+    to bf16 under autocast; the kernel, a custom op, is not cast for)."""
+    if _varlen_attn() is None:
+        return None, "this torch has no torch.nn.attention.varlen"
+    if not _varlen_device(query):
+        return None, f"{query.device.type}: the varlen kernel is CUDA-only"
+    if query.dtype in HALF:
+        return query.dtype, f"{_name(query.dtype)}"
+    kind = query.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in HALF:
+        dtype = torch.get_autocast_dtype(kind)
+        return dtype, f"{_name(query.dtype)} cast to {_name(dtype)} under autocast"
+    return None, f"{_name(query.dtype)} without half-precision autocast"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _varlen_device(query: torch.Tensor) -> bool:
+    return query.is_cuda  # (the tests fake a kernel on the CPU through this)
 
 
 def _load_varlen_attn() -> Any:
@@ -185,6 +253,8 @@ def _load_varlen_attn() -> Any:
 # `inspect` (which would break its graph).
 _VARLEN_ATTN = _load_varlen_attn()
 _VARLEN_HAS_GQA = _VARLEN_ATTN is not None and "enable_gqa" in inspect.signature(_VARLEN_ATTN).parameters
+# whether the kernel, without an `enable_gqa` argument, takes fewer KV heads correctly: probed once per process
+_NATIVE_GQA: dict[str, bool] = {}
 
 
 def _varlen_attn() -> Any:
@@ -193,6 +263,54 @@ def _varlen_attn() -> Any:
 
 def _varlen_has_gqa() -> bool:
     return _VARLEN_HAS_GQA
+
+
+def gqa_mode(device: torch.device) -> str:
+    """How keys and values with fewer heads than the query reach the kernel: "enable_gqa" (the kernel's
+    argument), "native" (taken as they are, where `probe_native_gqa` found that right) or "repeat" (each KV
+    head repeated for its query heads: the memory of the repeated heads is saved for backward)."""
+    if _varlen_has_gqa():
+        return "enable_gqa"
+    if device.type not in _NATIVE_GQA:
+        if torch.compiler.is_compiling():
+            return "repeat"  # a compiled layer does not run the probe; the eager forwards before it do
+        _NATIVE_GQA[device.type] = probe_native_gqa(device)
+        logger.info("varlen attention on %s: native GQA %s", device.type, _NATIVE_GQA[device.type])
+    return "native" if _NATIVE_GQA[device.type] else "repeat"
+
+
+def probe_native_gqa(device: torch.device | str) -> bool:
+    """Whether the varlen kernel, given keys and values with fewer heads than the query (and no `enable_gqa`),
+    returns the output and gradients of the repeated heads: a small causal problem of two documents (one
+    longer than the other) in bf16, each KV head serving two query heads. Any error means no."""
+    kernel = _varlen_attn()
+    if kernel is None:
+        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    cu = torch.tensor([0, 33, 96], dtype=torch.int32, device=device)
+
+    def rand(heads: int) -> torch.Tensor:
+        return torch.randn((96, heads, 64), generator=g, device=device, dtype=torch.bfloat16)
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # the first forward may be a no-grad pass
+            q, k, v = (rand(heads).requires_grad_() for heads in (4, 2, 2))
+            grad_out = rand(4)
+
+            def run(k_in: torch.Tensor, v_in: torch.Tensor) -> list[torch.Tensor]:
+                out = kernel(q, k_in, v_in, cu, cu, 63, 63, window_size=(-1, 0))
+                return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+
+            native = run(k, v)
+            repeated = run(k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+    except Exception as exc:  # a kernel that checks the head counts, or any other refusal
+        logger.info("varlen attention: fewer KV heads refused (%s)", exc)
+        return False
+    # bf16 results of the same math, summed in another order: within a few bf16 spacings (2^-8 relative)
+    return all(
+        a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+        for a, b in zip(native, repeated, strict=True)
+    )
 
 
 def repeat_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -211,11 +329,13 @@ def varlen_causal_attention(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
     kv_index: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Flash varlen kernel over one packed row (CUDA only). Returns [1, T, H, D].
 
     With `kv_index` (and its key segments `cu_seqlens_k`, `max_seqlen_k`), each segment's keys and values are
-    gathered first; the kernel aligns a query segment shorter than its keys to their end.
+    gathered first; the kernel aligns a query segment shorter than its keys to their end. `window`: a
+    sliding window (each query sees itself and the `window − 1` keys before it).
     """
     varlen_attn = _varlen_attn()
     cu_q = cu_seqlens.to(device=query.device, dtype=torch.int32)
@@ -231,20 +351,24 @@ def varlen_causal_attention(
         k, v = k.index_select(0, index), v.index_select(0, index)  # [keys, H_kv, D]
     groups = query.shape[1] // key.shape[1]
     gqa: dict[str, Any] = {}
-    if _varlen_has_gqa():
-        gqa["enable_gqa"] = groups > 1
-    elif groups > 1:  # torch 2.10/2.11: no GQA in the kernel
+    mode = gqa_mode(query.device) if groups > 1 else "none"
+    if mode == "enable_gqa":
+        gqa["enable_gqa"] = True
+    elif mode == "repeat":
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     k, v = k.contiguous(), v.contiguous()
-    out = varlen_attn(q, k, v, cu_q, cu_k, max_seqlen, max_k, scale=scaling, window_size=(-1, 0), **gqa)
+    # no key of a segment falls out of a window at least as long as the longest key segment: plain causal
+    left = -1 if window is None or max_k <= window else window - 1
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_seqlen, max_k, scale=scaling, window_size=(left, 0), **gqa)
     return out.unsqueeze(0)
 
 
-def shared_causal_mask(cu_q: torch.Tensor, cu_k: torch.Tensor) -> torch.Tensor:
+def shared_causal_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """[1, 1, T_q, T_k] boolean mask of segments whose queries are aligned to the end of their keys.
 
-    Query i of a segment with Lq queries sees key j of the same segment when j ≤ i + (Lk − Lq); with equal
-    lengths this is `block_causal_mask`.
+    Query i of a segment with Lq queries and Lk keys sees key j of the same segment when j ≤ i + (Lk − Lq)
+    (and, with a sliding `window`, j > i + (Lk − Lq) − window); with equal lengths this is
+    `block_causal_mask`.
     """
     cu_q, cu_k = cu_q.long(), cu_k.long()
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
@@ -253,7 +377,10 @@ def shared_causal_mask(cu_q: torch.Tensor, cu_k: torch.Tensor) -> torch.Tensor:
     # each position measured from the end of its segment: query i ↔ key j when j − Lk ≤ i − Lq
     from_end_q = torch.arange(seg_q.numel(), device=cu_q.device) - cu_q[1:][seg_q]
     from_end_k = torch.arange(seg_k.numel(), device=cu_k.device) - cu_k[1:][seg_k]
-    mask = (seg_q[:, None] == seg_k[None, :]) & (from_end_k[None, :] <= from_end_q[:, None])
+    behind = from_end_q[:, None] - from_end_k[None, :]  # how far the key lies before the query
+    mask = (seg_q[:, None] == seg_k[None, :]) & (behind >= 0)
+    if window is not None:
+        mask &= behind < window
     return mask[None, None]
 
 
@@ -264,6 +391,8 @@ def dense_shared_attention(
     segments: Segments,
     dropout: float,
     scaling: float | None,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact shared-prefix attention: keys gathered by `segments.kv_index`, one SDPA call under
     `shared_causal_mask`. Returns [1, T, H, D]."""
@@ -272,15 +401,18 @@ def dense_shared_attention(
     groups = query.shape[1] // key.shape[1]
     key = repeat_kv_heads(key.index_select(2, index), groups)
     value = repeat_kv_heads(value.index_select(2, index), groups)
-    mask = shared_causal_mask(segments.cu_q.to(query.device), segments.cu_k.to(query.device))
+    mask = shared_causal_mask(segments.cu_q.to(query.device), segments.cu_k.to(query.device), window)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous()
 
 
-def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] segment ids → [B, 1, T, T] boolean mask: key ≤ query within the same segment."""
+def block_causal_mask(segment_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[B, T] segment ids → [B, 1, T, T] boolean mask: key ≤ query within the same segment (and, with a
+    sliding `window`, key > query − window)."""
     t = segment_ids.shape[-1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (same & causal)[:, None]
 
@@ -309,24 +441,31 @@ def dense_causal_attention(
     position_ids: torch.Tensor | None,
     dropout: float,
     scaling: float | None,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Exact packed attention with one SDPA call and a block-diagonal causal mask. Returns [B, T, H, D]."""
+    """Exact packed attention with one SDPA call and a block-diagonal causal mask (within a sliding `window`,
+    when given). Returns [B, T, H, D]."""
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv_heads(key, groups), repeat_kv_heads(value, groups)
     t = query.shape[2]
+    if window is not None and window >= t:
+        window = None  # no key falls out of it
     if cu_seqlens is not None:
         segments = segment_ids_from_cu_seqlens(cu_seqlens.to(query.device), t)
     elif position_ids is not None:
         segments = segment_ids_from_positions(position_ids.to(query.device).expand(query.shape[0], -1))
     else:
         segments = None
-    if segments is None or bool((segments == segments[:, :1]).all()):
+    if window is None and (segments is None or bool((segments == segments[:, :1]).all())):
         # one document per row: the plain causal kernel, no mask to build
         out = F.scaled_dot_product_attention(
             query, key, value, dropout_p=dropout, is_causal=True, scale=scaling
         )
     else:
-        mask = block_causal_mask(segments)
+        if segments is None:
+            segments = torch.zeros((query.shape[0], t), dtype=torch.long, device=query.device)
+        mask = block_causal_mask(segments, window)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
         )

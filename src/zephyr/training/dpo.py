@@ -104,6 +104,7 @@ class DPOTask:
     """A `TrainingTask` over preference pairs (units: pairs)."""
 
     name = "dpo"
+    batch_unit = "pairs"  # what one example of a batch is
 
     def __init__(
         self,

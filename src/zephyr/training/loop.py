@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from zephyr import io
-from zephyr.config import TrainingConfig, save_resolved, to_dict
+from zephyr.config import BatchPlan, TrainingConfig, resolve_batch, save_resolved, to_dict
 from zephyr.errors import ConfigError, ZephyrError
 from zephyr.tracking import METRICS_FILE, Trackers, open_trackers, read_metrics
 from zephyr.training.checkpoint import (
@@ -44,7 +44,7 @@ from zephyr.training.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from zephyr.training.prepare import make_accelerator, prepare_model, resolve_precision
+from zephyr.training.prepare import make_accelerator, prepare_model, resolve_precision, set_accumulation
 from zephyr.training.schedule import Schedule, count_total_steps, epoch_order, lr_at, make_schedule
 from zephyr.training.task import StepOutput, TrainingTask
 
@@ -314,6 +314,14 @@ def _check_same_plan(saved: TrainerState, fresh: TrainerState, ckpt: Path) -> No
             )
 
 
+def _batch_text(task: TrainingTask, cfg: TrainingConfig, processes: int) -> str:
+    """What an optimizer step of a config resolved by `resolve_batch` holds, and what one example of it is:
+    `global batch 512 = 16 processes × 8 per device × 4 accumulation (packed sequences of ≤ 2048 tokens)`."""
+    plan = BatchPlan(processes, cfg.per_device_batch_size, cfg.gradient_accumulation_steps or 1)
+    unit = getattr(task, "batch_unit", None)
+    return f"{plan}" + (f" ({unit})" if unit else "")
+
+
 def _plan_line(
     task: TrainingTask, state: TrainerState, schedule: Schedule, cfg: TrainingConfig, precision: str
 ) -> str:
@@ -322,8 +330,7 @@ def _plan_line(
     epochs = state.total_steps / state.steps_per_epoch
     return (
         f"{head}{state.total_steps} optimizer steps ({epochs:.3g} epochs × {state.steps_per_epoch} steps; "
-        f"global batch {state.global_batch} = {cfg.per_device_batch_size} per device × "
-        f"{cfg.gradient_accumulation_steps} accumulation × {state.num_processes} processes), "
+        f"{_batch_text(task, cfg, state.num_processes)}), "
         f"{schedule.kind} schedule, warmup {schedule.warmup_steps} steps, precision {precision}"
     )
 
@@ -426,7 +433,9 @@ def _fresh_state(
     """Step 0 of the plan: steps per epoch (as the data loader batches them), total steps, global batch."""
     steps_per_epoch = len(_epoch_loader(accelerator, task, examples, cfg, 0))
     total_steps = count_total_steps(steps_per_epoch, cfg.num_epochs, cfg.max_steps)
-    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    global_batch = (
+        cfg.per_device_batch_size * (cfg.gradient_accumulation_steps or 1) * accelerator.num_processes
+    )
     return TrainerState(0, 0, 0, steps_per_epoch, total_steps, global_batch, accelerator.num_processes)
 
 
@@ -438,6 +447,9 @@ def _set_up(task: TrainingTask, cfg: TrainingConfig, out_dir: Path, resume: bool
     precision = resolve_precision(cfg.precision)
     save_dtype = torch.bfloat16 if "bf16" in (precision, cfg.master_weights) else torch.float32
     accelerator = make_accelerator(cfg, precision)
+    # the global batch divided over the processes joined: an indivisible one fails here, before any work
+    cfg = resolve_batch(cfg, accelerator.num_processes, task.name)
+    set_accumulation(accelerator, cfg.gradient_accumulation_steps)
     ckpt = _resume_point(out_dir, resume)
     set_seed(cfg.seed)
     model, optimizer = prepare_model(accelerator, task, cfg, out_dir, save_dtype)
@@ -481,7 +493,7 @@ def _open_log(run: _Run, resumed: bool) -> None:
     """The main process saves the resolved config, prints the plan, opens `metrics.jsonl` and the trackers."""
     if not run.main:
         return
-    save_resolved(run.cfg, run.out_dir)
+    save_resolved(run.cfg, run.out_dir, comment=_batch_text(run.task, run.cfg, run.state.num_processes))
     print(_plan_line(run.task, run.state, run.schedule, run.cfg, run.precision), flush=True)
     if resumed:
         io.read_jsonl_resumable(run.out_dir / METRICS_FILE)  # repairs a line cut short by the crash

@@ -145,8 +145,8 @@ def shard_start(t: torch.Tensor) -> int:
 class StochasticAdamW(torch.optim.Optimizer):
     """AdamW whose moments take the parameters' dtype; bf16 stores round stochastically (module docstring).
 
-    `fused`: run each tensor's step as one compiled kernel (default: on CUDA). If compiling fails, the step
-    warns once and runs eagerly.
+    `fused`: run each tensor's step as one compiled kernel (default: on CUDA); True once a compiled step ran.
+    If compiling fails, the step warns once, runs eagerly (`fused` False) and keeps the reason in `fallback`.
     """
 
     def __init__(
@@ -163,6 +163,7 @@ class StochasticAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.seed = seed
         self.fused = fused
+        self.fallback: str | None = None  # why the compiled step fell back to the eager one
         self._compiled: Callable | None = None
 
     @torch.no_grad()
@@ -219,18 +220,25 @@ class StochasticAdamW(torch.optim.Optimizer):
         if self._use_fused(flats[0].device):
             try:
                 self._compiled_step()(*flats, start, rounding, scalars)
+                self.fused = True
                 return
             except Exception as exc:  # a compiler missing or failing: the eager step is the same math
                 logger.warning("StochasticAdamW: compiling the step failed (%s); running it eagerly", exc)
                 self.fused = False
+                self.fallback = f"{type(exc).__name__}: {exc}"
         for first in range(0, flats[0].numel(), CHUNK):
             chunk = [f[first : first + CHUNK] for f in flats]
             adamw_flat(*chunk, start + first, rounding, scalars)
 
     def _use_fused(self, device: torch.device) -> bool:
-        return device.type == "cuda" if self.fused is None else self.fused
+        return compiles_by_default(device) if self.fused is None else self.fused
 
     def _compiled_step(self) -> Callable:
         if self._compiled is None:
             self._compiled = torch.compile(adamw_flat, dynamic=True, fullgraph=True)
         return self._compiled
+
+
+def compiles_by_default(device: torch.device) -> bool:
+    """Where the step compiles unless told otherwise: CUDA (elsewhere the eager step runs, in chunks)."""
+    return device.type == "cuda"

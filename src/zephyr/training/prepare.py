@@ -24,6 +24,8 @@ def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
 
 
 def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
+    """The run's accelerator, accumulating the config's gradient_accumulation_steps (unset: 1) until
+    `set_accumulation` gives it the one resolved from the global batch and the process count it joined."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -36,10 +38,7 @@ def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
     # FSDP is the exception: under mixed precision it upcasts bf16 weights to fp32 masters, so bf16 weights
     # go without it there (they compute in bf16 all the same).
     mixed = precision == "bf16" and not (cfg.master_weights == "bf16" and _fsdp_launch())
-    accelerator = Accelerator(
-        mixed_precision="bf16" if mixed else "no",
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-    )
+    accelerator = Accelerator(mixed_precision="bf16" if mixed else "no")
     _check_joined(accelerator)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and cfg.master_weights == "bf16":
@@ -51,7 +50,17 @@ def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
         # the recipe, not the launch config, decides the micro-batch and the clipping
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
+    set_accumulation(accelerator, cfg.gradient_accumulation_steps or 1)
     return accelerator
+
+
+def set_accumulation(accelerator: Any, steps: int) -> None:
+    """The micro-batches per optimizer step, as the recipe resolves them: not the launch's
+    (`accelerate launch --gradient_accumulation_steps` or a DeepSpeed config would otherwise win)."""
+    accelerator.gradient_accumulation_steps = steps
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["gradient_accumulation_steps"] = steps
 
 
 def _fsdp_launch() -> bool:

@@ -1,6 +1,8 @@
-"""dSFT: supervised fine-tuning on conversations, loss on assistant tokens only.
+"""dSFT: supervised fine-tuning on conversations, loss on assistant tokens (or on every token: `loss_on`).
 
-Each conversation is rendered once with the chat template into token ids and a loss mask. Conversations
+Each conversation is rendered once with the chat template into token ids and a loss mask: the assistant's
+answers and end-of-turn tokens (`loss_on: assistant`), or every token of the conversation (`loss_on: all`,
+the language-modelling loss that SFTTrainer's packing trained Zephyr with). Conversations
 longer than `max_length` are truncated, keeping their start (the first turns and the start of the first
 answer are what the template's structure relies on); a conversation left without a trained token is
 dropped. Both are counted and reported.
@@ -36,6 +38,13 @@ class DocumentStats:
     conversations: int = 0  # valid conversations rendered
     truncated: int = 0  # longer than max_length, cut to their first max_length tokens
     dropped: int = 0  # no trained token (left after truncation)
+
+
+def trained_mask(assistant_mask: Sequence[int], loss_on: str) -> list[int]:
+    """The loss mask of a rendered conversation: its assistant mask, or every token for `loss_on: all`."""
+    if loss_on == "all":
+        return [1] * len(assistant_mask)
+    return [int(m) for m in assistant_mask]
 
 
 def fit_document(input_ids: Sequence[int], loss_mask: Sequence[int], max_length: int) -> Document | None:
@@ -120,7 +129,7 @@ class SFTTask:
             out = []
             for record in records:
                 rendered = render_conversation(self.tokenizer, record["messages"])
-                out.append((list(rendered.input_ids), list(rendered.loss_mask)))
+                out.append((list(rendered.input_ids), trained_mask(rendered.loss_mask, cfg.loss_on)))
             return out
 
         train_docs, self.stats = fit_documents(render(train_records), cfg.max_length)
@@ -135,6 +144,13 @@ class SFTTask:
             self.attn_implementation = None
             self._train, self._eval = train_docs, eval_docs
 
+    @property
+    def batch_unit(self) -> str:
+        """What one example of a batch is (the paper's "global batch 512" counts packed sequences)."""
+        if self.cfg.packing:
+            return f"packed sequences of ≤ {self.cfg.max_length} tokens"
+        return "conversations"
+
     def summary(self) -> str:
         s = self.stats
         text = (
@@ -148,7 +164,7 @@ class SFTTask:
             )
         if self._eval:
             text += f", {self.eval_stats.conversations - self.eval_stats.dropped} eval conversations"
-        return text
+        return text + (", loss on every token" if self.cfg.loss_on == "all" else ", loss on the answers")
 
     def train_examples(self) -> Sequence[Any]:
         return self._train

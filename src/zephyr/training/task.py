@@ -4,6 +4,10 @@ The loop owns devices, distribution, the optimizer, the schedule, accumulation, 
 A task owns data, collation and the loss. The loop normalises every loss by the number of loss units in the
 whole optimizer step (target tokens for SFT, pairs for DPO) summed over micro-batches and processes, so a
 run with accumulation or several processes matches a single large batch.
+
+Optional attributes the loop reads when present: `attn_implementation` (the attention the model loads with),
+`summary()` (a line printed before training) and `batch_unit` (what one example of a batch is, e.g. "pairs":
+printed with the global batch and written at the head of the resolved config).
 """
 
 from __future__ import annotations
