@@ -383,7 +383,7 @@ def write_mc(path: Path, n: int) -> Path:
 
 @pytest.mark.slow
 def test_mc_sigkill_while_scoring_then_rerun(tmp_path, tiny_model_dir, one_thread):
-    n = 300
+    n = 2000
     data = write_mc(tmp_path / "mc.jsonl", n)
     straight = tmp_path / "straight"
     args = ["eval", "mc", "--model", str(tiny_model_dir), "--data", str(data), "--batch-size", "2"]
@@ -403,7 +403,10 @@ def test_mc_sigkill_while_scoring_then_rerun(tmp_path, tiny_model_dir, one_threa
     while b"Scoring items" not in stderr:  # tqdm's first line: the model is loaded, scoring begins
         assert proc.poll() is None and time.monotonic() < deadline, bytes(stderr[-2000:]).decode()
         time.sleep(0.02)
-    time.sleep(random.Random(20).uniform(0.0, 0.5))  # a random moment of the scoring
+    # a random moment of the scoring, as a share of the straight run's scoring time: mid-scoring on a fast
+    # machine and a slow one alike
+    scoring = json.loads((straight / "results.json").read_text())["seconds"]
+    time.sleep(random.Random(20).uniform(0.1, 0.5) * scoring)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     reader.join(timeout=10)
