@@ -106,9 +106,9 @@ def padded_check(model, pairs) -> str:
 
 
 def run_zephyr(args, engine: str) -> measure.Result:
+    from zephyr.stages.dpo.reference import PrecomputedReference
     from zephyr.training.attention import register_packed_attention
     from zephyr.training.logps import compute_logps
-    from zephyr.training.reference import PrecomputedReference
 
     settings = ENGINES[engine]
     sharing = settings.prefix_sharing
@@ -168,7 +168,7 @@ class BenchTask:
         return int(batch["num_tokens"])
 
     def loss(self, model, batch):
-        from zephyr.training.dpo import preference_step
+        from zephyr.stages.dpo.run import preference_step
 
         return preference_step(model, batch, self.reference, self.loss_fn, self.params)
 

@@ -46,10 +46,10 @@ def main() -> None:
 
     import torch
 
-    from zephyr import models
     from zephyr.data import chat
     from zephyr.generation import SamplingParams
     from zephyr.generation.local import LocalGenerator
+    from zephyr.models import load as models
 
     if args.threads:
         torch.set_num_threads(args.threads)

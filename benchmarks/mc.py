@@ -60,7 +60,7 @@ def time_lm_eval(hflm, contexts, records) -> tuple[float, list[list[float]]]:
 def time_zephyr(
     model, tokenizer, contexts, records, batch_size, max_length
 ) -> tuple[float, list[list[float]]]:
-    from zephyr.evaluation import multiple_choice as mc
+    from zephyr.stages.mc import run as mc
 
     started = time.perf_counter()  # tokenization counts, as it does in lm-eval's loglikelihood
     encoder = mc.LmEvalTokenization(tokenizer)
@@ -71,7 +71,7 @@ def time_zephyr(
 
 def token_counts(tokenizer, contexts, records, max_length) -> tuple[int, int]:
     """Tokens each engine feeds the model: one sequence per choice (lm-eval), one row per item (zephyr)."""
-    from zephyr.evaluation import multiple_choice as mc
+    from zephyr.stages.mc import run as mc
 
     encoder = mc.LmEvalTokenization(tokenizer)
     per_choice = shared = 0
@@ -83,7 +83,7 @@ def token_counts(tokenizer, contexts, records, max_length) -> tuple[int, int]:
 
 
 def check_identical(ours, theirs, records) -> float:
-    from zephyr.evaluation import metrics
+    from zephyr.stages.mc import metrics
 
     worst = 0.0
     for record, a, b in zip(records, ours, theirs, strict=True):
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from zephyr.evaluation import multiple_choice as mc
-    from zephyr.models import load_model, load_tokenizer, resolve_model_path
+    from zephyr.models.load import load_model, load_tokenizer, resolve_model_path
+    from zephyr.stages.mc import run as mc
 
     args = parse_args(argv)
     if args.threads:

@@ -100,7 +100,7 @@ class BenchTask:
         return dict(collate_packed([doc for group in bins for doc in group]))
 
     def units(self, batch) -> int:
-        from zephyr.training.sft import count_targets
+        from zephyr.stages.sft.run import count_targets
 
         return count_targets(batch)
 
@@ -115,8 +115,8 @@ class BenchTask:
 
 
 def run_zephyr(args, engine: str) -> measure.Result:
+    from zephyr.stages.sft.run import pack_documents
     from zephyr.training.attention import register_packed_attention
-    from zephyr.training.sft import pack_documents
 
     settings = ENGINES[engine]
     docs, lengths = make_documents(args)

@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smollm_dir():
     """SmolLM2-135M-Instruct as a Hugging Face folder (the `smollm2-135m-instruct` asset)."""
-    from zephyr import assets
+    from zephyr.models import assets
 
     return assets.fetch("smollm2-135m-instruct")
 
@@ -46,7 +46,7 @@ def smollm_dir():
 @pytest.fixture(scope="session")
 def mistral_tokenizer_dir():
     """Zephyr's tokenizer (Mistral-7B-v0.1's, with the Zephyr chat template)."""
-    from zephyr import assets
+    from zephyr.models import assets
 
     return assets.fetch("mistral-7b-tokenizer")
 

@@ -16,10 +16,10 @@ import warnings
 import numpy as np
 import pytest
 
-from zephyr import assets
-from zephyr.errors import AssetError, ConfigError
-from zephyr.evaluation import alpaca_eval as ae
-from zephyr.evaluation.alpaca_eval import Annotation, GamedBaselines
+from zephyr.core.errors import AssetError, ConfigError
+from zephyr.models import assets
+from zephyr.stages.alpaca_eval import protocol as ae
+from zephyr.stages.alpaca_eval.protocol import Annotation, GamedBaselines
 
 FN_SYSTEM = (
     "You are a highly efficient assistant, who evaluates and rank large language models (LLMs) based on the "

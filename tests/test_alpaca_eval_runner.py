@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from zephyr import assets
 from zephyr.cli import main
-from zephyr.errors import ConfigError, DataError
-from zephyr.evaluation import alpaca_eval as ae
-from zephyr.evaluation.alpaca_eval import is_switched
-from zephyr.evaluation.alpaca_eval_runner import read_instructions, run_alpaca_eval
+from zephyr.core.errors import ConfigError, DataError
 from zephyr.generation import Completion
-from zephyr.judging import JUDGE_CALL_FAILED
+from zephyr.judge.client import JUDGE_CALL_FAILED
+from zephyr.models import assets
+from zephyr.stages.alpaca_eval import protocol as ae
+from zephyr.stages.alpaca_eval.protocol import is_switched
+from zephyr.stages.alpaca_eval.run import read_instructions, run_alpaca_eval
 
 DATA = Path(__file__).parent / "data" / "alpaca" / "instructions.jsonl"
 
@@ -352,8 +352,8 @@ def test_one_default_annotator_which_the_runner_takes():
     import inspect
 
     from zephyr.cli import build_parser
-    from zephyr.config import DEFAULT_ALPACA_EVAL_ANNOTATOR, AlpacaEvalEvalConfig
-    from zephyr.evaluation.alpaca_eval_runner import check_annotator
+    from zephyr.core.config import DEFAULT_ALPACA_EVAL_ANNOTATOR, AlpacaEvalEvalConfig
+    from zephyr.stages.alpaca_eval.run import check_annotator
 
     assert DEFAULT_ALPACA_EVAL_ANNOTATOR == "alpaca_eval_gpt4"  # the paper's AlpacaEval (1) judge
     assert AlpacaEvalEvalConfig().annotator == DEFAULT_ALPACA_EVAL_ANNOTATOR
@@ -466,7 +466,7 @@ def write_gamed(path, n=8):
 
 
 def test_read_lc_data_takes_difficulty_by_index_and_the_rows_in_file_order(tmp_path):
-    from zephyr.evaluation.alpaca_eval_runner import read_lc_data
+    from zephyr.stages.alpaca_eval.run import read_lc_data
 
     lc = read_lc_data(write_gamed(tmp_path / "df_gamed.csv"), 8, "set")
     assert lc["instruction_difficulty"] == dict(enumerate(DIFFICULTY))
@@ -478,7 +478,7 @@ def test_read_lc_data_takes_difficulty_by_index_and_the_rows_in_file_order(tmp_p
 
 
 def test_lc_data_gives_length_controlled_v1(tmp_path):
-    from zephyr.evaluation.alpaca_eval_runner import LC_VARIANT_NOTE, read_lc_data
+    from zephyr.stages.alpaca_eval.run import LC_VARIANT_NOTE, read_lc_data
 
     path = write_gamed(tmp_path / "df_gamed.csv")
     results, _, _ = run(tmp_path / "v1", lc_data=path)
@@ -524,7 +524,7 @@ def test_bad_lc_data_fails_before_the_model_answers(tmp_path):
 def test_lc_data_from_the_hub(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from zephyr.errors import ZephyrError
+    from zephyr.core.errors import ZephyrError
 
     asked = []
 
@@ -548,8 +548,8 @@ def test_lc_data_from_the_hub(tmp_path, monkeypatch):
 
 
 def test_report_names_the_lc_variant():
-    from zephyr.report.blocks import Text
-    from zephyr.report.eval_layout import _alpaca_eval_blocks
+    from zephyr.stages.report.blocks import Text
+    from zephyr.stages.report.eval_layout import _alpaca_eval_blocks
 
     evals = {
         "sft": {"alpaca_eval": {"win_rate": 50.0, "length_controlled_glm": "length_controlled_minimal"}},

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from zephyr import assets
-from zephyr.errors import AssetError
+from zephyr.core.errors import AssetError
+from zephyr.models import assets
 
 # ---------------------------------------------------------------------------------------------------------
 # Mechanics, on a wheel built in the test (no network)

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from zephyr.feedback.binarize import (
+from zephyr.data.schema import validate_pair, validate_rated
+from zephyr.stages.feedback.binarize import (
     DROP_REASONS,
     FEWER_THAN_TWO,
     IDENTICAL,
@@ -17,7 +18,6 @@ from zephyr.feedback.binarize import (
     binarize_all,
     mean_rating,
 )
-from zephyr.schema import validate_pair, validate_rated
 
 ASPECTS = ("instruction-following", "helpfulness", "honesty", "truthfulness")
 

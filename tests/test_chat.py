@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from zephyr.core.errors import DataError
 from zephyr.data import chat
 from zephyr.data.chat import TemplateError, render_conversation, render_prompt_answer
-from zephyr.errors import DataError
-from zephyr.models import load_tokenizer
+from zephyr.models.load import load_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

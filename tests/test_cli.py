@@ -9,9 +9,9 @@ import inspect
 import pytest
 
 from zephyr.cli import build_parser
-from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval
-from zephyr.evaluation.mt_bench_runner import run_mt_bench
-from zephyr.evaluation.multiple_choice import run_mc
+from zephyr.stages.alpaca_eval.run import run_alpaca_eval
+from zephyr.stages.mc.run import run_mc
+from zephyr.stages.mt_bench.run import run_mt_bench
 
 
 def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def test_every_eval_option_is_a_parameter_of_its_runner(command, runner):
 
 
 def test_eval_options_reach_the_runner(monkeypatch, tmp_path, capsys):
-    import zephyr.evaluation.mt_bench_runner as runner
+    import zephyr.stages.mt_bench.run as runner
     from zephyr.cli import main
 
     seen = {}

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from zephyr.cli import main
-from zephyr.config import DPOConfig, SFTConfig, load_recipe, parse_overrides, save_resolved
-from zephyr.errors import ConfigError
+from zephyr.core.config import DPOConfig, SFTConfig, load_recipe, parse_overrides, save_resolved
+from zephyr.core.errors import ConfigError
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_errors_name_the_line_of_the_key_in_the_file_it_was_written(tmp_path):
 
 
 def test_global_batch_size_derives_the_accumulation_from_the_process_count():
-    from zephyr.config import BatchPlan, batch_plan, resolve_batch
+    from zephyr.core.config import BatchPlan, batch_plan, resolve_batch
 
     paper_sft = SFTConfig(global_batch_size=512, per_device_batch_size=8)
     # 512 / (8 × P): the paper's 16 A100s, an 8-GPU box, one GPU
@@ -197,7 +197,7 @@ def test_global_batch_size_derives_the_accumulation_from_the_process_count():
 
 
 def test_an_indivisible_global_batch_is_an_error_naming_the_numbers():
-    from zephyr.config import batch_plan
+    from zephyr.core.config import batch_plan
 
     with pytest.raises(ConfigError) as err:
         batch_plan(SFTConfig(global_batch_size=512, per_device_batch_size=8), 6, "sft")

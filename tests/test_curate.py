@@ -10,9 +10,9 @@ import yaml
 
 from zephyr import io
 from zephyr.cli import main
-from zephyr.config import CurateConfig
-from zephyr.curation import run_curate
-from zephyr.errors import ConfigError
+from zephyr.core.config import CurateConfig
+from zephyr.core.errors import ConfigError
+from zephyr.stages.curate.run import run_curate
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/smollm2/curate.yaml"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import make_tiny_llama
 from rounding import PATHS, tolerance
 from zephyr.cli import main
-from zephyr.tracking import read_metrics
+from zephyr.training.tracking import read_metrics
 
 TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
 
@@ -102,7 +102,7 @@ def test_processes_that_accelerate_leaves_apart_are_refused(monkeypatch):
     does exactly that.)"""
     from types import SimpleNamespace
 
-    from zephyr.errors import ZephyrError
+    from zephyr.core.errors import ZephyrError
     from zephyr.training.prepare import _check_joined
 
     lone = SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(value="NO"))

@@ -22,10 +22,10 @@ import torch
 
 from conftest import make_tiny_llama
 from rounding import preference_tolerance, step_zero_tolerance, tolerance
-from zephyr.config import DPOConfig
-from zephyr.errors import DataError
+from zephyr.core.config import DPOConfig
+from zephyr.core.errors import DataError
+from zephyr.stages.dpo.run import DATA_REPORT, DPOTask, PairExample, disable_dropout
 from zephyr.training import logps as logps_mod
-from zephyr.training.dpo import DATA_REPORT, DPOTask, PairExample, disable_dropout
 from zephyr.training.logps import TokenizedPair
 
 LN2 = math.log(2)
@@ -70,7 +70,7 @@ def make_cfg(model_dir, data, tmp_path, **overrides) -> DPOConfig:
 
 
 def load_policy(task, folder):
-    from zephyr.models import load_model
+    from zephyr.models.load import load_model
 
     return load_model(str(folder), attn_implementation=task.attn_implementation).train()
 
@@ -291,7 +291,7 @@ def test_sharded_reference_pass_equals_one_process(model_dir, pairs_file, tmp_pa
     and the gathered rows come back in input order, each pair once."""
     import accelerate.utils
 
-    from zephyr.training import reference as ref_mod
+    from zephyr.stages.dpo import reference as ref_mod
 
     task = DPOTask(make_cfg(model_dir, pairs_file, tmp_path, eval_fraction=0.0))
     model = load_policy(task, model_dir)
@@ -456,8 +456,8 @@ def test_dropout_is_disabled():
 
 
 def test_zephyr_dpo_command_end_to_end(model_dir, pairs_file, tmp_path, monkeypatch):
-    from zephyr import assets
     from zephyr.cli import main
+    from zephyr.models import assets
 
     monkeypatch.setattr(assets, "home", lambda: tmp_path / "home")  # where the default cache folder lives
     recipe = tmp_path / "recipe.yaml"
@@ -503,7 +503,7 @@ def test_zephyr_dpo_command_end_to_end(model_dir, pairs_file, tmp_path, monkeypa
 
 
 def test_shipped_dpo_recipes_hold_the_published_numbers():
-    from zephyr.config import load_recipe
+    from zephyr.core.config import load_recipe
 
     paper = load_recipe("recipes/zephyr-7b-beta/dpo.yaml").dpo
     assert (paper.beta, paper.learning_rate, paper.lr_scheduler, paper.warmup_ratio, paper.num_epochs) == (

@@ -32,8 +32,8 @@ from safetensors.torch import load_file
 from rounding import PATHS, tolerance
 from zephyr import io
 from zephyr.cli import main
-from zephyr.errors import ZephyrError
-from zephyr.tracking import read_metrics
+from zephyr.core.errors import ZephyrError
+from zephyr.training.tracking import read_metrics
 
 ROOT = Path(__file__).parents[1]
 TINY_CHAT = ROOT / "recipes" / "data" / "tiny_chat.jsonl"
@@ -216,7 +216,7 @@ def sorted_lines(path: Path) -> list[str]:
 @pytest.mark.slow
 def test_feedback_sigkill_between_chunks_then_rerun_rates_every_prompt_once(tmp_path, monkeypatch):
     from test_feedback_runner import write_prompts
-    from zephyr.config import FeedbackConfig
+    from zephyr.core.config import FeedbackConfig
 
     chunk = FeedbackConfig().chunk_prompts  # the default
 
@@ -569,7 +569,7 @@ def test_a_full_disk_while_writing_a_file_leaves_the_old_one(tmp_path, monkeypat
 def test_a_nan_loss_stops_the_command_and_names_the_last_good_checkpoint(
     capsys, tmp_path, tiny_model_dir, monkeypatch, one_thread
 ):
-    from zephyr.training import sft
+    from zephyr.stages.sft import run as sft
 
     real_loss = sft.SFTTask.loss
     calls = {"n": 0}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from zephyr.feedback.parsing import (
+from zephyr.judge.parsing import (
     AMBIGUOUS,
     FORMAT_ERROR,
     NO_RATING,

@@ -7,9 +7,9 @@ from importlib import resources
 
 import pytest
 
-from zephyr.errors import ConfigError
-from zephyr.feedback.parsing import parse_aspect_ratings, parse_ratings
-from zephyr.feedback.prompts import (
+from zephyr.core.errors import ConfigError
+from zephyr.judge.parsing import parse_aspect_ratings, parse_ratings
+from zephyr.stages.feedback.prompts import (
     ASPECTS,
     answer_format,
     aspect_label,

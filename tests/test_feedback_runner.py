@@ -18,11 +18,11 @@ import pytest
 from rounding import step_zero_tolerance
 from test_judge import ScriptedJudge, formatted_answer, quality
 from zephyr import io
-from zephyr.config import FeedbackConfig, GeneratorConfig, JudgeConfig, load_recipe
-from zephyr.errors import ConfigError, DataError
-from zephyr.feedback import parsing
-from zephyr.feedback.runner import draw_generators, read_prompts, run_feedback
+from zephyr.core.config import FeedbackConfig, GeneratorConfig, JudgeConfig, load_recipe
+from zephyr.core.errors import ConfigError, DataError
 from zephyr.generation import Completion, Usage
+from zephyr.judge import parsing
+from zephyr.stages.feedback.run import draw_generators, read_prompts, run_feedback
 
 ROOT = Path(__file__).parents[1]
 QUALITY = {"gen-a": 2, "gen-b": 4, "gen-c": 6, "gen-d": 8}
@@ -507,7 +507,7 @@ def test_smollm2_generators_and_logprobs_judge_make_pairs_dpo_can_read(tmp_path)
     assert (again.already_rated, again.newly_rated, again.pairs) == (4, 0, result.pairs)
 
     # and the DPO stage trains on them: one step from the same model, which is its own reference
-    from zephyr.training.dpo import run_dpo
+    from zephyr.stages.dpo.run import run_dpo
 
     dpo = load_recipe(
         None,

@@ -7,9 +7,10 @@ import struct
 
 import pytest
 
-from zephyr.feedback.binarize import BinarizeStats, binarize_all
-from zephyr.feedback.parsing import NO_RATING, OUT_OF_RANGE, ParsedRating
-from zephyr.feedback.stats import (
+from zephyr.data.schema import validate_rated
+from zephyr.judge.parsing import NO_RATING, OUT_OF_RANGE, ParsedRating
+from zephyr.stages.feedback.binarize import BinarizeStats, binarize_all
+from zephyr.stages.feedback.stats import (
     agreement,
     histograms_png,
     model_means,
@@ -21,7 +22,6 @@ from zephyr.feedback.stats import (
     summarize,
     tie_counts,
 )
-from zephyr.schema import validate_rated
 
 
 def completion(model: str, helpfulness, honesty, mean) -> dict:

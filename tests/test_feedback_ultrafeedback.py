@@ -18,16 +18,17 @@ import jinja2
 import pytest
 
 from test_judge import ScriptedJudge
-from zephyr import assets, io
+from zephyr import io
 from zephyr.cli import main
-from zephyr.config import FeedbackConfig, load_recipe
-from zephyr.errors import ConfigError, DataError
-from zephyr.feedback import ultrafeedback
-from zephyr.feedback.judge import Judge, JudgeItem
-from zephyr.feedback.parsing import FORMAT_ERROR, NOT_APPLICABLE, ParsedRating
-from zephyr.feedback.runner import read_prompts, run_feedback
-from zephyr.feedback.ultrafeedback import Annotation, FormatError, parse_answer, system_prompt_of
-from zephyr.schema import Problem, validate_pair, validate_rated
+from zephyr.core.config import FeedbackConfig, load_recipe
+from zephyr.core.errors import ConfigError, DataError
+from zephyr.data.schema import Problem, validate_pair, validate_rated
+from zephyr.judge.parsing import FORMAT_ERROR, NOT_APPLICABLE, ParsedRating
+from zephyr.models import assets
+from zephyr.stages.feedback import ultrafeedback
+from zephyr.stages.feedback.judge import Judge, JudgeItem
+from zephyr.stages.feedback.run import read_prompts, run_feedback
+from zephyr.stages.feedback.ultrafeedback import Annotation, FormatError, parse_answer, system_prompt_of
 
 # ---------------------------------------------------------------------------------------------------------
 # The texts

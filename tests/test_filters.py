@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from zephyr.curation import load_eval_prompts
-from zephyr.data import filters
-from zephyr.data.filters import EvalPrompt
-from zephyr.errors import ConfigError, DataError
+from zephyr.core.errors import ConfigError, DataError
+from zephyr.stages.curate import filters
+from zephyr.stages.curate.filters import EvalPrompt
+from zephyr.stages.curate.run import load_eval_prompts
 
 
 def conv(pid: str, *turns: str, system: str | None = None) -> dict:

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from zephyr import io
-from zephyr.config import GenerateConfig, GeneratorConfig, load_recipe
-from zephyr.errors import ConfigError, DataError
+from zephyr.core.config import GenerateConfig, GeneratorConfig, load_recipe
+from zephyr.core.errors import ConfigError, DataError
+from zephyr.data.schema import validate_conversation
 from zephyr.generation import Completion, SamplingParams
-from zephyr.generation.runner import DIALOGUES, FAILURES, SUMMARY, read_seeds, run_generate, select_seeds
-from zephyr.generation.strategies import SIMULATOR_KICKOFF, dialogue_id, draw_turns, sampling_seed
-from zephyr.schema import validate_conversation
+from zephyr.stages.generate.run import DIALOGUES, FAILURES, SUMMARY, read_seeds, run_generate, select_seeds
+from zephyr.stages.generate.strategies import SIMULATOR_KICKOFF, dialogue_id, draw_turns, sampling_seed
 
 REPO = Path(__file__).parents[1]
 
@@ -481,7 +481,7 @@ def test_plain_backends_get_one_seed_per_step(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     from conftest import make_tiny_llama
-    from zephyr import models
+    from zephyr.models import load as models
 
     tokenizer = models.load_tokenizer("asset:smollm2-135m-instruct")
     folder = tmp_path_factory.mktemp("tiny-llama")
@@ -501,7 +501,7 @@ def local_cfg(tmp_path, model_dir, name):
 
 @pytest.mark.slow
 def test_local_backend_dialogues_do_not_depend_on_their_chunk(tmp_path, tiny_model_dir, one_thread):
-    from zephyr.generation.runner import build_generator
+    from zephyr.stages.generate.run import build_generator
 
     cfg = local_cfg(tmp_path, tiny_model_dir, "batched")
     generator = build_generator(cfg.teacher)

@@ -13,8 +13,8 @@ import torch
 
 from conftest import make_tiny_llama
 from rounding import tolerance
+from zephyr.core.errors import ZephyrError
 from zephyr.data import chat
-from zephyr.errors import ZephyrError
 from zephyr.generation import Completion, Request, SamplingParams, make_generator, parse_spec
 from zephyr.generation.local import LocalGenerator, first_stop, held_back, sample_token
 from zephyr.generation.vllm_backend import completions_from_output
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from zephyr import models
+    from zephyr.models import load as models
 
     return models.load_tokenizer("asset:smollm2-135m-instruct")
 

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from zephyr.errors import ZephyrError
+from zephyr.core.errors import ZephyrError
 from zephyr.generation import SamplingParams, make_generator
 from zephyr.generation.remote import (
     MalformedResponse,

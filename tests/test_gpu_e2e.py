@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rounding import tolerance
-from zephyr.config import load_recipe
+from zephyr.core.config import load_recipe
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +27,7 @@ PAIRS = "recipes/data/tiny_pairs.jsonl"
 
 @pytest.fixture(scope="module")
 def smollm():
-    from zephyr import assets
+    from zephyr.models import assets
 
     if not assets.is_fetched(ASSET):
         pytest.skip(f"{ASSET} is not built here (benchmarks/gpu_e2e.sh builds it from build/gpu-model)")
@@ -35,11 +35,11 @@ def smollm():
 
 
 def test_sft_then_dpo_in_bf16_starts_at_ln2_and_scores_as_the_cpu(tmp_path, smollm, monkeypatch):
-    from zephyr.tracking import read_metrics
+    from zephyr.stages.dpo.run import DPOTask
+    from zephyr.stages.sft.run import run_sft
     from zephyr.training import attention
-    from zephyr.training.dpo import DPOTask
     from zephyr.training.loop import train
-    from zephyr.training.sft import run_sft
+    from zephyr.training.tracking import read_metrics
 
     monkeypatch.setattr(attention, "_PATHS", {})
     sft_cfg = load_recipe(
@@ -83,7 +83,7 @@ def zephyr_logps(model_dir, out) -> list[dict]:
 
 
 def cpu_fp32_logps(model_dir) -> list[dict]:
-    from zephyr.models import load_model, load_tokenizer
+    from zephyr.models.load import load_model, load_tokenizer
     from zephyr.training.attention import register_packed_attention
     from zephyr.training.logps import compute_logps, read_pairs
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from zephyr import io
-from zephyr.errors import DataError, ZephyrError
+from zephyr.core.errors import DataError, ZephyrError
 from zephyr.io import BadRecord
 
 DATA = Path(__file__).parent / "data"
@@ -387,9 +387,9 @@ def test_a_pinned_revision_reaches_load_dataset(monkeypatch):
 
 
 def test_the_run_manifest_records_each_stages_hub_datasets_and_revisions(tmp_path, monkeypatch):
-    from zephyr import pipeline
-    from zephyr.config import load_recipe
-    from zephyr.manifest import hub_datasets, load_manifest
+    from zephyr.core.config import load_recipe
+    from zephyr.pipeline import run as pipeline
+    from zephyr.pipeline.manifest import hub_datasets, load_manifest
 
     assert hub_datasets({"model": "m", "instructions": "hf:tatsu-lab/alpaca_eval:eval", "data": None}) == {
         "instructions": {"dataset": "tatsu-lab/alpaca_eval", "revision": None, "split": "eval"}

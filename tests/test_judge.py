@@ -15,13 +15,14 @@ from dataclasses import replace
 
 import pytest
 
-from zephyr.config import GeneratorConfig, JudgeConfig
-from zephyr.errors import ConfigError, ZephyrError
-from zephyr.evaluation.mt_bench import parse_score
-from zephyr.feedback import parsing, prompts
-from zephyr.feedback.judge import Judge, JudgeItem, check_judge_config, rating_offsets
+from zephyr.core.config import GeneratorConfig, JudgeConfig
+from zephyr.core.errors import ConfigError, ZephyrError
 from zephyr.generation import Completion, SamplingParams, Usage
-from zephyr.judging import JUDGE_CALL_FAILED, JudgeClient, JudgeRequest, Rating
+from zephyr.judge import parsing
+from zephyr.judge.client import JUDGE_CALL_FAILED, JudgeClient, JudgeRequest, Rating
+from zephyr.stages.feedback import prompts
+from zephyr.stages.feedback.judge import Judge, JudgeItem, check_judge_config, rating_offsets
+from zephyr.stages.mt_bench.protocol import parse_score
 
 ASPECTS = ["instruction_following", "helpfulness", "honesty", "truthfulness"]
 LABELS = ["Instruction-following", "Helpfulness", "Honesty", "Truthfulness"]
@@ -399,7 +400,7 @@ def test_rating_offsets_find_the_number_of_each_rating_line():
 def test_judge_id_pins_model_templates_and_settings(tmp_path):
     base = judge_config()
     templates = check_judge_config(base)
-    from zephyr.feedback.judge import judge_id
+    from zephyr.stages.feedback.judge import judge_id
 
     same = judge_id(base, templates)
     assert same == judge_id(judge_config(), check_judge_config(judge_config()))

@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_llama
 from rounding import tolerance
 from zephyr.cli import main
-from zephyr.errors import DataError
+from zephyr.core.errors import DataError
 from zephyr.training.attention import register_packed_attention
 from zephyr.training.logps import (
     TokenizedPair,

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from rounding import PATHS, tolerance
-from zephyr.config import SFTConfig
-from zephyr.errors import ConfigError, ZephyrError
-from zephyr.tracking import read_metrics
+from zephyr.core.config import SFTConfig
+from zephyr.core.errors import ConfigError, ZephyrError
+from zephyr.stages.sft.run import SFTTask
 from zephyr.training.loop import TrainingDiverged, train
 from zephyr.training.schedule import Schedule, count_total_steps, epoch_order, lr_at, make_schedule
-from zephyr.training.sft import SFTTask
 from zephyr.training.task import StepOutput
+from zephyr.training.tracking import read_metrics
 
 TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
 

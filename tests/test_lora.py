@@ -24,8 +24,8 @@ pytest.importorskip("peft")
 
 from conftest import make_tiny_llama
 from rounding import BUG_FACTOR, step_zero_tolerance, tolerance
-from zephyr.config import DPOConfig, LoraConfig, SFTConfig
-from zephyr.errors import ConfigError
+from zephyr.core.config import DPOConfig, LoraConfig, SFTConfig
+from zephyr.core.errors import ConfigError
 
 LN2 = math.log(2)
 DATA = Path(__file__).parents[1] / "recipes" / "data"
@@ -80,7 +80,7 @@ def sft_cfg(model_dir, tmp_path, **overrides) -> SFTConfig:
 def test_sft_with_lora_changes_only_the_targets_by_a_low_rank_update_and_merges(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from zephyr.training.sft import run_sft
+    from zephyr.stages.sft.run import run_sft
 
     result = run_sft(sft_cfg(model_dir, tmp_path))
     assert result.steps == 2
@@ -120,8 +120,8 @@ def test_sft_with_lora_changes_only_the_targets_by_a_low_rank_update_and_merges(
 
 def test_sft_with_lora_resumes_from_an_adapter_checkpoint(model_dir, tmp_path):
     """A run cut after step 1 and resumed ends with the same merged weights as an uninterrupted one."""
+    from zephyr.stages.sft.run import run_sft
     from zephyr.training.checkpoint import FINAL_DIR
-    from zephyr.training.sft import run_sft
 
     full = run_sft(sft_cfg(model_dir, tmp_path, output_dir=str(tmp_path / "full")))
     cut = sft_cfg(model_dir, tmp_path, output_dir=str(tmp_path / "cut"))
@@ -169,8 +169,8 @@ def dpo_cfg(model_dir, pairs_file, tmp_path, reference, **overrides) -> DPOConfi
 
 @pytest.mark.parametrize("reference", ["precomputed", "online"])
 def test_dpo_with_lora_starts_at_ln2(model_dir, pairs_file, tmp_path, monkeypatch, reference):
-    from zephyr import assets
-    from zephyr.training.dpo import run_dpo
+    from zephyr.models import assets
+    from zephyr.stages.dpo.run import run_dpo
 
     monkeypatch.setattr(assets, "home", lambda: tmp_path / "home")  # the reference cache's folder
     result = run_dpo(dpo_cfg(model_dir, pairs_file, tmp_path, reference))
@@ -197,9 +197,9 @@ def test_dpo_reference_is_the_model_with_adapters_disabled(
 ):
     """With non-zero adapters (as after training, or before a precomputed pass on a resumed run), the
     reference log-probs are the base model's and the policy's are not."""
-    from zephyr.models import load_model
+    from zephyr.models.load import load_model
+    from zephyr.stages.dpo.run import DPOTask
     from zephyr.training import logps as logps_mod
-    from zephyr.training.dpo import DPOTask
     from zephyr.training.prepare import apply_lora
 
     cfg = dpo_cfg(model_dir, pairs_file, tmp_path, reference)
@@ -231,7 +231,7 @@ def test_dpo_reference_is_the_model_with_adapters_disabled(
 
 
 def test_lora_without_peft_names_the_extra(model_dir, tmp_path, monkeypatch):
-    from zephyr.training.sft import run_sft
+    from zephyr.stages.sft.run import run_sft
 
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
     cfg = sft_cfg(model_dir, tmp_path)
@@ -241,7 +241,7 @@ def test_lora_without_peft_names_the_extra(model_dir, tmp_path, monkeypatch):
 
 
 def test_qlora_is_refused_clearly(model_dir, tmp_path):
-    from zephyr.training.sft import run_sft
+    from zephyr.stages.sft.run import run_sft
 
     cfg = sft_cfg(model_dir, tmp_path, lora=LoraConfig(r=4, target_modules=list(TARGETS), load_in_4bit=True))
     with pytest.raises(ConfigError, match="load_in_4bit"):
@@ -251,7 +251,7 @@ def test_qlora_is_refused_clearly(model_dir, tmp_path):
 def test_sft_with_lora_and_bf16_master_weights(model_dir, tmp_path):
     """LoRA over a bf16 base: the adapters train under StochasticAdamW in bf16, the frozen base is the
     starting model's in bf16, and the merged folder is bf16."""
-    from zephyr.training.sft import run_sft
+    from zephyr.stages.sft.run import run_sft
 
     result = run_sft(sft_cfg(model_dir, tmp_path, master_weights="bf16", precision="auto"))
     base = read_tensors(model_dir)

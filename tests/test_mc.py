@@ -14,9 +14,9 @@ from conftest import make_tiny_llama
 from rounding import BUG_FACTOR, tolerance
 from zephyr import io
 from zephyr.cli import main
-from zephyr.errors import ConfigError, DataError
-from zephyr.evaluation import metrics
-from zephyr.evaluation import multiple_choice as mc
+from zephyr.core.errors import ConfigError, DataError
+from zephyr.stages.mc import metrics
+from zephyr.stages.mc import run as mc
 
 DATA = Path(__file__).parent / "data" / "mc"
 ARC = DATA / "arc_like.jsonl"

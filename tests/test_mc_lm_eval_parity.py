@@ -14,10 +14,10 @@ import random
 from pathlib import Path
 
 import pytest
+from zephyr.stages.mc import metrics, presets
 
 from rounding import magnitude, tolerance
-from zephyr.evaluation import metrics, presets
-from zephyr.evaluation import multiple_choice as mc
+from zephyr.stages.mc import run as mc
 
 DATA = Path(__file__).parent / "data" / "mc"
 ARC = DATA / "arc_like.jsonl"

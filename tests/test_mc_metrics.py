@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from zephyr.evaluation import metrics
+from zephyr.stages.mc import metrics
 
 
 def test_acc_picks_the_highest_loglikelihood():

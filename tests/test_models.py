@@ -6,10 +6,16 @@ import functools
 
 import pytest
 
-from zephyr import assets
+from zephyr.core.errors import ZephyrError
 from zephyr.data import chat
-from zephyr.errors import ZephyrError
-from zephyr.models import configure_generation, end_of_turn, load_model, load_tokenizer, resolve_model_path
+from zephyr.models import assets
+from zephyr.models.load import (
+    configure_generation,
+    end_of_turn,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 
 @functools.cache

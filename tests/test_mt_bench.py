@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from zephyr import assets
-from zephyr.errors import DataError
-from zephyr.evaluation import mt_bench
-from zephyr.evaluation.mt_bench import Judgment, Question
+from zephyr.core.errors import DataError
+from zephyr.models import assets
+from zephyr.stages.mt_bench import protocol as mt_bench
+from zephyr.stages.mt_bench.protocol import Judgment, Question
 
 # FastChat judge_prompts.jsonl, written out here so the expected prompts do not come from the code under test.
 SINGLE_V1_INSTRUCTION = (
@@ -429,7 +429,7 @@ def test_loader_errors_name_file_and_line(tmp_path):
 
 
 def test_category_plot(tmp_path):
-    from zephyr.evaluation.plots import category_plot
+    from zephyr.plots import category_plot
 
     judgments = [
         Judgment(i, cat, t, float((i + t) % 10))

@@ -10,10 +10,11 @@ import math
 
 import pytest
 
-from zephyr import assets
-from zephyr.errors import ConfigError, DataError
-from zephyr.evaluation import mt_bench
-from zephyr.evaluation.mt_bench_runner import (
+from zephyr.core.errors import ConfigError, DataError
+from zephyr.generation import Completion, SamplingParams, Usage
+from zephyr.models import assets
+from zephyr.stages.mt_bench import protocol as mt_bench
+from zephyr.stages.mt_bench.run import (
     ANSWER_FAILED,
     BASELINE_FAILED,
     Answer,
@@ -21,7 +22,6 @@ from zephyr.evaluation.mt_bench_runner import (
     read_answer_file,
     run_mt_bench,
 )
-from zephyr.generation import Completion, SamplingParams, Usage
 
 QUESTION_IDS = [81, 82, 83, 84, 111, 141]
 # What the judge answers per (question, turn): 83/1 and 111/2 hold no score; 82/2 only the backup `[x]`.

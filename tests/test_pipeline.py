@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 import zephyr
 from rounding import PATHS, tolerance
 from zephyr.cli import main
-from zephyr.config import load_recipe
-from zephyr.errors import ConfigError, ZephyrError
-from zephyr.manifest import fingerprint, input_parts, path_fingerprint, redo_reason
-from zephyr.pipeline import build_plan, missing_inputs, parse_ref, resolve_refs, run_pipeline, stage_names
-from zephyr.tracking import read_metrics
+from zephyr.core.config import load_recipe
+from zephyr.core.errors import ConfigError, ZephyrError
+from zephyr.pipeline.manifest import fingerprint, input_parts, path_fingerprint, redo_reason
+from zephyr.pipeline.run import build_plan, missing_inputs, parse_ref, resolve_refs, run_pipeline, stage_names
+from zephyr.training.tracking import read_metrics
 
 ROOT = Path(__file__).parents[1]
 RAW = ROOT / "recipes" / "data" / "raw_dialogues.jsonl"
@@ -286,7 +286,7 @@ def test_a_redone_stage_outdates_the_finished_steps_that_read_it(
 ):
     """dpo redone alone (--only) under a new beta: the evaluations of the old dDPO model and the report are
     marked stale and their outputs removed, so that no report shows the old model's numbers as the new one's."""
-    from zephyr.report import collect_report
+    from zephyr.stages.report.run import collect_report
 
     run_dir = tmp_path / "run"
     path = write(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, run_dir))
@@ -418,9 +418,9 @@ def test_launcher_runs_training_stages_in_a_process_of_their_own(tmp_path, tiny_
 def test_an_api_key_is_never_written_to_the_run_folder_caches_or_output(
     tmp_path, tiny_model_dir, capfd, monkeypatch
 ):
-    from zephyr.assets import home as zephyr_home
     from zephyr.generation.local import LocalGenerator
-    from zephyr.models import load_model, load_tokenizer
+    from zephyr.models.assets import home as zephyr_home
+    from zephyr.models.load import load_model, load_tokenizer
     from zephyr.serve import start_server
 
     key = "sk-zephyr-PLANTED-7f3a9c"
@@ -474,10 +474,10 @@ def test_eval_sections_name_the_runners_arguments():
     import dataclasses
     import inspect
 
-    from zephyr.config import AlpacaEvalEvalConfig, McEvalConfig, MtBenchEvalConfig
-    from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval
-    from zephyr.evaluation.mt_bench_runner import run_mt_bench
-    from zephyr.evaluation.multiple_choice import run_mc
+    from zephyr.core.config import AlpacaEvalEvalConfig, McEvalConfig, MtBenchEvalConfig
+    from zephyr.stages.alpaca_eval.run import run_alpaca_eval
+    from zephyr.stages.mc.run import run_mc
+    from zephyr.stages.mt_bench.run import run_mt_bench
 
     for cls, runner, skip in (
         (McEvalConfig, run_mc, {"name"}),

@@ -250,7 +250,7 @@ def test_reference_pass_with_sharing_equals_without(model, pairs):
 
 
 def test_cache_key_names_sharing_only_when_on(pairs):
-    from zephyr.training.reference import CacheKey
+    from zephyr.stages.dpo.reference import CacheKey
 
     base = dict(weights="w", template="t", max_length=None, max_prompt_length=None, precision="no")
     default = CacheKey(**base, device_type="cpu")
@@ -351,9 +351,9 @@ def model_dir(tmp_path_factory, smollm_tokenizer):
 def test_dpo_step_zero_loss_is_ln2_with_sharing(model_dir, tmp_path, reference):
     from accelerate import Accelerator
 
-    from zephyr.config import DPOConfig
-    from zephyr.models import load_model
-    from zephyr.training.dpo import DPOTask
+    from zephyr.core.config import DPOConfig
+    from zephyr.models.load import load_model
+    from zephyr.stages.dpo.run import DPOTask
 
     lines = Path(PAIRS_FILE).read_text(encoding="utf-8").splitlines()
     data = tmp_path / "pairs.jsonl"

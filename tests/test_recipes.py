@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zephyr.config import batch_plan, load_recipe
+from zephyr.core.config import batch_plan, load_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 NOT_RECIPES = ("accelerate", "data")  # launch configs and data files, not zephyr recipes
@@ -111,7 +111,7 @@ def test_launch_configs_parse_with_accelerate(name, kind):
 
 
 def test_quickstart_pipeline_has_every_stage(tmp_path):
-    from zephyr.pipeline import build_plan
+    from zephyr.pipeline.run import build_plan
 
     recipe = load_recipe(RECIPES / "quickstart.yaml")
     ids = [s.id for s in build_plan(recipe, tmp_path)]
@@ -131,7 +131,7 @@ def test_quickstart_pipeline_has_every_stage(tmp_path):
 
 @pytest.mark.parametrize("name", ["zephyr-7b-beta", "zephyr-7b-beta-handbook"])
 def test_7b_pipelines_wire_the_training_recipes_next_to_them(name, tmp_path):
-    from zephyr.pipeline import build_plan
+    from zephyr.pipeline.run import build_plan
 
     pipeline = load_recipe(RECIPES / name / "pipeline.yaml")
     sft = load_recipe(RECIPES / name / "sft.yaml").sft
@@ -148,7 +148,7 @@ def test_7b_pipelines_wire_the_training_recipes_next_to_them(name, tmp_path):
 
 
 def test_include_merges_sections_and_refuses_cycles(tmp_path):
-    from zephyr.errors import ConfigError
+    from zephyr.core.errors import ConfigError
 
     (tmp_path / "base.yaml").write_text("sft:\n  train_data: a.jsonl\n  learning_rate: 1.0e-4\n")
     (tmp_path / "top.yaml").write_text("include: [base.yaml]\nsft:\n  learning_rate: 3.0e-4\n")

@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from zephyr.cli import main
-from zephyr.errors import DataError
-from zephyr.report import (
+from zephyr.core.errors import DataError
+from zephyr.stages.report.html import render_html
+from zephyr.stages.report.run import (
     collect_report,
     comparison_table,
     fmt,
@@ -25,7 +26,6 @@ from zephyr.report import (
     training_curves,
     write_report,
 )
-from zephyr.report.html import render_html
 
 XSS = "<script>alert(1)</script>"
 PROMPTS = ["Name three primes.", "What is DPO?"]
@@ -764,7 +764,7 @@ def test_pairwise_mt_bench_results_are_not_read_as_scores():
 
 
 def test_the_report_step_that_writes_the_page_is_not_shown_as_running():
-    from zephyr.report.collect import _stage_rows
+    from zephyr.stages.report.collect import _stage_rows
 
     rows = _stage_rows({"sft": {"status": "running"}, "report": {"status": "running"}})
     assert [r["status"] for r in rows] == ["running", "writing this report"]
@@ -781,7 +781,7 @@ def test_the_report_step_that_writes_the_page_is_not_shown_as_running():
     ],
 )
 def test_markdown_text_by_hand(text, expected):
-    from zephyr.report.markdown import md_text
+    from zephyr.stages.report.markdown import md_text
 
     assert md_text(text) == expected
 

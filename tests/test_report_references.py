@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zephyr.config import load_recipe, to_dict
-from zephyr.errors import ConfigError, DataError
-from zephyr.evaluation.presets import PRESETS, open_llm_average
-from zephyr.report import collect_report, comparison_table, render_markdown
-from zephyr.report.references import parse_references
+from zephyr.core.config import load_recipe, to_dict
+from zephyr.core.errors import ConfigError, DataError
+from zephyr.stages.mc.presets import PRESETS, open_llm_average
+from zephyr.stages.report.references import parse_references
+from zephyr.stages.report.run import collect_report, comparison_table, render_markdown
 
 # float64 values near 100 after a product and a mean of four: a few ulps of 1.4e-14
 TOL = 1e-12

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import make_tiny_llama
 from rounding import PATHS, tolerance
 from zephyr.cli import main
-from zephyr.tracking import read_metrics
+from zephyr.training.tracking import read_metrics
 
 TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
 

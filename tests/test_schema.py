@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zephyr.schema import (
+from zephyr.data.schema import (
     FORMATS,
     Problem,
     detect_format,

@@ -66,8 +66,8 @@ def test_resume_restores_the_training_state_with_weights_only(
     """accelerate restores optimizer, scheduler and RNG state through torch.load: every call is weights_only."""
     import torch
 
-    from zephyr.config import SFTConfig
-    from zephyr.training.sft import run_sft
+    from zephyr.core.config import SFTConfig
+    from zephyr.stages.sft.run import run_sft
 
     data = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
     cfg = SFTConfig(
@@ -100,12 +100,12 @@ def test_resume_restores_the_training_state_with_weights_only(
 
 
 def test_every_model_load_passes_trust_remote_code_explicitly():
-    """All model and tokenizer loading goes through zephyr.models, which forwards the recipe's flag (default
+    """All model and tokenizer loading goes through zephyr.models.load, which forwards the recipe's flag (default
     false). The one other call converts the sha256-verified GGUF asset and loads no code."""
-    from zephyr import models
+    from zephyr.models import load as models
 
     for path, call in _calls("from_pretrained"):
-        if str(path) == "assets.py":
+        if str(path) == "models/assets.py":
             assert _keyword(call, "gguf_file") is not None
             continue
         flag = _keyword(call, "trust_remote_code")
@@ -117,8 +117,8 @@ def test_every_model_load_passes_trust_remote_code_explicitly():
 def test_trust_remote_code_is_false_unless_the_recipe_sets_it(tmp_path, tiny_model_dir, monkeypatch):
     import transformers
 
-    from zephyr.config import load_recipe
-    from zephyr.training.sft import SFTTask
+    from zephyr.core.config import load_recipe
+    from zephyr.stages.sft.run import SFTTask
 
     recipe = tmp_path / "recipe.yaml"
     data = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
@@ -146,8 +146,8 @@ def test_an_api_key_reaches_the_server_but_no_file_of_a_feedback_run(tmp_path, m
     """Generators and judge over HTTP with a key: every request carries it; no output, audit log or cache
     file of the run holds it."""
     from test_feedback_runner import QUALITY, FeedbackHandler, FeedbackServer, config, write_prompts
-    from zephyr.config import GeneratorConfig, JudgeConfig
-    from zephyr.feedback.runner import run_feedback
+    from zephyr.core.config import GeneratorConfig, JudgeConfig
+    from zephyr.stages.feedback.run import run_feedback
 
     headers: list[str | None] = []
 
@@ -200,7 +200,7 @@ def ask(text: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from zephyr import models
+    from zephyr.models import load as models
 
     tokenizer = models.load_tokenizer("asset:smollm2-135m-instruct")
     return LocalGenerator(make_tiny_llama(len(tokenizer), seed=3), tokenizer, model_id="tiny", batch_size=32)

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from zephyr import models
+    from zephyr.models import load as models
 
     return models.load_tokenizer("asset:smollm2-135m-instruct")
 

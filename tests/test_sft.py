@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from rounding import tolerance
-from zephyr.config import SFTConfig
+from zephyr.core.config import SFTConfig
 from zephyr.data.packing import collate_packed, collate_padded
-from zephyr.tracking import read_metrics
-from zephyr.training.sft import (
+from zephyr.stages.sft.run import (
     DocumentStats,
     SFTTask,
     fit_documents,
@@ -22,6 +21,7 @@ from zephyr.training.sft import (
     run_sft,
     trained_mask,
 )
+from zephyr.training.tracking import read_metrics
 
 TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
 
@@ -122,7 +122,7 @@ def test_sft_loss_equals_a_hand_written_reference(tiny_model_dir, tmp_path, caps
 
 def test_loss_on_all_trains_every_token_of_each_conversation(tiny_model_dir, tmp_path, capsys):
     from zephyr.data.chat import render_conversation
-    from zephyr.models import load_tokenizer
+    from zephyr.models.load import load_tokenizer
 
     probe = SFTTask(sft_config(tiny_model_dir, tmp_path / "probe", max_samples=16, loss_on="all"))
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -147,7 +147,7 @@ def test_loss_on_all_trains_every_token_of_each_conversation(tiny_model_dir, tmp
 
 
 def test_packed_and_padded_batches_give_the_same_token_losses(tiny_model_dir):
-    from zephyr.models import load_model
+    from zephyr.models.load import load_model
     from zephyr.training.attention import register_packed_attention
     from zephyr.training.forward import token_logps
 

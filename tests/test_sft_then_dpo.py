@@ -12,14 +12,14 @@ import json
 import pytest
 
 from rounding import step_zero_tolerance
-from zephyr.config import load_recipe
+from zephyr.core.config import load_recipe
 
 
 @pytest.mark.slow
 def test_sft_then_dpo_raises_held_out_reward_accuracy(tmp_path, smollm_dir):
-    from zephyr.training.dpo import DPOTask
+    from zephyr.stages.dpo.run import DPOTask
+    from zephyr.stages.sft.run import run_sft
     from zephyr.training.loop import train
-    from zephyr.training.sft import run_sft
 
     sft_cfg = load_recipe("recipes/smollm2/sft.yaml", [f"sft.output_dir={tmp_path / 'sft'}"]).sft
     sft = run_sft(sft_cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zephyr.generation.strategies import (
+from zephyr.stages.generate.strategies import (
     MAX_INSTRUCTION_CHARS,
     SIMULATOR_KICKOFF,
     Seed,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from zephyr.chat import load_generator, run_chat
+from zephyr.core.errors import ConfigError
 from zephyr.data import chat
-from zephyr.errors import ConfigError
 from zephyr.generation import Completion
-from zephyr.terminal_chat import load_generator, run_chat
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from conftest import make_tiny_llama
 from rounding import PATHS, tolerance
 from test_loop import sft_config as loop_sft_config
-from zephyr.config import SFTConfig, load_recipe
-from zephyr.errors import ConfigError
-from zephyr.tracking import read_metrics
+from zephyr.core.config import SFTConfig, load_recipe
+from zephyr.core.errors import ConfigError
+from zephyr.stages.sft.run import SFTTask
 from zephyr.training.loop import train
 from zephyr.training.prepare import checkpointed_layers, decoder_layers, enable_checkpointing
-from zephyr.training.sft import SFTTask
+from zephyr.training.tracking import read_metrics
 
 PAIRS = Path(__file__).parents[1] / "recipes" / "data" / "tiny_pairs.jsonl"
 
@@ -134,8 +134,8 @@ def test_bf16_master_weights_train_save_bf16_and_resume_exactly(tiny_model_dir, 
 
 
 def test_bf16_master_weights_dpo_starts_at_ln2(tiny_model_dir, tmp_path):
-    from zephyr.config import DPOConfig
-    from zephyr.training.dpo import DPOTask
+    from zephyr.core.config import DPOConfig
+    from zephyr.stages.dpo.run import DPOTask
 
     cfg = DPOConfig(
         model=str(tiny_model_dir),
@@ -162,9 +162,9 @@ def test_a_loaded_reference_has_whole_weights_under_zero3_sharded_loading(
     no DeepSpeed engine wraps, is loaded with that switched off, for its loading only."""
     import contextlib
 
-    import zephyr.models
-    from zephyr.config import DPOConfig
-    from zephyr.training.dpo import DPOTask
+    import zephyr.models.load
+    from zephyr.core.config import DPOConfig
+    from zephyr.stages.dpo.run import DPOTask
 
     class Plugin:  # accelerate's DeepSpeedPlugin, as far as the loading uses it
         zero3_init_flag = True
@@ -177,9 +177,11 @@ def test_a_loaded_reference_has_whole_weights_under_zero3_sharded_loading(
 
     plugin = Plugin()
     flags = []
-    real = zephyr.models.load_model
+    real = zephyr.models.load.load_model
     monkeypatch.setattr(
-        zephyr.models, "load_model", lambda *a, **k: flags.append(plugin.zero3_init_flag) or real(*a, **k)
+        zephyr.models.load,
+        "load_model",
+        lambda *a, **k: flags.append(plugin.zero3_init_flag) or real(*a, **k),
     )
     cfg = DPOConfig(model=str(tiny_model_dir), train_data=str(PAIRS), output_dir=str(tmp_path / "dpo"))
     accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=plugin))
@@ -248,7 +250,7 @@ def test_a_training_state_one_gpu_cannot_hold_is_refused_with_the_way_out():
 def test_the_preflight_reads_this_cards_memory():
     """The preflight's CUDA call on a real card: a 30B-parameter fp32 state (480 GB, on the meta device) is
     refused naming the card; a tiny one passes."""
-    from zephyr.errors import ZephyrError
+    from zephyr.core.errors import ZephyrError
     from zephyr.training.prepare import _check_fits
 
     accelerator = SimpleNamespace(device=torch.device("cuda"), distributed_type=SimpleNamespace(value="NO"))
@@ -274,7 +276,7 @@ def test_bf16_master_weights_under_fsdp_go_without_mixed_precision(tiny_model_di
 def test_a_preparation_that_upcasts_bf16_master_weights_is_refused(tiny_model_dir, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from zephyr.errors import ZephyrError
+    from zephyr.core.errors import ZephyrError
 
     real = Accelerator.prepare
 

@@ -21,7 +21,7 @@ import torch
 
 from conftest import make_tiny_llama
 from rounding import preference_tolerance, tolerance
-from zephyr.config import DPOConfig
+from zephyr.core.config import DPOConfig
 from zephyr.data.chat import render_text
 from zephyr.training.logps import read_pairs, run_logps, split_pair
 
@@ -167,8 +167,8 @@ def test_zephyr_logps_equals_trl_precomputed_reference(setup, trl_precomputed, t
 def test_loss_rewards_and_logps_match_trl_pair_by_pair(setup, trl_precomputed, tmp_path):
     from accelerate import Accelerator
 
-    from zephyr.models import load_model
-    from zephyr.training.dpo import DPOTask
+    from zephyr.models.load import load_model
+    from zephyr.stages.dpo.run import DPOTask
 
     trainer = trl_precomputed
     cfg = DPOConfig(

@@ -14,13 +14,13 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from zephyr.errors import ZephyrError
+from zephyr.core.errors import ZephyrError
 
 
 @contextlib.contextmanager
 def _naming(recipe: str) -> Iterator[None]:
     """Config errors found past loading (a pipeline's stage references) still name the recipe file."""
-    from zephyr.errors import ConfigError
+    from zephyr.core.errors import ConfigError
 
     try:
         yield
@@ -31,8 +31,8 @@ def _naming(recipe: str) -> Iterator[None]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from zephyr.config import load_recipe
-    from zephyr.pipeline import build_plan, check_inputs
+    from zephyr.core.config import load_recipe
+    from zephyr.pipeline.run import build_plan, check_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
     with _naming(args.recipe):
@@ -56,8 +56,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _batch_lines(recipe: Any, processes: int) -> list[str]:
     """Each training section's global batch split over `processes`; an indivisible one is a ConfigError."""
-    from zephyr.config import batch_plan
-    from zephyr.errors import ConfigError
+    from zephyr.core.config import batch_plan
+    from zephyr.core.errors import ConfigError
 
     if processes < 1:
         raise ConfigError(f"--num-processes: must be at least 1, got {processes}")
@@ -66,7 +66,7 @@ def _batch_lines(recipe: Any, processes: int) -> list[str]:
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
-    from zephyr import assets
+    from zephyr.models import assets
 
     if args.assets_command == "list":
         for info in assets.list_assets():
@@ -86,7 +86,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         print(io.summarize(result, args.file, args.format))
         return 0
     from zephyr.data import chat
-    from zephyr.models import load_tokenizer
+    from zephyr.models.load import load_tokenizer
 
     result = io.read_records(args.file, "auto", on_bad_record="skip", limit=args.limit)
     tokenizer = load_tokenizer(args.tokenizer, chat_template=args.chat_template)
@@ -97,7 +97,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _recipe_section(args: argparse.Namespace, name: str):
-    from zephyr.config import load_recipe, section
+    from zephyr.core.config import load_recipe, section
 
     cfg = section(load_recipe(args.recipe, args.overrides), name, args.recipe)
     _refuse_stage_refs(cfg, name, args.recipe)
@@ -107,7 +107,7 @@ def _recipe_section(args: argparse.Namespace, name: str):
 def _refuse_stage_refs(cfg: Any, name: str, recipe: str) -> None:
     import dataclasses
 
-    from zephyr.errors import ConfigError
+    from zephyr.core.errors import ConfigError
 
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -120,7 +120,7 @@ def _refuse_stage_refs(cfg: Any, name: str, recipe: str) -> None:
 
 def _cmd_sft(args: argparse.Namespace) -> int:
     cfg = _recipe_section(args, "sft")
-    from zephyr.training.sft import run_sft
+    from zephyr.stages.sft.run import run_sft
 
     run_sft(cfg, resume=args.resume)
     return 0
@@ -128,7 +128,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 def _cmd_dpo(args: argparse.Namespace) -> int:
     cfg = _recipe_section(args, "dpo")
-    from zephyr.training.dpo import run_dpo
+    from zephyr.stages.dpo.run import run_dpo
 
     run_dpo(cfg, resume=args.resume)
     return 0
@@ -136,7 +136,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     cfg = _recipe_section(args, "generate")
-    from zephyr.generation.runner import run_generate
+    from zephyr.stages.generate.run import run_generate
 
     run_generate(cfg)
     return 0
@@ -144,7 +144,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_feedback(args: argparse.Namespace) -> int:
     cfg = _recipe_section(args, "feedback")
-    from zephyr.feedback.runner import run_feedback
+    from zephyr.stages.feedback.run import run_feedback
 
     run_feedback(cfg)
     return 0
@@ -152,7 +152,7 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
 
 def _cmd_curate(args: argparse.Namespace) -> int:
     cfg = _recipe_section(args, "curate")
-    from zephyr.curation import run_curate
+    from zephyr.stages.curate.run import run_curate
 
     run_curate(cfg)
     return 0
@@ -177,11 +177,11 @@ def _cmd_logps(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "mt-bench":
-        from zephyr.evaluation.mt_bench_runner import run_mt_bench as runner
+        from zephyr.stages.mt_bench.run import run_mt_bench as runner
     elif args.eval_command == "alpaca-eval":
-        from zephyr.evaluation.alpaca_eval_runner import run_alpaca_eval as runner
+        from zephyr.stages.alpaca_eval.run import run_alpaca_eval as runner
     else:
-        from zephyr.evaluation.multiple_choice import run_mc as runner
+        from zephyr.stages.mc.run import run_mc as runner
     results = _call_with_args(runner, args)
     print(f"{headline(results)}results in {args.out}/results.json")
     return 0
@@ -222,10 +222,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from zephyr.config import load_recipe
+    from zephyr.core.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from zephyr.pipeline import run_pipeline
+    from zephyr.pipeline.run import run_pipeline
 
     with _naming(args.recipe):
         run_pipeline(
@@ -237,7 +237,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from zephyr.report import write_report
+    from zephyr.stages.report.run import write_report
 
     run = Path(args.run)
     if run.is_dir() and not (run / "manifest.json").is_file():  # e.g. a stage's folder, runs/x/sft
@@ -251,7 +251,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from zephyr.terminal_chat import run_chat
+    from zephyr.chat import run_chat
 
     run_chat(
         args.model,
@@ -362,7 +362,7 @@ def _add_mt_bench_parser(esub: argparse._SubParsersAction) -> None:
 
 
 def _add_alpaca_eval_parser(esub: argparse._SubParsersAction) -> None:
-    from zephyr.config import DEFAULT_ALPACA_EVAL_ANNOTATOR
+    from zephyr.core.config import DEFAULT_ALPACA_EVAL_ANNOTATOR
 
     a = esub.add_parser("alpaca-eval", help="AlpacaEval: pairwise win rate against reference outputs")
     a.add_argument("--model", required=True)

@@ -1,4 +1,4 @@
-"""Data files in and out: JSONL, JSON, Parquet and hub datasets, validated against `zephyr.schema`.
+"""Data files in and out: JSONL, JSON, Parquet and hub datasets, validated against `zephyr.data.schema`.
 
 Reading checks every record and applies a bad-record policy: `error` stops at the first bad record with
 `FILE:LINE: field: problem`; `skip` keeps the good records and counts the bad ones. Writing is atomic
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from zephyr.errors import DataError, ZephyrError
-from zephyr.schema import FORMATS, ID_FIELDS, Problem, detect_format, json_type
+from zephyr.core.errors import DataError, ZephyrError
+from zephyr.data.schema import FORMATS, ID_FIELDS, Problem, detect_format, json_type
 
 logger = logging.getLogger(__name__)
 

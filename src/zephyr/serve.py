@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from zephyr.errors import ZephyrError
+from zephyr.core.errors import ZephyrError
 from zephyr.generation.base import (
     MAX_TOP_LOGPROBS,
     Completion,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from zephyr.errors import DataError, ZephyrError
+from zephyr.core.errors import DataError, ZephyrError
 
 BUILTIN_TEMPLATES = ("zephyr", "chatml")
 # Unique text that no template produces by itself: locates the assistant content in a probe render.
@@ -70,7 +70,7 @@ def render_text(tokenizer: Any, messages: Sequence[Mapping], add_generation_prom
     """The conversation as text, through the tokenizer's chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
-            "the tokenizer has no chat template; load it with zephyr.models.load_tokenizer(spec, chat_template=...)"
+            "the tokenizer has no chat template; load it with zephyr.models.load.load_tokenizer(spec, chat_template=...)"
         )
     try:
         text = tokenizer.apply_chat_template(

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
-from zephyr.errors import ZephyrError
+from zephyr.core.errors import ZephyrError
 
 FinishReason = Literal["stop", "length", "error"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "error")

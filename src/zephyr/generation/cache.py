@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from zephyr.errors import ZephyrError
+from zephyr.core.errors import ZephyrError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from zephyr.errors import ZephyrError
+from zephyr.core.errors import ZephyrError
 from zephyr.generation.base import (
     Completion,
     Conversation,
@@ -59,7 +59,7 @@ class LocalGenerator:
     """A `Generator` over a transformers causal LM and its tokenizer (with the chat template to use)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, model_id: str = "local", batch_size: int = 16):
-        from zephyr import models
+        from zephyr.models import load as models
 
         if batch_size < 1:
             raise ZephyrError(f"batch_size must be >= 1, got {batch_size}")
@@ -95,7 +95,7 @@ class LocalGenerator:
         """Load `asset:NAME`, `transformers:PATH_OR_HUB_ID` or a path. dtype: float32 on CPU, bfloat16 on CUDA."""
         import torch
 
-        from zephyr import models
+        from zephyr.models import load as models
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is not None and dtype not in _DTYPES:

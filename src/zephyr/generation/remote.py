@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from zephyr.errors import ZephyrError
+from zephyr.core.errors import ZephyrError
 from zephyr.generation.base import (
     DEFAULT_OPENAI_URL,
     Completion,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from zephyr.errors import ZephyrError
+from zephyr.core.errors import ZephyrError
 from zephyr.generation.base import Completion, Conversation, Request, SamplingParams, TokenLogprob, Usage
 
 
@@ -39,7 +39,7 @@ class VLLMGenerator:
         trust_remote_code: bool = False,
     ):
         vllm = import_vllm()
-        from zephyr import models
+        from zephyr.models import load as models
 
         path = models.resolve_model_path(model)
         self.model_id = f"vllm:{model}"

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from zephyr import io
-from zephyr.config import save_resolved
-from zephyr.errors import ZephyrError
+from zephyr.core.config import save_resolved
+from zephyr.core.errors import ZephyrError
 
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "training_state"

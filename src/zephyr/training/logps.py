@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from zephyr.errors import DataError, ZephyrError
+from zephyr.core.errors import DataError, ZephyrError
 from zephyr.training.losses import PairLogps
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def run_logps(
     No truncation unless `max_length` is given.
     """
     from zephyr import io
-    from zephyr.models import load_model, load_tokenizer
+    from zephyr.models.load import load_model, load_tokenizer
     from zephyr.training.attention import register_packed_attention
 
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:

@@ -31,9 +31,8 @@ from typing import Any
 import torch
 
 from zephyr import io
-from zephyr.config import BatchPlan, TrainingConfig, resolve_batch, save_resolved, to_dict
-from zephyr.errors import ConfigError, ZephyrError
-from zephyr.tracking import METRICS_FILE, Trackers, open_trackers, read_metrics
+from zephyr.core.config import BatchPlan, TrainingConfig, resolve_batch, save_resolved, to_dict
+from zephyr.core.errors import ConfigError, ZephyrError
 from zephyr.training.checkpoint import (
     FINAL_DIR,
     TrainerState,
@@ -47,6 +46,7 @@ from zephyr.training.checkpoint import (
 from zephyr.training.prepare import make_accelerator, prepare_model, resolve_precision, set_accumulation
 from zephyr.training.schedule import Schedule, count_total_steps, epoch_order, lr_at, make_schedule
 from zephyr.training.task import StepOutput, TrainingTask
+from zephyr.training.tracking import METRICS_FILE, Trackers, open_trackers, read_metrics
 
 
 class TrainingDiverged(ZephyrError):

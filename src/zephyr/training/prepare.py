@@ -10,8 +10,8 @@ from typing import Any, Literal
 import torch
 
 from zephyr import io
-from zephyr.config import TrainingConfig
-from zephyr.errors import ConfigError, ZephyrError
+from zephyr.core.config import TrainingConfig
+from zephyr.core.errors import ConfigError, ZephyrError
 from zephyr.training.optim import StochasticAdamW
 from zephyr.training.task import TrainingTask
 
@@ -145,7 +145,7 @@ def weights_dtype(cfg: TrainingConfig) -> torch.dtype:
 
 
 def load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
-    from zephyr import models
+    from zephyr.models import load as models
 
     model = models.load_model(
         cfg.model,

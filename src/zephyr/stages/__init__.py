@@ -1,0 +1,1 @@
+"""The stages of the pipeline, one package each, every one entered through its `run` module."""

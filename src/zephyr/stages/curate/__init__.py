@@ -1,0 +1,1 @@
+"""`zephyr curate`: the dSFT train and test sets (`run`), through the pure filters of `filters`."""

@@ -1,0 +1,336 @@
+"""dDPO: direct preference optimisation on the shared training loop.
+
+The task turns a pairs file into tokenized pairs (`zephyr.training.logps`: chat template, truncation,
+bad-pair policy), a micro-batch of pairs into one packed row, and a row into per-pair answer log-probs of
+the policy; the reference's come from `zephyr.stages.dpo.reference` (precomputed and cached, online, or none);
+the loss is picked once from `zephyr.training.losses` by name. Losses and metrics are sums over the pairs
+of the micro-batch: the loop divides by the number of pairs in the whole optimizer step.
+
+Prefix sharing (`prefix_sharing`): each pair's prompt runs once, in the policy's step, in the online
+reference and in the precomputed reference pass (`zephyr.training.logps.pack_pairs`). tokens/s still counts
+the prompt once per answer, so that it reads the same with and without sharing.
+
+Metrics (TRL's names): rewards/chosen, rewards/rejected (β × log-ratio; SimPO: β × mean token log-prob),
+rewards/margins, rewards/accuracies (share of pairs with chosen reward > rejected reward), logps/chosen,
+logps/rejected (the policy's summed answer log-probs); the loop adds loss, lr, grad_norm, tokens/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zephyr.core.config import DPOConfig
+from zephyr.stages.dpo import reference as ref_mod
+from zephyr.training.logps import PairStats, TokenizedPair, pack_pairs, pair_logps, tokenize_pairs
+from zephyr.training.losses import LossParams, PairLogps, PreferenceLossFn, get_preference_loss
+from zephyr.training.task import StepOutput
+
+logger = logging.getLogger(__name__)
+
+DATA_REPORT = "dpo_data.json"
+# The reference pass holds no activations for backward: it can take batches this many times larger.
+REFERENCE_BATCH_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """A training or eval example: a tokenized pair and its place (split, index) in the reference tables."""
+
+    split: str  # "train" | "eval"
+    index: int
+    pair: TokenizedPair
+
+
+def _read_split(path: str, cfg: DPOConfig) -> tuple[list[dict], list[str], str]:
+    from zephyr import io
+
+    read = io.read_records(path, "pairs", on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
+    return read.records, [f"{read.source}:{b.line}: {b.field}: {b.problem}" for b in read.bad], read.source
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout of the model: the policy's train-mode log-probs must equal the reference's at step 0
+    (dropout would make policy and reference disagree at random)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def preference_step(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    reference: ref_mod.Reference,
+    loss_fn: PreferenceLossFn,
+    params: LossParams,
+) -> StepOutput:
+    """The loss and metric sums of one micro-batch of pairs (a `pack_pairs` batch): the policy's log-probs,
+    the reference's, the loss."""
+    policy = pair_logps(model, batch)
+    ref = reference.logps(model, batch)
+    if ref is not None:
+        ref = PairLogps(
+            *(
+                t.to(device=policy.chosen.device, dtype=policy.chosen.dtype)
+                for t in (ref.chosen, ref.rejected)
+            ),
+            ref.chosen_tokens.to(policy.chosen.device),
+            ref.rejected_tokens.to(policy.chosen.device),
+        )
+    out = loss_fn(policy, ref, params)
+    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+        "logps/chosen": policy.chosen.detach().sum(),
+        "logps/rejected": policy.rejected.detach().sum(),
+    }
+    return StepOutput(loss_sum=out.losses.sum(), metric_sums=metrics)
+
+
+class DPOTask:
+    """A `TrainingTask` over preference pairs (units: pairs)."""
+
+    name = "dpo"
+    batch_unit = "pairs"  # what one example of a batch is
+
+    def __init__(
+        self,
+        cfg: DPOConfig,
+        *,
+        resume: bool = False,
+        cache_dir: str | Path | None = None,
+        tokenizer: Any = None,
+    ):
+        from zephyr import io
+        from zephyr.models.load import load_tokenizer
+        from zephyr.training.attention import register_packed_attention
+
+        self.cfg = cfg
+        self.resume = resume
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else ref_mod.default_cache_dir()
+        self.tokenizer = tokenizer or load_tokenizer(
+            cfg.tokenizer or cfg.model,
+            chat_template=cfg.chat_template,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        self.attn_implementation = register_packed_attention()  # read by the loop when it loads the model
+        # read with getattr: configs written before the field existed (and their saved copies) lack it
+        self.prefix_sharing = cfg.prefix_sharing
+        self.loss_fn = get_preference_loss(cfg.loss)
+        self.params = LossParams(cfg.beta, cfg.label_smoothing, cfg.rpo_alpha, cfg.simpo_gamma)
+
+        train_records, bad, source = _read_split(cfg.train_data, cfg)
+        eval_records: list[dict] = []
+        eval_source = source
+        if cfg.eval_data:
+            eval_records, eval_bad, eval_source = _read_split(cfg.eval_data, cfg)
+            bad += eval_bad
+        elif cfg.eval_fraction > 0:
+            train_records, eval_records = io.train_eval_split(train_records, cfg.eval_fraction, cfg.seed)
+        self.stats = PairStats(bad=bad)
+        self._train = self._tokenize("train", train_records, source)
+        self._eval = self._tokenize("eval", eval_records, eval_source)
+        self.reference: ref_mod.Reference = (
+            ref_mod.NoReference() if cfg.reference == "none" else ref_mod.UnpreparedReference(cfg.reference)
+        )
+        self.reference_status: dict[str, str] = {}  # split -> "cached" | "computed" (precomputed only)
+
+    def _tokenize(self, split: str, records: list[dict], source: str) -> list[PairExample]:
+        pairs, stats = tokenize_pairs(
+            self.tokenizer,
+            records,
+            max_length=self.cfg.max_length,
+            max_prompt_length=self.cfg.max_prompt_length,
+            on_bad_record=self.cfg.on_bad_record,
+            source=source,
+        )
+        self.stats.add(stats)
+        return [PairExample(split, i, pair) for i, pair in enumerate(pairs)]
+
+    # --- the TrainingTask protocol ------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        s = self.stats
+        return (
+            f"{len(self._train)} train and {len(self._eval)} eval pairs ({len(s.bad)} bad pairs skipped; "
+            f"truncated to {self.cfg.max_length}/{self.cfg.max_prompt_length}: {s.truncated_prompts} prompts, "
+            f"{s.truncated_chosen} chosen, {s.truncated_rejected} rejected answers), loss {self.cfg.loss} "
+            f"β={self.cfg.beta}, reference {self.cfg.reference}"
+            + (", prompts shared" if self.prefix_sharing else "")
+        )
+
+    def train_examples(self) -> Sequence[PairExample]:
+        return self._train
+
+    def eval_examples(self) -> Sequence[PairExample]:
+        return self._eval
+
+    def collate(self, examples: list[PairExample]) -> dict[str, Any]:
+        batch = pack_pairs([e.pair for e in examples], prefix_sharing=self.prefix_sharing)
+        batch.update(self.reference.fields([(e.split, e.index) for e in examples]))
+        return batch
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return int(batch["num_pairs"])
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """prompt + chosen plus prompt + rejected tokens, shared or not."""
+        return int(batch["num_tokens"])
+
+    def prepare(self, model: torch.nn.Module, accelerator: Any) -> None:
+        """Dropout off; the reference made ready (the precomputed pass runs here, or is read from cache).
+
+        The loop calls this before it restores a checkpoint, so `model` holds the initial weights; a resumed
+        run still loads the reference from its spec when the cache is missing, to depend on nothing else.
+        """
+        disable_dropout(model)
+        mode = self.cfg.reference
+        if mode == "online":
+            self.reference = self._online_reference(model, accelerator)
+        elif mode == "precomputed":
+            self.reference = self._precomputed_reference(model, accelerator)
+        if accelerator.is_main_process:
+            self._write_data_report()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
+        return preference_step(model, batch, self.reference, self.loss_fn, self.params)
+
+    # --- references ---------------------------------------------------------------------------------------
+
+    def _load_reference(self, accelerator: Any) -> torch.nn.Module:
+        from zephyr.models.load import load_model
+        from zephyr.training.prepare import weights_dtype
+
+        spec = self.cfg.ref_model or self.cfg.model
+        # Whole weights on every process, even under ZeRO-3: a model loaded while its sharded loading is on
+        # would come out partitioned, with no engine to gather it for the forward.
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        whole = plugin.zero3_init_context_manager(enable=False) if plugin else contextlib.nullcontext()
+        with whole:
+            model = load_model(
+                spec,
+                dtype=weights_dtype(self.cfg),  # as the policy's
+                trust_remote_code=self.cfg.trust_remote_code,
+                attn_implementation=self.attn_implementation,
+            )
+        disable_dropout(model)
+        return model.to(accelerator.device).eval().requires_grad_(False)
+
+    def _online_reference(self, model: torch.nn.Module, accelerator: Any) -> ref_mod.OnlineReference:
+        if self.cfg.ref_model is None and ref_mod.is_peft_model(model):
+            return ref_mod.OnlineReference(None)
+        return ref_mod.OnlineReference(self._load_reference(accelerator))
+
+    @contextlib.contextmanager
+    def _reference_for_pass(self, model: torch.nn.Module, accelerator: Any) -> Iterator[torch.nn.Module]:
+        if self.cfg.ref_model is None and (not self.resume or ref_mod.is_peft_model(model)):
+            with ref_mod.adapters_disabled(model):
+                yield model
+            return
+        loaded = self._load_reference(accelerator)
+        try:
+            yield loaded
+        finally:
+            del loaded
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _weights_fingerprint(self, model: torch.nn.Module, accelerator: Any) -> str:
+        """The reference weights' fingerprint: of its files, hashed once on the main process (every rank
+        reading 14 GB would be slow), else of its tensors."""
+        from zephyr.training.forward import unwrap_model
+
+        folder = self._reference_folder()
+        if folder.is_dir() and any(folder.glob("*.safetensors")):
+            memo = self.cache_dir / ref_mod.WEIGHTS_MEMO
+            found = [ref_mod.weights_fingerprint(folder, memo) if accelerator.is_main_process else None]
+            if accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(found, from_process=0)
+            return str(found[0])
+        with self._reference_for_pass(
+            model, accelerator
+        ) as ref:  # no weight files (a hub id): hash the tensors
+            return ref_mod.state_dict_fingerprint(unwrap_model(ref))
+
+    def _config_fingerprint(self) -> str:
+        """sha256 of the reference folder's config.json; "" for a hub id (its tensors are hashed instead)."""
+        config = self._reference_folder() / "config.json"
+        return ref_mod.file_sha256(config) if config.is_file() else ""
+
+    def _reference_folder(self) -> Path:
+        from zephyr.models.load import resolve_model_path
+
+        return Path(resolve_model_path(self.cfg.ref_model or self.cfg.model))
+
+    def _precomputed_reference(
+        self, model: torch.nn.Module, accelerator: Any
+    ) -> ref_mod.PrecomputedReference:
+        splits = {"train": [e.pair for e in self._train], "eval": [e.pair for e in self._eval]}
+        cache_dir = ref_mod.ensure_cache_dir(self.cache_dir)
+        key = ref_mod.CacheKey(
+            weights=self._weights_fingerprint(model, accelerator),
+            template=str(getattr(self.tokenizer, "chat_template", "") or ""),
+            max_length=self.cfg.max_length,
+            max_prompt_length=self.cfg.max_prompt_length,
+            precision=_precision(accelerator, self.cfg),
+            device_type=torch.device(accelerator.device).type,
+            prefix_sharing=self.prefix_sharing,
+            config=self._config_fingerprint(),
+        )
+        result = ref_mod.precompute(
+            {name: pairs for name, pairs in splits.items() if pairs},
+            key=key,
+            cache_dir=cache_dir,
+            reference_model=lambda: self._reference_for_pass(model, accelerator),
+            accelerator=accelerator,
+            batch_size=REFERENCE_BATCH_FACTOR * self.cfg.per_device_batch_size,
+            prefix_sharing=self.prefix_sharing,
+        )
+        self.reference_status = result.status
+        self._cache_files = {name: str(path) for name, path in result.files.items()}
+        return ref_mod.PrecomputedReference(result.tables)
+
+    def _write_data_report(self) -> None:
+        out = Path(self.cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {
+            "train_pairs": len(self._train),
+            "eval_pairs": len(self._eval),
+            "bad_pairs": len(self.stats.bad),
+            "bad_examples": self.stats.bad[:20],
+            **{k: v for k, v in asdict(self.stats).items() if k.startswith("truncated")},
+            "reference": self.cfg.reference,
+            "prefix_sharing": self.prefix_sharing,
+            "reference_status": self.reference_status,
+            "reference_cache": getattr(self, "_cache_files", {}),
+        }
+        (out / DATA_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def run_dpo(cfg: DPOConfig, resume: bool = False):
+    """`zephyr dpo`: build the task from the recipe and train (returns the loop's TrainResult)."""
+    from zephyr.training.loop import train
+
+    return train(DPOTask(cfg, resume=resume), cfg, resume=resume)
+
+
+def _precision(accelerator: Any, cfg: DPOConfig) -> str:
+    """The reference cache key's precision: the run's autocast, and the weights' dtype when not fp32."""
+    mixed = str(getattr(accelerator, "mixed_precision", "no"))
+    return mixed if cfg.master_weights == "fp32" else f"{mixed}, bf16 weights"

@@ -1,0 +1,344 @@
+"""Statistics of AI feedback: rating histograms, ties, parse failures, judge agreement, position bias.
+
+Every function takes records or observations and returns plain dicts (JSON-ready: string keys), so the
+stage writes them as they are; `render_markdown` turns a `summarize` result into the report section and
+`histograms_png` draws the histograms (matplotlib's Agg canvas, imported only when called).
+
+Conventions:
+- Histograms count ratings rounded to the nearest whole number (half up): logprobs-mode ratings are
+  fractional. Buckets are "1" … str(scale); ratings outside 1..scale are counted in `outside_scale`.
+- Positions are where a completion was shown in the judge prompt, 0 = first ("Output 1").
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import combinations
+from typing import Any
+
+from zephyr.judge.parsing import REASONS, ParsedRating
+from zephyr.stages.feedback.binarize import BinarizeStats
+
+_EPS = 1e-9
+
+
+def _bucket(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _rated_means(record: Mapping[str, Any]) -> list[float]:
+    return [c["mean_rating"] for c in record["completions"] if c.get("mean_rating") is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ratings
+
+
+def rating_histograms(records: Iterable[Mapping[str, Any]], scale: int) -> dict[str, Any]:
+    """Counts of each rating per aspect and per generator (all aspects of its completions pooled).
+
+    Returns `{"by_aspect": {aspect: {"1": n, …}}, "by_model": {model: {"1": n, …}}, "outside_scale": n}`.
+    """
+    empty = dict.fromkeys((str(v) for v in range(1, scale + 1)), 0)
+    by_aspect: dict[str, dict[str, int]] = defaultdict(lambda: dict(empty))
+    by_model: dict[str, dict[str, int]] = defaultdict(lambda: dict(empty))
+    outside = 0
+    for record in records:
+        for completion in record["completions"]:
+            for aspect, value in completion.get("ratings", {}).items():
+                if value is None:
+                    continue
+                bucket = _bucket(value)
+                if not 1 <= bucket <= scale:
+                    outside += 1
+                    continue
+                by_aspect[aspect][str(bucket)] += 1
+                by_model[completion["model"]][str(bucket)] += 1
+    return {"by_aspect": dict(by_aspect), "by_model": dict(by_model), "outside_scale": outside}
+
+
+def model_means(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per generator: its completions, how many have a mean rating, and the average of those means."""
+    means: dict[str, list[float]] = defaultdict(list)
+    counts: Counter[str] = Counter()
+    for record in records:
+        for completion in record["completions"]:
+            counts[completion["model"]] += 1
+            if completion.get("mean_rating") is not None:
+                means[completion["model"]].append(completion["mean_rating"])
+    return {
+        model: {"completions": counts[model], "rated": len(means[model]), "mean_rating": _mean(means[model])}
+        for model in sorted(counts)
+    }
+
+
+def tie_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Prompts, those with two or more rated completions, those whose top mean is shared, those all equal."""
+    prompts = rated = top_tie = all_equal = 0
+    for record in records:
+        prompts += 1
+        means = _rated_means(record)
+        if len(means) < 2:
+            continue
+        rated += 1
+        best = max(means)
+        top_tie += sum(m >= best - _EPS for m in means) > 1
+        all_equal += max(means) - min(means) <= _EPS
+    return {"prompts": prompts, "with_two_rated": rated, "top_tie": top_tie, "all_equal": all_equal}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The judge
+
+
+def parse_failures(parsed: Iterable[ParsedRating]) -> dict[str, Any]:
+    """Ratings read, and failures per reason (every reason of the vocabulary listed, zeros included)."""
+    failed = dict.fromkeys(REASONS, 0)
+    total = ok = 0
+    for rating in parsed:
+        total += 1
+        if rating.value is not None:
+            ok += 1
+        else:
+            failed[rating.reason or "unknown"] = failed.get(rating.reason or "unknown", 0) + 1
+    return {"total": total, "parsed": ok, "failed": failed}
+
+
+def agreement(repeats: Iterable[Sequence[float | None]]) -> dict[str, Any]:
+    """How well repeated judgments of the same item (completion and aspect) agree.
+
+    Each element of `repeats` holds one item's ratings over the repeats (None = a failed parse, left out).
+    Over every pair of ratings within an item: the mean absolute difference, and the share of pairs that
+    are exactly equal (logprobs-mode ratings are fractional and rarely equal: read the difference there).
+    Items with fewer than two ratings are not counted.
+    """
+    diffs: list[float] = []
+    items = 0
+    for ratings in repeats:
+        values = [v for v in ratings if v is not None]
+        if len(values) < 2:
+            continue
+        items += 1
+        diffs += [abs(a - b) for a, b in combinations(values, 2)]
+    return {
+        "items": items,
+        "pairs": len(diffs),
+        "mean_abs_diff": _mean(diffs),
+        "exact_agreement": _mean([float(d <= _EPS) for d in diffs]),
+    }
+
+
+def position_bias(observations: Iterable[tuple[int, float | None]]) -> dict[str, dict[str, Any]]:
+    """Mean rating by position in the judge prompt, from (position, rating) observations.
+
+    An unbiased judge with shuffled completions gives about the same mean at every position. Observations
+    without a rating are counted in `failed` for their position.
+    """
+    values: dict[int, list[float]] = defaultdict(list)
+    failed: Counter[int] = Counter()
+    for position, rating in observations:
+        if rating is None:
+            failed[position] += 1
+        else:
+            values[position].append(rating)
+    return {
+        str(p): {"n": len(values[p]), "failed": failed[p], "mean": _mean(values[p])}
+        for p in sorted(set(values) | set(failed))
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pairs
+
+
+def pair_stats(pairs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pairs, their mean scores and margin, and how often each generator is chosen or rejected."""
+    chosen, rejected, margins = [], [], []
+    chosen_by: Counter[str] = Counter()
+    rejected_by: Counter[str] = Counter()
+    for pair in pairs:
+        chosen.append(pair["score_chosen"])
+        rejected.append(pair["score_rejected"])
+        margins.append(pair["score_chosen"] - pair["score_rejected"])
+        chosen_by[str(pair.get("chosen_model"))] += 1
+        rejected_by[str(pair.get("rejected_model"))] += 1
+    return {
+        "pairs": len(margins),
+        "mean_score_chosen": _mean(chosen),
+        "mean_score_rejected": _mean(rejected),
+        "mean_margin": _mean(margins),
+        "chosen_by_model": dict(sorted(chosen_by.items())),
+        "rejected_by_model": dict(sorted(rejected_by.items())),
+    }
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]],
+    scale: int,
+    *,
+    parsed: Iterable[ParsedRating] | None = None,
+    repeats: Iterable[Sequence[float | None]] | None = None,
+    positions: Iterable[tuple[int, float | None]] | None = None,
+    pairs: Sequence[Mapping[str, Any]] | None = None,
+    binarize_stats: BinarizeStats | None = None,
+) -> dict[str, Any]:
+    """All statistics of a feedback run as one dict; sections whose input is not given are left out."""
+    summary: dict[str, Any] = {
+        "scale": scale,
+        "histograms": rating_histograms(records, scale),
+        "models": model_means(records),
+        "ties": tie_counts(records),
+    }
+    optional = {
+        "parse_failures": (parsed, parse_failures),
+        "agreement": (repeats, agreement),
+        "position_bias": (positions, position_bias),
+        "pairs": (pairs, pair_stats),
+    }
+    for name, (data, compute) in optional.items():
+        if data is not None:
+            summary[name] = compute(data)
+    if binarize_stats is not None:
+        summary["binarization"] = binarize_stats.to_dict()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _histogram_table(histograms: Mapping[str, Mapping[str, int]], label: str) -> list[str]:
+    names = list(histograms)
+    buckets = list(next(iter(histograms.values()))) if histograms else []
+    return _table([label, *names], ([b, *(histograms[n][b] for n in names)] for b in buckets))
+
+
+def _section(title: str, *parts: list[str]) -> list[str]:
+    lines = ["", f"### {title}"]
+    for part in parts:
+        lines += ["", *part]
+    return lines
+
+
+def _ratings_sections(summary: Mapping[str, Any]) -> list[str]:
+    scale, histograms = summary["scale"], summary["histograms"]
+    lines = _section("Ratings per aspect", _histogram_table(histograms["by_aspect"], "rating"))
+    lines += _section(
+        "Ratings per generator (all aspects)", _histogram_table(histograms["by_model"], "rating")
+    )
+    if histograms["outside_scale"]:
+        lines += ["", f"Ratings outside 1–{scale}: {histograms['outside_scale']}"]
+    models = summary["models"].items()
+    lines += _section(
+        "Generators",
+        _table(
+            ["model", "completions", "rated", "mean rating"],
+            ([m, v["completions"], v["rated"], v["mean_rating"]] for m, v in models),
+        ),
+    )
+    return lines + _section("Ties", _table(["", "prompts"], summary["ties"].items()))
+
+
+def _judge_sections(summary: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if failures := summary.get("parse_failures"):
+        lines += _section(
+            "Judge parse failures",
+            [f"{failures['parsed']} of {failures['total']} ratings read."],
+            _table(["reason", "count"], failures["failed"].items()),
+        )
+    if "agreement" in summary:
+        lines += _section(
+            "Agreement of repeated judgments", _table(["", "value"], summary["agreement"].items())
+        )
+    if "position_bias" in summary:
+        rows = (
+            [f"Output {int(p) + 1}", v["n"], v["failed"], v["mean"]]
+            for p, v in summary["position_bias"].items()
+        )
+        lines += _section(
+            "Mean rating by position in the judge prompt",
+            _table(["position", "ratings", "failed", "mean"], rows),
+        )
+    return lines
+
+
+def _pair_sections(summary: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if stats := summary.get("binarization"):
+        lines += _section(
+            "Binarization",
+            [f"{stats['kept']} pairs from {stats['total']} prompts."],
+            _table(["dropped because", "prompts"], stats["dropped"].items()),
+        )
+    if pairs := summary.get("pairs"):
+        chosen, rejected = pairs["chosen_by_model"], pairs["rejected_by_model"]
+        models = sorted(set(chosen) | set(rejected))
+        lines += _section(
+            "Pairs",
+            _table(["", "value"], ((k, v) for k, v in pairs.items() if not isinstance(v, dict))),
+            _table(
+                ["model", "chosen", "rejected"], ([m, chosen.get(m, 0), rejected.get(m, 0)] for m in models)
+            ),
+        )
+    return lines
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """The statistics as Markdown: one section per part of a `summarize` result."""
+    lines = [f"## AI feedback statistics (ratings 1–{summary['scale']})"]
+    lines += _ratings_sections(summary) + _judge_sections(summary) + _pair_sections(summary)
+    return "\n".join(lines) + "\n"
+
+
+def histograms_png(histograms: Mapping[str, Any]) -> bytes:
+    """A PNG of the rating histograms (`rating_histograms`' result): per aspect, and per generator."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as exc:  # a dependency of zephyr, but the plot must not take the stage down
+        raise ImportError("plotting the rating histograms needs matplotlib: pip install matplotlib") from exc
+    panels = [("per aspect", histograms["by_aspect"]), ("per generator", histograms["by_model"])]
+    # A Figure on the Agg canvas, not pyplot: no global backend switch, no GUI, safe in threads.
+    figure = Figure(figsize=(11, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    for i, (title, groups) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, 2, i)
+        buckets = list(next(iter(groups.values()))) if groups else []
+        width = 0.8 / max(len(groups), 1)
+        for j, (name, counts) in enumerate(groups.items()):
+            xs = [int(b) - 0.4 + width * (j + 0.5) for b in buckets]
+            axes.bar(xs, [counts[b] for b in buckets], width=width, label=name)
+        axes.set_title(f"Ratings {title}")
+        axes.set_xlabel("rating")
+        axes.set_ylabel("count")
+        axes.set_xticks([int(b) for b in buckets])
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if groups:
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

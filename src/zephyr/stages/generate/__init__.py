@@ -1,0 +1,1 @@
+"""`zephyr generate`: teacher-written dSFT dialogues (`run`), from the strategies in `strategies` (pure)."""

@@ -1,0 +1,1 @@
+"""`zephyr sft`: dSFT, supervised fine-tuning on conversations (`run`), on the shared training loop."""
