@@ -31,6 +31,7 @@ The second table adds the reference pass: pairs/s over the reference pass plus o
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import uuid
 from pathlib import Path
@@ -85,7 +86,7 @@ def padded_check(model, pairs) -> str:
     import torch
 
     from zephyr.data.packing import collate_padded
-    from zephyr.training.forward import sequence_logps, target_doc_ids, token_logps
+    from zephyr.scoring.forward import sequence_logps, target_doc_ids, token_logps
     from zephyr.training.logps import pack_pairs, pair_logps
 
     docs = []
@@ -106,8 +107,8 @@ def padded_check(model, pairs) -> str:
 
 
 def run_zephyr(args, engine: str) -> measure.Result:
-    from zephyr.stages.dpo.reference import PrecomputedReference
-    from zephyr.training.attention import register_packed_attention
+    from zephyr.scoring.attention import register_packed_attention
+    from zephyr.stages.dpo.reference import Reference
     from zephyr.training.logps import compute_logps
 
     settings = ENGINES[engine]
@@ -132,7 +133,7 @@ def run_zephyr(args, engine: str) -> measure.Result:
     )
     result.reference_seconds = measure.now() - started
 
-    task = BenchTask(PrecomputedReference({"train": table}), sharing)
+    task = BenchTask(Reference("precomputed", tables={"train": table}, ready=True), sharing)
     n = args.pairs_per_step
     groups = [
         [(i, pairs[i]) for i in range(step * n, (step + 1) * n)] for step in range(args.warmup + args.steps)
@@ -158,14 +159,15 @@ class BenchTask:
         from zephyr.training.logps import pack_pairs
 
         batch = pack_pairs([pair for _, pair in examples], prefix_sharing=self.prefix_sharing)
-        batch.update(self.reference.fields([("train", i) for i, _ in examples]))
-        return batch
+        return dataclasses.replace(
+            batch, reference=self.reference.select([("train", i) for i, _ in examples])
+        )
 
     def units(self, batch) -> int:
-        return int(batch["num_pairs"])
+        return batch.num_pairs
 
     def tokens(self, batch) -> int:
-        return int(batch["num_tokens"])
+        return batch.num_tokens
 
     def loss(self, model, batch):
         from zephyr.stages.dpo.run import preference_step

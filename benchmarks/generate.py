@@ -49,13 +49,13 @@ def main() -> None:
     from zephyr.data import chat
     from zephyr.generation import SamplingParams
     from zephyr.generation.local import LocalGenerator
-    from zephyr.models import load as models
+    from zephyr.models.generation_config import configure_generation
 
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = LocalGenerator.from_spec(args.model, batch_size=args.batch_size)
     model, tokenizer = generator.model, generator.tokenizer
-    models.configure_generation(model, tokenizer)
+    configure_generation(model, tokenizer)
     conversations = [[{"role": "user", "content": p}] for p in (PROMPTS * 8)[: args.prompts]]
     params = SamplingParams(max_tokens=args.max_new_tokens)
     generator.generate(conversations[:2], SamplingParams(max_tokens=4))  # warm-up

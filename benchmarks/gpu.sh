@@ -69,7 +69,7 @@ for name in ("transformers", "accelerate", "trl", "datasets", "pyarrow", "fsspec
         print(name, m.version(name))
     except m.PackageNotFoundError:
         print(name, "missing")
-from zephyr.training import attention
+from zephyr.scoring import attention
 kernel = attention._varlen_attn()
 print("torch.nn.attention.varlen:", "missing" if kernel is None else "present",
       "(enable_gqa argument)" if attention._varlen_has_gqa() else "(no enable_gqa argument)")

@@ -70,7 +70,8 @@ def time_zephyr(
 
 
 def token_counts(tokenizer, contexts, records, max_length) -> tuple[int, int]:
-    """Tokens each engine feeds the model: one sequence per choice (lm-eval), one row per item (zephyr)."""
+    """Tokens each engine feeds the model: one sequence per choice (lm-eval), one group per item (zephyr)."""
+    from zephyr.scoring.continuations import group_tokens
     from zephyr.stages.mc import run as mc
 
     encoder = mc.LmEvalTokenization(tokenizer)
@@ -78,7 +79,9 @@ def token_counts(tokenizer, contexts, records, max_length) -> tuple[int, int]:
     for i, (context, record) in enumerate(zip(contexts, records, strict=True)):
         pairs = encoder.encode_choices(context, record["choices"])
         per_choice += sum(min(len(c) + len(x) - 1, max_length) for c, x in pairs)
-        shared += sum(row.length for row in mc.plan_rows(i, pairs, max_length))
+        shared += sum(
+            group_tokens((row.context, row.continuations)) for row in mc.plan_rows(i, pairs, max_length)
+        )
     return per_choice, shared
 
 

@@ -116,7 +116,7 @@ def attention_problem(paths: list[tuple[str, str]], cuda: bool) -> str | None:
 
 def kernel_note(model) -> str:
     """`Result.check`'s note of how the engine's attention ran: the kernel and how KV heads reach it."""
-    from zephyr.training.attention import attention_paths, gqa_mode
+    from zephyr.scoring.attention import attention_paths, gqa_mode
 
     taken = ", ".join(sorted({path for path, _ in attention_paths()})) or "none"
     if "varlen" not in taken:
@@ -128,7 +128,7 @@ def require_varlen() -> None:
     """Raise BenchmarkError if the packed forwards so far left the varlen kernel (on CUDA)."""
     import torch
 
-    from zephyr.training.attention import attention_paths
+    from zephyr.scoring.attention import attention_paths
 
     problem = attention_problem(attention_paths(), torch.cuda.is_available())
     if problem:

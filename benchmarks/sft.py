@@ -75,7 +75,7 @@ def packed_check(model, bin_docs) -> str:
     """Per-document log-prob sums of the packed row (the model's own attention) against one padded row per
     document through SDPA."""
     from zephyr.data.packing import collate_packed, collate_padded
-    from zephyr.training.forward import sequence_logps, target_doc_ids, token_logps
+    from zephyr.scoring.forward import sequence_logps, target_doc_ids, token_logps
 
     def logp_sums(model, batch):
         sums, _ = sequence_logps(token_logps(model, batch), target_doc_ids(batch), len(bin_docs))
@@ -97,7 +97,7 @@ class BenchTask:
     def collate(self, bins):
         from zephyr.data.packing import collate_packed
 
-        return dict(collate_packed([doc for group in bins for doc in group]))
+        return collate_packed([doc for group in bins for doc in group])
 
     def units(self, batch) -> int:
         from zephyr.stages.sft.run import count_targets
@@ -105,18 +105,18 @@ class BenchTask:
         return count_targets(batch)
 
     def tokens(self, batch) -> int:
-        return int(batch["input_ids"].numel())
+        return int(batch.input_ids.numel())
 
     def loss(self, model, batch):
-        from zephyr.training.forward import token_logps
+        from zephyr.scoring.forward import token_logps
         from zephyr.training.task import StepOutput
 
         return StepOutput(loss_sum=-token_logps(model, batch).sum())
 
 
 def run_zephyr(args, engine: str) -> measure.Result:
+    from zephyr.scoring.attention import register_packed_attention
     from zephyr.stages.sft.run import pack_documents
-    from zephyr.training.attention import register_packed_attention
 
     settings = ENGINES[engine]
     docs, lengths = make_documents(args)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from zephyr.core.errors import AssetError, ConfigError
+from zephyr.judge.rating import Rating
 from zephyr.models import assets
 from zephyr.stages.alpaca_eval import protocol as ae
 from zephyr.stages.alpaca_eval.protocol import Annotation, GamedBaselines
@@ -127,17 +128,17 @@ def test_fill_template_inserts_values_verbatim():
     ],
 )
 def test_parse_function_call_preference(annotators, completion, switched, expected):
-    preference, reason = ae.parse_preference(annotators["alpaca_eval_gpt4_turbo_fn"], completion, switched)
-    assert preference == expected
-    assert (reason is None) == (expected is not None)
+    rating = ae.parse_preference(annotators["alpaca_eval_gpt4_turbo_fn"], completion, switched)
+    assert rating.value == expected
+    assert (rating.reason is None) == (expected is not None)
 
 
 def test_parse_ranking_preference(annotators):
     gpt4 = annotators["alpaca_eval_gpt4"]
     text = "[{'model': 'model_2', 'rank': 1}, {'model': 'model_1', 'rank': 2}]"
-    assert ae.parse_preference(gpt4, text, switched=False) == (2.0, None)
-    assert ae.parse_preference(gpt4, text, switched=True) == (1.0, None)
-    assert ae.parse_preference(gpt4, "model_1 is better", switched=False) == (None, ae.NO_RANKING)
+    assert ae.parse_preference(gpt4, text, switched=False) == Rating(2.0)
+    assert ae.parse_preference(gpt4, text, switched=True) == Rating(1.0)
+    assert ae.parse_preference(gpt4, "model_1 is better", switched=False) == Rating(None, ae.NO_RANKING)
 
 
 @pytest.mark.parametrize(
@@ -157,9 +158,9 @@ def test_parse_ranking_preference(annotators):
 def test_parse_regex_preference(annotators, completion, expected):
     """chatgpt's regex_parser: the pattern matched earliest, searching on after each match."""
     chatgpt = annotators["chatgpt"]
-    assert ae.parse_preference(chatgpt, completion, switched=False)[0] == expected
+    assert ae.parse_preference(chatgpt, completion, switched=False).value == expected
     flipped = None if expected is None else 3 - expected  # the model was shown as output (a)
-    assert ae.parse_preference(chatgpt, completion, switched=True)[0] == flipped
+    assert ae.parse_preference(chatgpt, completion, switched=True).value == flipped
 
 
 def _answer(tops: dict[str, float]) -> list[dict]:
@@ -173,14 +174,17 @@ def test_weighted_preference_from_the_top_logprobs(annotators):
     weighted, ln = annotators["weighted_alpaca_eval_gpt4_turbo"], math.log
     content = _answer({"M": ln(0.6), "m": ln(0.2), "Both": ln(0.1), " m": ln(0.05)})  # " m" is not "m"
     # P(m | m or M) = .2 / .8 = .25: shown frame 1.75; switched (the model shown as m): 3 - 1.75 = 1.25
-    assert ae.parse_logprob_preference(weighted, content, switched=False) == (pytest.approx(1.75), None)
-    assert ae.parse_logprob_preference(weighted, content, switched=True) == (pytest.approx(1.25), None)
-    assert ae.parse_logprob_preference(weighted, _answer({"m": -0.3, "The": -2.0}), False) == (1.0, None)
-    assert ae.parse_logprob_preference(weighted, _answer({"M": -0.3}), True) == (1.0, None)
-    assert ae.parse_logprob_preference(weighted, _answer({"The": -0.1}), False) == (None, ae.NO_OUTPUT_TOKEN)
-    assert ae.parse_logprob_preference(weighted, None, False) == (None, ae.NO_LOGPROBS)
+    # the evidence is every answer token's top log-probs, as the judge audit keeps them
+    read = ae.parse_logprob_preference(weighted, content, switched=False)
+    assert read == Rating(pytest.approx(1.75), None, {"top_logprobs": [content[0]["top_logprobs"]]})
+    assert ae.parse_logprob_preference(weighted, content, switched=True).value == pytest.approx(1.25)
+    assert ae.parse_logprob_preference(weighted, _answer({"m": -0.3, "The": -2.0}), False).value == 1.0
+    assert ae.parse_logprob_preference(weighted, _answer({"M": -0.3}), True).value == 1.0
+    unnamed = ae.parse_logprob_preference(weighted, _answer({"The": -0.1}), False)
+    assert (unnamed.value, unnamed.reason) == (None, ae.NO_OUTPUT_TOKEN)
+    assert ae.parse_logprob_preference(weighted, None, False) == Rating(None, ae.NO_LOGPROBS)
     two = _answer({"m": -0.1}) * 2
-    assert ae.parse_logprob_preference(weighted, two, False) == (None, ae.NOT_ONE_TOKEN)
+    assert ae.parse_logprob_preference(weighted, two, False).reason == ae.NOT_ONE_TOKEN
     binarized = ae.LogprobRule("m", ("m", "M"), is_binarize=True)
     assert ae.preference_from_top_logprobs(binarized, content[0]["top_logprobs"]) == 2.0
     assert (
@@ -199,7 +203,7 @@ def test_ranking_prefix_follows_the_prompts_answer_format(annotators):
     assert '"model": "model_1"' in gpt4.template and '"model": "model_2"' in gpt4.template
     # the forced start continues into answers the text mode reads: model_2 ranked first is preference 2
     answer = prefix + "2', 'rank': 1},\n    {'model': 'model_1', 'rank': 2}\n]"
-    assert ae.parse_preference(gpt4, answer, switched=False) == (2.0, None)
+    assert ae.parse_preference(gpt4, answer, switched=False) == Rating(2.0)
     with pytest.raises(ConfigError, match="judge_mode logprobs"):
         ae.ranking_prefix(annotators["alpaca_eval_gpt4_turbo_fn"])
     # where each annotator's answer names the preferred output, for logprobs mode
@@ -215,25 +219,23 @@ def test_preference_from_logprobs_is_fractional_and_undoes_the_switch():
     # the output shown first ranked first with .75 ("1"), the second with .25; other tokens do not count
     top = {"1": ln(0.6), "2": ln(0.2), "3": ln(0.1), "A": ln(0.1)}
     read = ae.preference_from_logprobs(top, switched=False)
-    assert (
-        read.preference == pytest.approx(1.25) and read.reason is None
-    )  # mostly the reference (shown first)
-    assert read.mass == pytest.approx(0.8) and read.first == {
-        "1": pytest.approx(0.75),
-        "2": pytest.approx(0.25),
+    assert read.value == pytest.approx(1.25) and read.reason is None  # mostly the reference (shown first)
+    assert read.evidence == {
+        "mass": pytest.approx(0.8),
+        "ranked_first": {"1": pytest.approx(0.75), "2": pytest.approx(0.25)},
     }
     switched = ae.preference_from_logprobs(top, switched=True)  # the model was shown first: mostly the model
-    assert switched.preference == pytest.approx(1.75)
-    assert ae.preference_from_logprobs({"2": 0.0}, switched=False).preference == 2.0
-    assert ae.preference_from_logprobs({"2": 0.0}, switched=True).preference == 1.0
+    assert switched.value == pytest.approx(1.75)
+    assert ae.preference_from_logprobs({"2": 0.0}, switched=False).value == 2.0
+    assert ae.preference_from_logprobs({"2": 0.0}, switched=True).value == 1.0
     named = ae.preference_from_logprobs({"M": ln(0.3), "m": ln(0.1)}, switched=False, tokens=("m", "M"))
-    assert (named.preference, named.first) == (
+    assert (named.value, named.evidence["ranked_first"]) == (
         pytest.approx(1.75),
         {"m": pytest.approx(0.25), "M": pytest.approx(0.75)},
     )
     low = ae.preference_from_logprobs({"model": 0.0, "1": ln(5e-4), "2": ln(4e-4)}, switched=False)
-    assert (low.preference, low.reason, low.first) == (None, ae.LOW_MASS, {})
-    assert low.mass == pytest.approx(9e-4)
+    assert (low.value, low.reason, low.evidence["ranked_first"]) == (None, ae.LOW_MASS, {})
+    assert low.evidence["mass"] == pytest.approx(9e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -610,7 +612,7 @@ def test_parsers_equal_alpaca_eval(alpaca, annotators):
         for name, texts in completions.items():
             annotator = annotators[name]
             for text in texts:
-                assert ae.parse_preference(annotator, text, switched=False)[0] == reference(
+                assert ae.parse_preference(annotator, text, switched=False).value == reference(
                     annotator, text
                 ), text
 
@@ -660,7 +662,7 @@ def test_weighted_annotator_parser_equals_alpaca_eval_logprob_parser(alpaca, ann
         expected = [reference(content) for content in answers]
     assert [e is None for e in expected] == [False] * 4 + [True, False, False, False, True, True, True]
     for content, value in zip(answers, expected, strict=True):
-        ours = ae.parse_logprob_preference(annotator, content, switched=False)[0]
+        ours = ae.parse_logprob_preference(annotator, content, switched=False).value
         # float64 near 2 is spaced 4.4e-16; scipy's logsumexp and zephyr's may round their last step apart
         assert ours == (None if value is None else pytest.approx(value, rel=0, abs=4.5e-16)), content
 
@@ -705,8 +707,8 @@ def test_logprob_preference_equals_alpaca_eval_weighted_parser(alpaca):
     for i, top in enumerate(tops):
         switched = bool(shown["is_switched_outputs"][i])
         assert switched == ae.is_switched(f"item {i}")
-        assert ae.preference_from_logprobs(top, switched).preference == pytest.approx(undone[i], abs=1e-12)
-        assert ae.preference_from_logprobs(top, False).preference == pytest.approx(expected[i], abs=1e-12)
+        assert ae.preference_from_logprobs(top, switched).value == pytest.approx(undone[i], abs=1e-12)
+        assert ae.preference_from_logprobs(top, False).value == pytest.approx(expected[i], abs=1e-12)
 
 
 def _quiet_logging():

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from zephyr.cli import main
+from zephyr.core.config import AlpacaEvalEvalConfig, build
 from zephyr.core.errors import ConfigError, DataError
 from zephyr.generation import Completion
 from zephyr.judge.client import JUDGE_CALL_FAILED
@@ -86,17 +87,12 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def run(tmp_path, judge=None, **kwargs):
+def run(tmp_path, judge=None, **settings):
+    """`settings` are the recipe's alpaca_eval keys, built into the config as a recipe's are."""
     model, judge = FakeModel(), judge or FakeJudge()
-    results = run_alpaca_eval(
-        model="fake-model",
-        judge="fake-judge",
-        out=tmp_path,
-        instructions=DATA,
-        model_generator=model,
-        judge_generator=judge,
-        **kwargs,
-    )
+    values = {"judge": "fake-judge", "instructions": str(DATA), **settings}
+    cfg = build(AlpacaEvalEvalConfig, {k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
+    results = run_alpaca_eval(cfg, "fake-model", tmp_path, model_generator=model, judge_generator=judge)
     return results, model, judge
 
 
@@ -319,7 +315,7 @@ def test_logprobs_mode_needs_a_local_judge_and_a_ranking_annotator(tmp_path):
     with pytest.raises(ConfigError, match=r"judge_mode logprobs.*'fake-judge'"):
         run(tmp_path, FakeJudge(), judge_mode="logprobs")
     assert not (tmp_path / "outputs.jsonl").exists()  # refused before the model answers
-    with pytest.raises(ConfigError, match="judge_mode: 'logits'"):
+    with pytest.raises(ConfigError, match=r"judge_mode: must be one of 'text' \| 'logprobs', got 'logits'"):
         run(tmp_path, FakeLogprobJudge(), judge_mode="logits")
 
 
@@ -352,12 +348,12 @@ def test_one_default_annotator_which_the_runner_takes():
     import inspect
 
     from zephyr.cli import build_parser
-    from zephyr.core.config import DEFAULT_ALPACA_EVAL_ANNOTATOR, AlpacaEvalEvalConfig
+    from zephyr.core.config import DEFAULT_ALPACA_EVAL_ANNOTATOR
     from zephyr.stages.alpaca_eval.run import check_annotator
 
     assert DEFAULT_ALPACA_EVAL_ANNOTATOR == "alpaca_eval_gpt4"  # the paper's AlpacaEval (1) judge
     assert AlpacaEvalEvalConfig().annotator == DEFAULT_ALPACA_EVAL_ANNOTATOR
-    assert inspect.signature(run_alpaca_eval).parameters["annotator"].default == DEFAULT_ALPACA_EVAL_ANNOTATOR
+    assert "annotator" not in inspect.signature(run_alpaca_eval).parameters  # it reads the config's
     args = build_parser().parse_args(["eval", "alpaca-eval", "--model", "m", "--judge", "j", "--out", "o"])
     assert args.annotator == DEFAULT_ALPACA_EVAL_ANNOTATOR
     # the evaluation module names no default of its own (it had one, which the runner refused)
@@ -534,7 +530,14 @@ def test_lc_data_from_the_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     results, _, _ = run(tmp_path / "out", lc_data="hf:tatsu-lab/alpaca_eval")
-    assert asked == [{"repo_id": "tatsu-lab/alpaca_eval", "filename": "df_gamed.csv", "repo_type": "dataset"}]
+    assert asked == [
+        {
+            "repo_id": "tatsu-lab/alpaca_eval",
+            "filename": "df_gamed.csv",
+            "repo_type": "dataset",
+            "revision": None,
+        }
+    ]
     assert results["length_controlled_glm"] == "length_controlled_v1"
 
     def offline(**kwargs):
@@ -704,16 +707,13 @@ def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name):
     expected = leaderboard.loc["parity-model"]
 
     judge = ParityJudge(name)
-    results = run_alpaca_eval(
-        model="parity-model",
-        judge="parity-judge",
-        out=tmp_path / "out",
-        instructions=instructions,
-        annotator=name,
-        lc_data=gamed,
-        model_generator=ParityModel({x: m for x, _, m in items}),
-        judge_generator=judge,
+    cfg = AlpacaEvalEvalConfig(
+        judge="parity-judge", instructions=str(instructions), annotator=name, lc_data=str(gamed)
     )
+    results = run_alpaca_eval(
+        cfg, "parity-model", tmp_path / "out", model_generator=ParityModel({x: m for x, _, m in items}),
+        judge_generator=judge,
+    )  # fmt: skip
 
     # the same requests: every prompt (text and output order) and the judge's settings
     def canonical(messages):

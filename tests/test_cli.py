@@ -1,17 +1,17 @@
-"""The command line hands each eval command's options to its runner by name: none may be dropped."""
+"""The command line: its commands come from the stage table, the flags of `zephyr eval ...` and `zephyr logps`
+from the fields of each command's config dataclass (the shape below is the CLI's, written out by hand)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
-import inspect
 
 import pytest
 
 from zephyr.cli import build_parser
-from zephyr.stages.alpaca_eval.run import run_alpaca_eval
-from zephyr.stages.mc.run import run_mc
-from zephyr.stages.mt_bench.run import run_mt_bench
+from zephyr.core.config import EvalTarget, LogpsConfig, McEvalConfig, MtBenchEvalConfig, field_help
+from zephyr.stages import STAGES, evaluations, stage
 
 
 def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.ArgumentParser:
@@ -21,41 +21,126 @@ def _subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.Argument
     return parser
 
 
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+# Each command's flags: (required, {optional flag: default}); DESIGN.md §2 names --model, --data, --out.
+SHAPE = {
+    ("eval", "mc"): (
+        {"--model", "--out"},
+        {"--data": None, "--preset": None, "--fewshot-data": None, "--num-fewshot": None, "--max-length": None,
+         "--batch-size": 16, "--limit": None},
+    ),
+    ("eval", "mt-bench"): (
+        {"--model", "--out", "--judge"},
+        {"--questions": None, "--limit": None, "--max-new-tokens": 1024, "--judge-max-tokens": 2048,
+         "--baseline": None, "--judge-mode": "text"},
+    ),
+    ("eval", "alpaca-eval"): (
+        {"--model", "--out", "--judge"},
+        {"--instructions": "hf:tatsu-lab/alpaca_eval:eval", "--limit": None, "--max-new-tokens": 2048,
+         "--annotator": "alpaca_eval_gpt4", "--judge-mode": "text", "--lc-data": None},
+    ),
+    ("logps",): (
+        {"--model", "--data", "--out"},
+        {"--chat-template": "auto", "--batch-size": 8, "--max-length": None, "--max-prompt-length": None,
+         "--on-bad-record": "error", "--prefix-sharing": False},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", list(SHAPE))
+def test_the_config_commands_keep_their_flags_and_defaults(path):
+    required, optional = SHAPE[path]
+    options = _options(_subparser(build_parser(), *path))
+    assert {flag for flag, a in options.items() if a.required} == required
+    assert {flag: a.default for flag, a in options.items() if not a.required} == optional
+
+
 @pytest.mark.parametrize(
-    ("command", "runner"), [("mt-bench", run_mt_bench), ("alpaca-eval", run_alpaca_eval), ("mc", run_mc)]
+    ("path", "configs", "flag", "described"),
+    [
+        (("eval", "mc"), (EvalTarget, McEvalConfig), "--max-length", "left-truncate contexts to this many"),
+        (("eval", "mt-bench"), (EvalTarget, MtBenchEvalConfig), "--judge-mode", "text: parse the judge's"),
+        (("logps",), (LogpsConfig,), "--prefix-sharing", "run each pair's prompt once"),
+    ],
 )
-def test_every_eval_option_is_a_parameter_of_its_runner(command, runner):
-    options = {a.dest for a in _subparser(build_parser(), "eval", command)._actions if a.dest != "help"}
-    assert options <= set(inspect.signature(runner).parameters), options - set(
-        inspect.signature(runner).parameters
+def test_every_flag_is_a_config_field_described_where_it_is_defined(path, configs, flag, described):
+    options = _options(_subparser(build_parser(), *path))
+    helps = {name: text for cls in configs for name, text in field_help(cls).items()}
+    fields = {f.name for cls in configs for f in dataclasses.fields(cls) if f.metadata.get("flag", True)}
+    assert {a.dest for a in options.values()} == fields
+    for action in options.values():  # the help is the field's comment in zephyr/core/config.py
+        assert action.help == (helps[action.dest] or None), action.dest
+    assert options[flag].help.startswith(described)
+
+
+def test_the_commands_are_the_stage_tables():
+    top = _subparser(build_parser())
+    choices = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in choices._choices_actions}
+    for s in STAGES:
+        if s.command is not None and s.plan != "evaluation":
+            assert helps[s.command] == s.help
+    evals = next(a for a in _subparser(top, "eval")._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(evals.choices) == [e.command for e in evaluations()]
+    assert [e.command for e in evaluations()] == ["mc", "mt-bench", "alpaca-eval"]
+    assert "--resume" in _options(_subparser(top, "sft")) and "--resume" not in _options(
+        _subparser(top, "curate")
     )
+    assert stage("dpo").trains and not stage("feedback").trains
 
 
-def test_eval_options_reach_the_runner(monkeypatch, tmp_path, capsys):
+def test_eval_options_reach_the_runner_as_its_config(monkeypatch, tmp_path, capsys):
     import zephyr.stages.mt_bench.run as runner
     from zephyr.cli import main
 
     seen = {}
 
     @functools.wraps(runner.run_mt_bench)  # the real signature: the CLI passes what it names
-    def fake(**kwargs):
-        seen.update(kwargs)
+    def fake(cfg, model, out, **generators):
+        seen.update(cfg=cfg, model=model, out=out, generators=generators)
 
     monkeypatch.setattr(runner, "run_mt_bench", fake)
     argv = ["eval", "mt-bench", "--model", "m", "--judge", "j", "--out", str(tmp_path), "--limit", "3"]
     assert main([*argv, "--judge-mode", "logprobs"]) == 0
     assert capsys.readouterr().out == f"results in {tmp_path}/results.json\n"  # the fake returns nothing
     assert seen == {
+        "cfg": MtBenchEvalConfig(judge="j", limit=3, judge_mode="logprobs"),
         "model": "m",
-        "judge": "j",
         "out": str(tmp_path),
-        "questions": None,
-        "limit": 3,
-        "max_new_tokens": 1024,
-        "judge_max_tokens": 2048,
-        "baseline": None,
-        "judge_mode": "logprobs",
+        "generators": {},
     }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["eval", "mc", "--batch-size", "0", "--data", "x.jsonl"],
+            "eval mc: --batch-size: must be >= 1, got 0",
+        ),
+        (
+            ["eval", "mc"],
+            "eval mc: --data: set data (an MC JSONL file: --data FILE) or preset (--preset NAME)",
+        ),
+        (
+            ["eval", "mt-bench", "--judge", "hf:org/judge"],
+            "eval mt-bench: --judge: model spec 'hf:org/judge': unknown backend 'hf'",
+        ),
+        (
+            ["logps", "--data", "p.jsonl", "--max-length", "64", "--max-prompt-length", "64"],
+            "logps: --max-prompt-length: must be < max_length (64)",
+        ),
+    ],
+)
+def test_a_bad_flag_is_refused_before_any_work_naming_the_flag(argv, message, tmp_path, capsys):
+    from zephyr.cli import main
+
+    assert main([*argv, "--model", "unused", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

@@ -208,7 +208,7 @@ def test_reference_cache_is_reused_and_invalidated(
     assert second.reference_status == {"train": "cached", "eval": "cached"} and calls == []
     batch = second.collate(list(second.train_examples()[:5]))
     assert torch.equal(
-        batch["ref_chosen_logps"], first.collate(list(first.train_examples()[:5]))["ref_chosen_logps"]
+        batch.reference.chosen, first.collate(list(first.train_examples()[:5])).reference.chosen
     )
     report = json.loads((tmp_path / "run" / DATA_REPORT).read_text())
     assert report["reference_status"] == {"train": "cached", "eval": "cached"}
@@ -230,8 +230,8 @@ def test_reference_cache_is_reused_and_invalidated(
     fourth = DPOTask(cfg, cache_dir=cache)
     fourth.prepare(load_policy(fourth, folder), accelerator)
     assert fourth.reference_status == {"train": "computed", "eval": "computed"} and len(calls) == 2
-    new = fourth.collate(list(fourth.train_examples()[:5]))["ref_chosen_logps"]
-    assert not torch.allclose(new, batch["ref_chosen_logps"])
+    new = fourth.collate(list(fourth.train_examples()[:5])).reference.chosen
+    assert not torch.allclose(new, batch.reference.chosen)
 
     # the same weights under another config (the norms' epsilon) -> recomputed, with different numbers
     config = json.loads((folder / "config.json").read_text())
@@ -240,7 +240,7 @@ def test_reference_cache_is_reused_and_invalidated(
     sixth = DPOTask(cfg, cache_dir=cache)
     sixth.prepare(load_policy(sixth, folder), accelerator)
     assert sixth.reference_status == {"train": "computed", "eval": "computed"} and len(calls) == 2
-    assert not torch.allclose(sixth.collate(list(sixth.train_examples()[:5]))["ref_chosen_logps"], new)
+    assert not torch.allclose(sixth.collate(list(sixth.train_examples()[:5])).reference.chosen, new)
     (folder / "config.json").write_text(json.dumps(config))
 
     # other truncation lengths -> another fingerprint, even when no pair is cut
@@ -281,8 +281,8 @@ def test_a_resumed_run_computes_the_reference_from_the_initial_weights(
             p.add_(0.1)
     resumed.prepare(trained, accelerator)
     examples = list(fresh.train_examples()[:6])
-    a = fresh.collate(examples)["ref_chosen_logps"]
-    b = resumed.collate(examples)["ref_chosen_logps"]
+    a = fresh.collate(examples).reference.chosen
+    b = resumed.collate(examples).reference.chosen
     torch.testing.assert_close(a, b, atol=tolerance(a), rtol=0)
 
 

@@ -61,15 +61,13 @@ def start(*argv: str) -> subprocess.Popen:
     )
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+def kill_when(proc: subprocess.Popen, ready) -> None:
     """SIGKILL `proc` as soon as `ready()` holds; fail if it ends first (nothing would be tested)."""
-    deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
             raise AssertionError(
                 f"the run ended before the kill point: {proc.stderr.read().decode()[-2000:]}"
             )
-        assert time.monotonic() < deadline, "the kill point never came"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -399,9 +397,8 @@ def test_mc_sigkill_while_scoring_then_rerun(tmp_path, tiny_model_dir, one_threa
 
     reader = threading.Thread(target=read_stderr)
     reader.start()
-    deadline = time.monotonic() + 240
     while b"Scoring items" not in stderr:  # tqdm's first line: the model is loaded, scoring begins
-        assert proc.poll() is None and time.monotonic() < deadline, bytes(stderr[-2000:]).decode()
+        assert proc.poll() is None, bytes(stderr[-2000:]).decode()
         time.sleep(0.02)
     # a random moment of the scoring, as a share of the straight run's scoring time: mid-scoring on a fast
     # machine and a slow one alike

@@ -8,14 +8,11 @@ import pytest
 
 from zephyr.judge.parsing import (
     AMBIGUOUS,
-    FORMAT_ERROR,
     NO_RATING,
     NO_RATING_TOKEN,
-    NOT_APPLICABLE,
     OUT_OF_RANGE,
     REASONS,
     WRONG_SCALE,
-    ParsedRating,
     expected_rating,
     parse_aspect_ratings,
     parse_rating,
@@ -24,16 +21,17 @@ from zephyr.judge.parsing import (
     rating_distribution,
     split_outputs,
 )
+from zephyr.judge.rating import Rating
 
 ASPECTS = ["instruction-following", "helpfulness", "honesty", "truthfulness"]
 
 
-def ok(value: float) -> ParsedRating:
-    return ParsedRating(value, None)
+def ok(value: float) -> Rating:
+    return Rating(value, None)
 
 
-def fail(reason: str) -> ParsedRating:
-    return ParsedRating(None, reason)
+def fail(reason: str) -> Rating:
+    return Rating(None, reason)
 
 
 # (answer, scale, expected): answers as judges write them.
@@ -108,8 +106,8 @@ def test_parse_rating_shapes(answer, scale, expected):
 def test_shape_table_is_large_and_uses_the_vocabulary():
     assert len(SHAPES) >= 25
     reasons = {e.reason for _, _, e in SHAPES if e.reason}
-    # the logprobs reason, and UltraFeedback's (tests/test_feedback_ultrafeedback.py), are not text shapes
-    assert reasons == set(REASONS) - {NO_RATING_TOKEN, FORMAT_ERROR, NOT_APPLICABLE}
+    # the logprobs reason is not a text shape (UltraFeedback's reasons are its parser's, not these)
+    assert reasons == set(REASONS) - {NO_RATING_TOKEN}
 
 
 def test_values_are_floats():

@@ -8,7 +8,8 @@ import struct
 import pytest
 
 from zephyr.data.schema import validate_rated
-from zephyr.judge.parsing import NO_RATING, OUT_OF_RANGE, ParsedRating
+from zephyr.judge.parsing import NO_RATING, OUT_OF_RANGE
+from zephyr.judge.rating import Rating
 from zephyr.stages.feedback.binarize import BinarizeStats, binarize_all
 from zephyr.stages.feedback.stats import (
     agreement,
@@ -82,11 +83,11 @@ def test_model_means_and_ties():
 
 def test_parse_failures_per_reason():
     parsed = [
-        ParsedRating(3.0),
-        ParsedRating(None, NO_RATING),
-        ParsedRating(None, NO_RATING),
-        ParsedRating(None, OUT_OF_RANGE),
-        ParsedRating(5.0),
+        Rating(3.0),
+        Rating(None, NO_RATING),
+        Rating(None, NO_RATING),
+        Rating(None, OUT_OF_RANGE),
+        Rating(5.0),
     ]
     assert parse_failures(parsed) == {
         "total": 5,
@@ -142,7 +143,7 @@ def full_summary() -> dict:
     return summarize(
         RECORDS,
         5,
-        parsed=[ParsedRating(4.0), ParsedRating(None, NO_RATING)],
+        parsed=[Rating(4.0), Rating(None, NO_RATING)],
         repeats=[[4, 5]],
         positions=[(0, 4.0), (1, 2.0)],
         pairs=pairs,

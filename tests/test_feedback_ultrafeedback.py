@@ -23,7 +23,7 @@ from zephyr.cli import main
 from zephyr.core.config import FeedbackConfig, load_recipe
 from zephyr.core.errors import ConfigError, DataError
 from zephyr.data.schema import Problem, validate_pair, validate_rated
-from zephyr.judge.parsing import FORMAT_ERROR, NOT_APPLICABLE, ParsedRating
+from zephyr.judge.rating import Rating
 from zephyr.models import assets
 from zephyr.stages.feedback import ultrafeedback
 from zephyr.stages.feedback.judge import Judge, JudgeItem
@@ -87,9 +87,9 @@ def test_plain_answers_with_not_applicable():
         "#### Output for Text 3\nRating: 2 (Confident with significant mistakes)\nRationale: Wrong,\nsure."
     )
     assert parse_answer(answer, 3, "honesty") == [
-        Annotation(ParsedRating(4.0), "Correct and confident."),
-        Annotation(ParsedRating(None, NOT_APPLICABLE), "Creative writing."),
-        Annotation(ParsedRating(2.0), "Wrong,\nsure."),
+        Annotation(Rating(4.0), "Correct and confident."),
+        Annotation(Rating(None, ultrafeedback.NOT_APPLICABLE), "Creative writing."),
+        Annotation(Rating(2.0), "Wrong,\nsure."),
     ]
 
 
@@ -99,8 +99,8 @@ def test_typed_answers():
         "#### Output for Text 2\nType: None\nRationale: No errors.\nRating: 5\nRationale: Free of them."
     )
     assert parse_answer(answer, 2, "truthfulness") == [
-        Annotation(ParsedRating(3.0), "Partial.", ("1", "3")),
-        Annotation(ParsedRating(5.0), "Free of them.", ()),
+        Annotation(Rating(3.0), "Partial.", ("1", "3")),
+        Annotation(Rating(5.0), "Free of them.", ()),
     ]
 
 
@@ -169,7 +169,7 @@ def test_preset_rates_every_aspect_in_its_own_call(tmp_path, templates):
         {"instruction_following": 4.0, "honesty": 4.0},
         {"instruction_following": 5.0, "honesty": None},
     ]
-    assert result.reasons[2] == {"instruction_following": None, "honesty": NOT_APPLICABLE}
+    assert result.reasons[2] == {"instruction_following": None, "honesty": ultrafeedback.NOT_APPLICABLE}
     assert result.rationales[1] == {"instruction_following": "about banana", "honesty": "about banana"}
     # UltraFeedback's sampling, one call per aspect, its system prompt for three texts
     (batch, params), *_ = na_on_five.calls
@@ -201,7 +201,7 @@ def test_format_errors_are_asked_again_with_a_new_seed(tmp_path):
     assert len(scripted.calls) == 2 and scripted.calls[0][1].seed != scripted.calls[1][1].seed
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [a["attempt"] for a in audit] == [0, 1]
-    assert [r["reason"] for r in audit[0]["ratings"]] == [FORMAT_ERROR] * 3
+    assert [r["reason"] for r in audit[0]["ratings"]] == [ultrafeedback.FORMAT_ERROR] * 3
     assert audit[0]["messages"] == audit[1]["messages"]
 
 
@@ -211,8 +211,8 @@ def test_a_judge_that_never_keeps_the_format_gets_ten_tries():
     (result,) = judge.rate([ITEM])
     assert len(scripted.calls) == ultrafeedback.ATTEMPTS == 10
     assert result.ratings == [{"honesty": None}] * 3
-    assert result.reasons == [{"honesty": FORMAT_ERROR}] * 3
-    assert judge.usage()["parse_failures"] == {FORMAT_ERROR: 30}
+    assert result.reasons == [{"honesty": ultrafeedback.FORMAT_ERROR}] * 3
+    assert judge.usage()["parse_failures"] == {ultrafeedback.FORMAT_ERROR: 30}
 
 
 def test_preset_config():
@@ -325,7 +325,7 @@ def test_raw_record_becomes_a_rated_record():
         "truthfulness": 4.0,
         "helpfulness": 3.0,
     }
-    assert a["mean_rating"] == 4.0 and a["rating_reasons"] == {"honesty": NOT_APPLICABLE}
+    assert a["mean_rating"] == 4.0 and a["rating_reasons"] == {"honesty": ultrafeedback.NOT_APPLICABLE}
     assert a["rationales"]["honesty"] == "honesty of a"
     assert a["rationales"]["truthfulness"] == "truthfulness rating of a"  # the rating's, not the type's
     assert (a["overall_score"], a["principle"], a["system_prompt"], a["critique"]) == (

@@ -10,17 +10,17 @@ import torch.nn.functional as F
 
 from rounding import BUG_FACTOR, tolerance
 from varlen_fake import FakeVarlen, use_fake_kernel
-from zephyr.data.packing import collate_packed, collate_padded
-from zephyr.training import attention, forward
-from zephyr.training.attention import (
+from zephyr.data.packing import PaddedBatch, collate_packed, collate_padded
+from zephyr.scoring import attention, forward
+from zephyr.scoring.attention import (
+    Segments,
     block_causal_mask,
-    dense_causal_attention,
+    dense_block_attention,
     packed_attention_mask,
     register_packed_attention,
-    segment_ids_from_cu_seqlens,
     segment_ids_from_positions,
 )
-from zephyr.training.forward import sequence_logps, target_doc_ids, token_logps
+from zephyr.scoring.forward import sequence_logps, target_doc_ids, token_logps
 
 VOCAB = 128
 LENGTHS = (5, 9, 3, 7, 1)
@@ -79,9 +79,18 @@ def test_block_causal_mask_golden():
 
 def test_segment_ids_golden():
     assert segment_ids_from_positions(torch.tensor([[0, 1, 2, 0, 1, 0]])).tolist() == [[1, 1, 1, 2, 2, 3]]
-    assert segment_ids_from_cu_seqlens(torch.tensor([0, 3, 5, 6], dtype=torch.int32), 6).tolist() == [
-        [0, 0, 0, 1, 1, 2]
-    ]
+
+
+def test_dense_blocks_of_packed_documents_golden():
+    # documents of 3, 1 and 2 tokens: three blocks side by side, padded to 3 slots; causal inside each
+    cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    blocks = attention.segment_blocks(Segments(cu, cu, 3, 3), 6)
+    assert blocks.index.tolist() == [[0, 1, 2], [3, 4, 5], [4, 5, 5]]  # padding slots repeat a row
+    assert blocks.slots.tolist() == [0, 1, 2, 3, 6, 7]
+    causal = [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    alone = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # one token, then two padding slots seeing only themselves
+    pair = [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert blocks.mask[:, 0].int().tolist() == [causal, alone, pair]
 
 
 def test_dense_attention_equals_per_segment_attention_with_gqa():
@@ -90,7 +99,7 @@ def test_dense_attention_equals_per_segment_attention_with_gqa():
     k = torch.randn(1, 2, 12, 8, generator=g)  # two query heads per KV head
     v = torch.randn(1, 2, 12, 8, generator=g)
     cu = torch.tensor([0, 5, 6, 12], dtype=torch.int32)
-    out = dense_causal_attention(q, k, v, cu, None, 0.0, None)  # [1, T, H, D]
+    out = dense_block_attention(q, k, v, Segments(cu, cu, 6, 6), 0.0, None)  # [1, T, H, D]
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         kk = k[:, :, a:b].repeat_interleave(2, dim=1)
         vv = v[:, :, a:b].repeat_interleave(2, dim=1)
@@ -116,13 +125,13 @@ def test_boundaries_must_describe_the_packed_row():
 
 def test_model_uses_the_packed_path_with_boundaries(monkeypatch, tiny):
     seen = []
-    dense = attention.dense_causal_attention
+    dense = attention.dense_block_attention
 
-    def spy(query, key, value, cu_seqlens, *args, **kwargs):
-        seen.append(None if cu_seqlens is None else cu_seqlens.tolist())
-        return dense(query, key, value, cu_seqlens, *args, **kwargs)
+    def spy(query, key, value, segments, *args, **kwargs):
+        seen.append(segments.cu_q.tolist())
+        return dense(query, key, value, segments, *args, **kwargs)
 
-    monkeypatch.setattr(attention, "dense_causal_attention", spy)
+    monkeypatch.setattr(attention, "dense_block_attention", spy)
     model = tiny()
     docs = make_docs()
     token_logps(model, collate_packed(docs))
@@ -133,8 +142,8 @@ def test_boundaries_from_position_ids_alone(tiny):
     model = tiny()
     docs = make_docs()
     batch = collate_packed(docs)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-    for (ids, _), a in zip(docs, batch["cu_seqlens"][:-1].tolist(), strict=True):
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits[0]
+    for (ids, _), a in zip(docs, batch.cu_seqlens[:-1].tolist(), strict=True):
         alone = model(input_ids=torch.tensor([ids])).logits[0]
         torch.testing.assert_close(logits[a : a + len(ids)], alone, atol=tolerance(alone), rtol=0)
 
@@ -145,13 +154,15 @@ def test_without_boundaries_documents_leak_and_the_comparison_notices(tiny):
     model = tiny()
     docs = make_docs()
     batch = collate_packed(docs)
-    t = batch["input_ids"].shape[1]
-    leaky = {
-        "input_ids": batch["input_ids"],
-        "position_ids": torch.arange(t)[None],
-        "attention_mask": torch.ones(1, t, dtype=torch.long),
-        "labels": batch["labels"],
-    }
+    t = batch.input_ids.shape[1]
+    leaky = PaddedBatch(
+        input_ids=batch.input_ids,
+        attention_mask=torch.ones(1, t, dtype=torch.long),
+        position_ids=torch.arange(t)[None],
+        labels=batch.labels,
+        doc_ids=torch.zeros(1, t, dtype=torch.long),
+        num_docs=1,
+    )
     expected = reference_logps(model, docs)
     assert (token_logps(model, leaky) - expected).abs().max() > BUG_FACTOR * tolerance(expected)
 
@@ -332,7 +343,7 @@ def test_under_autocast_fp32_weights_reach_the_kernel_in_bf16(tiny, monkeypatch)
 def test_without_autocast_fp32_takes_the_dense_path_and_says_why_once(tiny, monkeypatch, caplog):
     fake = use_fake_kernel(monkeypatch, attention, FakeVarlen())
     model = tiny()
-    with torch.no_grad(), caplog.at_level("INFO", logger="zephyr.training.attention"):
+    with torch.no_grad(), caplog.at_level("INFO", logger="zephyr.scoring.attention"):
         for _ in range(2):
             token_logps(model, collate_packed(make_docs()))
     assert fake.calls == []
@@ -450,7 +461,7 @@ def test_varlen_kernel_equals_dense_path():
     grad_out = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.bfloat16)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    expected = dense_causal_attention(q32, k32, v32, cu, None, 0.0, 0.125)
+    expected = dense_block_attention(q32, k32, v32, Segments(cu, cu, 162, 162), 0.0, 0.125)
     expected_grads = torch.autograd.grad(expected, (q32, k32, v32), grad_out.float())
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     for got, want in zip(grads, expected_grads, strict=True):
@@ -486,8 +497,9 @@ def test_varlen_kernel_keeps_a_sliding_window():
     grad_out = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.bfloat16)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    expected = dense_causal_attention(q32, k32, v32, cu, None, 0.0, 0.125, window=16)
-    unwindowed = dense_causal_attention(q32, k32, v32, cu, None, 0.0, 0.125)
+    segments = Segments(cu, cu, 162, 162)
+    expected = dense_block_attention(q32, k32, v32, segments, 0.0, 0.125, window=16)
+    unwindowed = dense_block_attention(q32, k32, v32, segments, 0.0, 0.125)
     assert (expected - unwindowed).abs().max() > 0.1  # the window changes the answer
     expected_grads = torch.autograd.grad(expected, (q32, k32, v32), grad_out.float())
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

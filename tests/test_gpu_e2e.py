@@ -84,7 +84,7 @@ def zephyr_logps(model_dir, out) -> list[dict]:
 
 def cpu_fp32_logps(model_dir) -> list[dict]:
     from zephyr.models.load import load_model, load_tokenizer
-    from zephyr.training.attention import register_packed_attention
+    from zephyr.scoring.attention import register_packed_attention
     from zephyr.training.logps import compute_logps, read_pairs
 
     tokenizer = load_tokenizer(str(model_dir), chat_template="auto")

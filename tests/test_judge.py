@@ -18,8 +18,10 @@ import pytest
 from zephyr.core.config import GeneratorConfig, JudgeConfig
 from zephyr.core.errors import ConfigError, ZephyrError
 from zephyr.generation import Completion, SamplingParams, Usage
+from zephyr.generation.base import LogprobScorer
 from zephyr.judge import parsing
-from zephyr.judge.client import JUDGE_CALL_FAILED, JudgeClient, JudgeRequest, Rating
+from zephyr.judge.client import JUDGE_CALL_FAILED, JudgeClient, JudgeRequest, check_logprobs_judge
+from zephyr.judge.rating import Rating
 from zephyr.stages.feedback import prompts
 from zephyr.stages.feedback.judge import Judge, JudgeItem, check_judge_config, rating_offsets
 from zephyr.stages.mt_bench.protocol import parse_score
@@ -239,7 +241,7 @@ def test_repeats_use_new_orders_and_keep_the_median():
             assert result.ratings[c]["helpfulness"] == values[1]  # median of the three parsed repeats
             mine = [r for r in result.readings if r.completion == c]
             assert sorted(r.repeat for r in mine) == [0, 1, 2, 3]
-            assert [r.reason for r in mine if r.repeat == 2] == [parsing.NO_RATING]
+            assert [r.rating.reason for r in mine if r.repeat == 2] == [parsing.NO_RATING]
         positions_by_repeat = [
             [r.position for r in sorted(result.readings, key=lambda r: r.completion) if r.repeat == k]
             for k in range(4)
@@ -303,38 +305,45 @@ def test_logprobs_mode_without_a_rating_line_is_null_not_a_guess():
 
 
 class PrefixJudge:
-    """A local-style judge: `next_token_logprobs` after a forced answer prefix, by the shown output's quality."""
+    """A local-style judge (a `LogprobScorer`): the next-token log-probs after a forced answer prefix, by
+    the shown output's quality."""
 
     model_id = "prefix"
 
     def __init__(self, accept_candidates=True, too_long=()):
         self.accept_candidates = accept_candidates
         self.too_long = too_long
-        self.calls: list[tuple[int, tuple, str]] = []
+        self.probes: list[tuple[str, ...]] = []  # next_token_logprobs: the client's candidate probe
+        self.calls: list[
+            tuple[int, tuple, tuple]
+        ] = []  # prefix_logprobs: conversations, candidates, prefixes
 
     def generate(self, conversations, params):  # pragma: no cover - logprobs mode never generates here
         raise AssertionError("forced-prefix judging must not generate")
 
     def next_token_logprobs(self, conversations, top_k=20, *, candidates=(), answer_prefix=""):
-        self.calls.append((len(conversations), tuple(candidates), answer_prefix))
+        self.probes.append(tuple(candidates))
+        self._check(conversations, candidates)
+        return [{"1": 0.0} for _ in conversations]
+
+    def prefix_logprobs(self, conversations, prefixes, top_k=20, *, candidates=()):
+        self.calls.append((len(conversations), tuple(candidates), tuple(prefixes)))
+        self._check(conversations, candidates)
+        return [[self._after(messages, prefix) for prefix in prefixes] for messages in conversations]
+
+    def _check(self, conversations, candidates):
         if candidates and not self.accept_candidates:
             raise ZephyrError("candidate '1' is 2 tokens for this tokenizer; it must be one token")
         if any(word in c[-1]["content"] for c in conversations for word in self.too_long):
             raise ZephyrError("conversation 0: 9000 tokens exceed the context of 8192")
-        out = []
-        for messages in conversations:
-            if answer_prefix.endswith(": 1"):
-                out.append(
-                    {"0": math.log(0.5), "\n": math.log(0.5)}
-                )  # after a forced "1": 10 or 1, even odds
-                continue
-            if not shown_outputs(messages):
-                out.append({"1": 0.0})  # the candidate probe
-                continue
-            position = int(re.match(r"Output (\d+)\n", answer_prefix).group(1))
-            q = quality(shown_outputs(messages)[position - 1])
-            out.append({str(q): math.log(0.6), "9": math.log(0.4)})
-        return out
+
+    @staticmethod
+    def _after(messages, prefix):
+        if prefix.endswith(": 1"):
+            return {"0": math.log(0.5), "\n": math.log(0.5)}  # after a forced "1": 10 or 1, even odds
+        position = int(re.match(r"Output (\d+)\n", prefix).group(1))
+        q = quality(shown_outputs(messages)[position - 1])
+        return {str(q): math.log(0.6), "9": math.log(0.4)}
 
 
 def test_logprobs_mode_with_forced_prefixes_scores_every_slot():
@@ -348,9 +357,11 @@ def test_logprobs_mode_with_forced_prefixes_scores_every_slot():
             q = quality(text)
             # "9" is not a rating on 1-5: the q mass alone remains
             assert result.ratings[c] == {"helpfulness": q, "honesty": q}
-    prefixes = [prefix for _, _, prefix in fake.calls[1:]]  # after the candidate probe
-    assert prefixes == [f"Output {k}\n{label}: " for k in (1, 2, 3) for label in ("Helpfulness", "Honesty")]
-    assert all(n == 3 and candidates == ("1", "2", "3", "4", "5") for n, candidates, _ in fake.calls[1:])
+    digits = ("1", "2", "3", "4", "5")
+    assert fake.probes == [digits]  # the tokenizer is asked once whether the digits are single tokens
+    # one call per item: its prompt once, every slot's forced prefix after it
+    prefixes = tuple(f"Output {k}\n{label}: " for k in (1, 2, 3) for label in ("Helpfulness", "Honesty"))
+    assert fake.calls == [(1, digits, prefixes)] * 3
 
 
 def test_forced_prefixes_on_the_1_to_10_scale_tell_10_from_1():
@@ -362,12 +373,13 @@ def test_forced_prefixes_on_the_1_to_10_scale_tell_10_from_1():
     assert result.ratings[0]["honesty"] == pytest.approx(6.9)
     # q=7: .6*7 + .4*9 = 7.8 (no "1" mass to split)
     assert result.ratings[1]["honesty"] == pytest.approx(7.8)
-    assert {prefix for _, _, prefix in fake.calls[1:]} == {
+    [(_, _, prefixes)] = fake.calls
+    assert prefixes == (
         "Output 1\nRating: ",
         "Output 1\nRating: 1",
         "Output 2\nRating: ",
         "Output 2\nRating: 1",
-    }
+    )
 
 
 def test_forced_prefixes_fall_back_to_top_k_and_isolate_a_failing_conversation():
@@ -378,8 +390,32 @@ def test_forced_prefixes_fall_back_to_top_k_and_isolate_a_failing_conversation()
     ok, long = judge.rate(items)
     assert [r["honesty"] for r in ok.ratings] == [2, 4]
     assert long.ratings == [{"honesty": None}] * 2 and long.reasons == [{"honesty": JUDGE_CALL_FAILED}] * 2
-    assert all(candidates == () for _, candidates, _ in fake.calls[1:])
+    assert all(candidates == () for _, candidates, _ in fake.calls)
     assert judge.usage()["failed_calls"] == 1
+
+
+def test_the_log_prob_capability_is_the_declared_protocol():
+    """Forcing an answer start is a `LogprobScorer`'s: the transformers backend is one, the HTTP and vLLM
+    backends are not; a generator with only half of it is not one, and is not asked for forced prefixes."""
+    from zephyr.generation.local import LocalGenerator
+    from zephyr.generation.remote import RemoteGenerator
+    from zephyr.generation.vllm_backend import VLLMGenerator
+
+    assert issubclass(LocalGenerator, LogprobScorer) and isinstance(PrefixJudge(), LogprobScorer)
+    assert not issubclass(RemoteGenerator, LogprobScorer) and not issubclass(VLLMGenerator, LogprobScorer)
+
+    class HalfScorer(ScriptedJudge):
+        def next_token_logprobs(self, conversations, top_k=20, *, candidates=(), answer_prefix=""):
+            raise AssertionError("not a LogprobScorer: must not be asked")
+
+    tokens = [token("Rating"), token(":"), token(" "), token("4", 0.0)]
+    half = HalfScorer(lambda m, p: Completion("Rating: 4", "stop", 5, 4, logprobs=tokens))
+    with pytest.raises(ConfigError, match=r"judge_mode logprobs: the judge 'half'"):
+        check_logprobs_judge(half, "half")
+    config = judge_config(mode="logprobs", scale=5, layout="per_aspect", aspects=["honesty"])
+    [result] = Judge(config, half).rate([JudgeItem("k", PROMPT, ["only q=4"])])
+    assert result.ratings == [{"honesty": 4.0}]  # read from the generated answer's log-probs instead
+    check_logprobs_judge(PrefixJudge(), "prefix")  # a scorer passes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -432,7 +468,7 @@ def test_the_generic_client_serves_single_answer_grading(tmp_path):
         JudgeRequest(
             f"81/{turn}",
             [{"role": "user", "content": f"grade the {word} answer"}],
-            parse=lambda a: [Rating(*parse_score(a.text))],
+            parse=lambda a: [parse_score(a.text)],
             slots=({"question_id": 81, "turn": turn},),
             meta={"judge_prompt": "single-v1"},
         )

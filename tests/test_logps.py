@@ -12,7 +12,7 @@ from conftest import make_tiny_llama
 from rounding import tolerance
 from zephyr.cli import main
 from zephyr.core.errors import DataError
-from zephyr.training.attention import register_packed_attention
+from zephyr.scoring.attention import register_packed_attention
 from zephyr.training.logps import (
     TokenizedPair,
     Truncation,
@@ -173,14 +173,16 @@ def test_pack_pairs_layout_by_hand():
     pairs = [TokenizedPair("a", (1, 2), (3, 4), (5,)), TokenizedPair("b", (6,), (7,), (8, 9))]
     batch = pack_pairs(pairs)
     # documents: [1 2 3 4] [1 2 5] [6 7] [6 8 9]
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 5, 6, 7, 6, 8, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2]]
+    rows = batch.rows
+    assert rows.input_ids.tolist() == [[1, 2, 3, 4, 1, 2, 5, 6, 7, 6, 8, 9]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2]]
     # labels[t] = the answer token predicted at t, never across a document boundary
     x = -100
-    assert batch["labels"].tolist() == [[x, 3, 4, x, x, 5, x, 7, x, 8, 9, x]]
-    assert batch["cu_seqlens"].tolist() == [0, 4, 7, 9, 12]
-    assert batch["doc_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3]]
-    assert batch["num_pairs"] == 2 and batch["max_seqlen"] == 4
+    assert rows.labels.tolist() == [[x, 3, 4, x, x, 5, x, 7, x, 8, 9, x]]
+    assert rows.cu_seqlens.tolist() == [0, 4, 7, 9, 12]
+    assert rows.doc_ids.tolist() == [[0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3]]
+    assert batch.num_pairs == 2 and rows.max_seqlen == 4 and rows.num_docs == 4
+    assert batch.num_tokens == 12 and rows.shared is None and batch.reference is None
 
 
 def naive_answer_logps(model, prompt, answer):

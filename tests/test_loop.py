@@ -271,3 +271,25 @@ def test_an_indivisible_global_batch_stops_the_run_before_the_model_loads(
         "sft.global_batch_size: 8 is not divisible by per_device_batch_size 2 × 3 processes = 6; "
         "process counts that fit: 1, 2, 4 (or change per_device_batch_size)"
     )
+
+
+def test_the_loop_reads_of_a_task_only_what_its_protocol_declares(tiny_model_dir, tmp_path):
+    """A task is a `TrainingTask`: every attribute the loop (and the model loading, the checkpoints) reads of
+    it is one the protocol declares, so a task written to the protocol is complete."""
+    from zephyr.training.task import TrainingTask
+
+    declared = {name for name in vars(TrainingTask) if not name.startswith("_")}
+    read: list[str] = []
+
+    class Recorder:  # every attribute read goes through __getattr__ and is recorded
+        def __init__(self, task):
+            self._task = task
+
+        def __getattr__(self, name):
+            read.append(name)
+            return getattr(self._task, name)
+
+    cfg = sft_config(tiny_model_dir, tmp_path / "run", max_steps=2, eval_fraction=0.2, eval_steps=1)
+    train(Recorder(SFTTask(cfg)), cfg)
+    assert {"attn_implementation", "batch_unit", "summary", "collate", "loss", "tokenizer"} <= set(read)
+    assert set(read) <= declared, sorted(set(read) - declared)

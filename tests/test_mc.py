@@ -14,6 +14,7 @@ from conftest import make_tiny_llama
 from rounding import BUG_FACTOR, tolerance
 from zephyr import io
 from zephyr.cli import main
+from zephyr.core.config import McEvalConfig
 from zephyr.core.errors import ConfigError, DataError
 from zephyr.stages.mc import metrics
 from zephyr.stages.mc import run as mc
@@ -170,60 +171,24 @@ def test_truncated_choices_get_rows_of_their_own():
     ]
 
 
-def test_pack_rows_golden():
-    rows = [mc.Row(0, (0, 1), (5, 6, 7), ((8,), (9, 10))), mc.Row(1, (0,), (3,), ((4,),))]
-    batch = mc.pack_rows(rows)
-    assert batch.input_ids.tolist() == [[5, 6, 7, 9], [3, 0, 0, 0]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0]]
-    assert batch.segments.tolist() == [[0, 0, 0, 2], [0, -1, -1, -1]]
-    # (row, predicting position, token, request): token 8 and 9 both from the context's last position.
-    targets = list(
-        zip(
-            batch.target_rows.tolist(),
-            batch.target_positions.tolist(),
-            batch.target_ids.tolist(),
-            batch.target_requests.tolist(),
-            strict=True,
-        )
-    )
-    assert targets == [(0, 2, 8, 0), (0, 2, 9, 1), (0, 3, 10, 1), (1, 0, 4, 2)]
-    assert batch.requests == [(0, 0), (0, 1), (1, 0)]
+def test_a_batch_is_no_larger_than_an_lm_eval_batch(smollm_tokenizer):
+    # lm-eval's batch of 4 requests holds at most 4 × its longest request (context + choice − 1) tokens;
+    # ours at most 4 items and as many tokens. 3-shot ARC-like items, whole contexts (no truncation).
+    from zephyr.scoring.continuations import group_tokens, longest_request, plan_batches
 
-
-def test_shared_context_mask_golden():
-    # context of 2, choice 1 with 2 fed tokens, choice 2 with 1, one padding position.
-    segments = torch.tensor([[0, 0, 1, 1, 2, -1]])
-    mask = mc.shared_context_mask(segments)[0, 0].int().tolist()
-    assert mask == [
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0],
-        [1, 1, 0, 0, 1, 0],  # choice 2 sees the context and itself, not choice 1
-        [0, 0, 0, 0, 0, 1],  # padding sees only itself
+    rows = [
+        row
+        for i, item in enumerate(encoded_items(smollm_tokenizer, 3))
+        for row in mc.plan_rows(i, item, 2048)
     ]
-
-
-def test_batches_are_no_larger_than_lm_eval_batches():
-    def row(item, n_context, n_choices, choice_tokens):
-        return mc.Row(item, tuple(range(n_choices)), (1,) * n_context, ((2,) * choice_tokens,) * n_choices)
-
-    # Lengths (fed tokens) 18, 8, 18; longest requests (context + choice - 1) 12, 7, 12.
-    rows = [row(0, 10, 4, 3), row(1, 6, 2, 2), row(2, 10, 4, 3)]
-    assert (rows[0].length, rows[0].longest_request, rows[1].length, rows[1].longest_request) == (
-        18,
-        12,
-        8,
-        7,
-    )
-
-    def items(batch_size):
-        return [[r.item for r in batch] for batch in mc.batch_rows(rows, batch_size)]
-
-    # batch 3: budget 3 x 12 = 36 tokens; two rows of width 18 fill it, a third would make 54.
-    assert items(3) == [[0, 2], [1]]
-    assert items(1) == [[0], [2], [1]]  # never more rows than batch_size
-    assert items(10) == [[0, 2, 1]]
+    groups = [(row.context, row.continuations) for row in rows]
+    batches = plan_batches(groups, 4)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows))) and len(batches) < len(rows)
+    for batch in batches:
+        assert len(batch) <= 4
+        assert sum(group_tokens(groups[i]) for i in batch) <= 4 * max(
+            longest_request(groups[i]) for i in batch
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -275,16 +240,22 @@ def test_scoring_with_truncation_equals_naive_scoring(peaky_model, smollm_tokeni
 
 def test_a_leaking_mask_would_be_caught(peaky_model, smollm_tokenizer, monkeypatch):
     """The comparison above is sensitive: letting choices see each other moves the numbers."""
+    import dataclasses
+
+    from zephyr.scoring import attention
+
     items = encoded_items(smollm_tokenizer)
     expected = naive_loglikelihoods(peaky_model, items, 2048)
+    blocks_of = attention.segment_blocks
 
-    def causal_only(segments):
-        length = segments.shape[1]
-        return (
-            torch.ones(length, length, dtype=torch.bool).tril().expand(segments.shape[0], 1, length, length)
+    def causal_only(segments, total, window=None):  # every earlier token of the item: choices see choices
+        blocks = blocks_of(segments, total, window)
+        width = blocks.mask.shape[-1]
+        return dataclasses.replace(
+            blocks, mask=blocks.mask | torch.ones(width, width, dtype=torch.bool).tril()
         )
 
-    monkeypatch.setattr(mc, "shared_context_mask", causal_only)
+    monkeypatch.setattr(attention, "segment_blocks", causal_only)
     got = mc.score_items(peaky_model, items, batch_size=64, max_length=2048, progress=False)
     worst = max(abs(g - e) for gi, ei in zip(got, expected, strict=True) for g, e in zip(gi, ei, strict=True))
     assert worst > BUG_FACTOR * tolerance(expected)  # seen: 5.3 against a tolerance of 3.6e-4
@@ -342,8 +313,10 @@ def test_cli_reports_mc1_mc2_for_gold_lists_and_fewshot(tiny_dir, tmp_path):
 
 def test_run_mc_mmlu_is_the_unweighted_mean_of_subjects(tiny_dir, tmp_path):
     def run(data, out):
-        kwargs = dict(fewshot_data=str(MMLU_DEV), num_fewshot=2, batch_size=8, preset="mmlu")
-        return mc.run_mc(model=str(tiny_dir), data=str(data), out=out, **kwargs), read_out(out)[1]
+        cfg = McEvalConfig(
+            data=str(data), fewshot_data=str(MMLU_DEV), num_fewshot=2, batch_size=8, preset="mmlu"
+        )
+        return mc.run_mc(cfg, str(tiny_dir), out), read_out(out)[1]
 
     # Set the golds from a first run so that the subjects score differently: astronomy 1/3, virology 0.
     _, first = run(MMLU, tmp_path / "first")

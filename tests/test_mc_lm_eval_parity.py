@@ -14,9 +14,10 @@ import random
 from pathlib import Path
 
 import pytest
-from zephyr.stages.mc import metrics, presets
 
 from rounding import magnitude, tolerance
+from zephyr.core.config import McEvalConfig
+from zephyr.stages.mc import metrics, presets
 from zephyr.stages.mc import run as mc
 
 DATA = Path(__file__).parent / "data" / "mc"
@@ -92,7 +93,7 @@ def hflm(smollm_dir):
 
 
 def run_zephyr(smollm_dir, out: Path, **kwargs) -> tuple[dict, list[dict]]:
-    results = mc.run_mc(model=str(smollm_dir), out=out, batch_size=16, **kwargs)
+    results = mc.run_mc(McEvalConfig(batch_size=16, **kwargs), str(smollm_dir), out)
     items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     return results, items
 

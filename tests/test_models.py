@@ -9,8 +9,8 @@ import pytest
 from zephyr.core.errors import ZephyrError
 from zephyr.data import chat
 from zephyr.models import assets
+from zephyr.models.generation_config import configure_generation
 from zephyr.models.load import (
-    configure_generation,
     end_of_turn,
     load_model,
     load_tokenizer,

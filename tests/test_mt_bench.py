@@ -8,6 +8,7 @@ import math
 import pytest
 
 from zephyr.core.errors import DataError
+from zephyr.judge.rating import Rating
 from zephyr.models import assets
 from zephyr.stages.mt_bench import protocol as mt_bench
 from zephyr.stages.mt_bench.protocol import Judgment, Question
@@ -216,11 +217,13 @@ def test_pairwise_prompt_and_verdicts(mt_files):
         mt_files["questions"][111], ANSWERS, ANSWERS, 2, mt_files["prompts"], ref
     )[1] == ("pair-math-v1-multi-turn")
 
-    assert mt_bench.parse_verdict("B is better. [[B]]") == ("B", None)
-    assert mt_bench.parse_verdict("[[C]]") == ("tie", None)
+    # a verdict is a rating: Assistant A's share of the game
+    assert mt_bench.parse_verdict("B is better. [[B]]") == Rating(0.0)
+    assert mt_bench.parse_verdict("[[C]]") == Rating(0.5)
     # FastChat checks [[A]] first anywhere in the text
-    assert mt_bench.parse_verdict('format "[[A]]" ... my verdict: [[B]]') == ("A", None)
-    assert mt_bench.parse_verdict("A is better")[0] is None
+    assert mt_bench.parse_verdict('format "[[A]]" ... my verdict: [[B]]') == Rating(1.0)
+    assert mt_bench.parse_verdict("A is better") == Rating(None, mt_bench.NO_VERDICT)
+    assert [mt_bench.verdict_of(Rating(v)) for v in (1.0, 0.5, 0.0, None)] == ["A", "tie", "B", None]
 
     assert mt_bench.combine_verdicts("A", "B") == "model_1"  # both orders pick model 1
     assert mt_bench.combine_verdicts("B", "A") == "model_2"
@@ -255,14 +258,14 @@ def test_pairwise_prompt_and_verdicts(mt_files):
     ],
 )
 def test_parse_score(text, expected):
-    assert mt_bench.parse_score(text) == (expected, None)
+    assert mt_bench.parse_score(text) == Rating(expected)
 
 
 @pytest.mark.parametrize(
     "text", ["Rating: 8", "Rating: [[eight]]", "[[ 8 ]]", "[[-1]]", "", "score 7/10", "[[8/10]]"]
 )
 def test_parse_score_failures(text):
-    assert mt_bench.parse_score(text) == (None, mt_bench.NO_SCORE)
+    assert mt_bench.parse_score(text) == Rating(None, mt_bench.NO_SCORE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,18 +275,19 @@ def test_parse_score_failures(text):
 def test_expected_score_hand_computed():
     ln = math.log
     half = mt_bench.expected_score({"7": ln(0.5), "8": ln(0.5)})
-    assert half.score == pytest.approx(7.5) and half.reason is None
-    assert half.mass == pytest.approx(1.0) and half.distribution == {
-        7: pytest.approx(0.5),
-        8: pytest.approx(0.5),
+    assert half.value == pytest.approx(7.5) and half.reason is None
+    # the evidence as the judge audit writes it: the rating tokens' mass, the distribution by rating
+    assert half.evidence == {
+        "rating_mass": pytest.approx(1.0),
+        "distribution": {"7": pytest.approx(0.5), "8": pytest.approx(0.5)},
     }
     # other tokens are not ratings (dropped before renormalising); " 6" and "6" are the same rating; "0" and
     # "11" are out of range
     mixed = mt_bench.expected_score(
         {"R": ln(0.3), "6": ln(0.1), " 6": ln(0.1), "9": ln(0.2), "0": ln(0.1), "11": ln(0.1)}
     )
-    assert mixed.mass == pytest.approx(0.4)  # 6, 6, 9
-    assert mixed.score == pytest.approx((6 * 0.2 + 9 * 0.2) / 0.4)
+    assert mixed.evidence["rating_mass"] == pytest.approx(0.4)  # 6, 6, 9
+    assert mixed.value == pytest.approx((6 * 0.2 + 9 * 0.2) / 0.4)
 
 
 def test_expected_score_splits_one_into_one_and_ten():
@@ -292,25 +296,26 @@ def test_expected_score_splits_one_into_one_and_ten():
     scored = mt_bench.expected_score(
         {"1": ln(0.4), "9": ln(0.2), "R": ln(0.4)}, {"0": ln(0.25), "]]": ln(0.75)}
     )
-    assert scored.distribution == {1: pytest.approx(0.5), 9: pytest.approx(1 / 3), 10: pytest.approx(1 / 6)}
-    assert scored.score == pytest.approx(0.5 + 3 + 10 / 6)
-    assert scored.mass == pytest.approx(0.6)
+    distribution = {"1": pytest.approx(0.5), "9": pytest.approx(1 / 3), "10": pytest.approx(1 / 6)}
+    assert scored.evidence["distribution"] == distribution
+    assert scored.value == pytest.approx(0.5 + 3 + 10 / 6)
+    assert scored.evidence["rating_mass"] == pytest.approx(0.6)
     # only "1" written: "0" -> 10 (.2), "]" and "]]" -> 1 (.6), "2" -> 12, not a rating (dropped)
     ten_or_one = mt_bench.expected_score(
         {"1": 0.0}, {"0": ln(0.2), "]": ln(0.3), "]]": ln(0.3), "2": ln(0.2)}
     )
-    assert ten_or_one.distribution == {1: pytest.approx(0.75), 10: pytest.approx(0.25)}
-    assert ten_or_one.score == pytest.approx(3.25)
+    assert ten_or_one.evidence["distribution"] == {"1": pytest.approx(0.75), "10": pytest.approx(0.25)}
+    assert ten_or_one.value == pytest.approx(3.25)
     # without the second distribution "1" is 1
-    assert mt_bench.expected_score({"1": ln(0.5), "3": ln(0.5)}).score == pytest.approx(2.0)
+    assert mt_bench.expected_score({"1": ln(0.5), "3": ln(0.5)}).value == pytest.approx(2.0)
 
 
 def test_expected_score_with_too_little_rating_mass_is_a_failure():
     ln_ = math.log
     low = mt_bench.expected_score({"R": ln_(0.9995), "5": ln_(4e-4)})
-    assert (low.score, low.reason) == (None, mt_bench.LOW_RATING_MASS)
-    assert low.mass == pytest.approx(4e-4)
-    assert mt_bench.expected_score({"5": ln_(2e-3)}).score == pytest.approx(5.0)  # above the threshold
+    assert (low.value, low.reason) == (None, mt_bench.LOW_RATING_MASS)
+    assert low.evidence["rating_mass"] == pytest.approx(4e-4)
+    assert mt_bench.expected_score({"5": ln_(2e-3)}).value == pytest.approx(5.0)  # above the threshold
     assert mt_bench.expected_score({}).reason == mt_bench.LOW_RATING_MASS
     assert mt_bench.expected_score({"R": 0.0}).reason == mt_bench.LOW_RATING_MASS
 
@@ -318,16 +323,17 @@ def test_expected_score_with_too_little_rating_mass_is_a_failure():
 def test_likeliest_verdict():
     ln = math.log
     read = mt_bench.likeliest_verdict({"A": ln(0.2), "B": ln(0.3), "C": ln(0.1), "I": ln(0.4)})
-    assert read.verdict == "B" and read.reason is None and read.mass == pytest.approx(0.6)
-    assert read.probabilities == {
-        "A": pytest.approx(1 / 3),
-        "B": pytest.approx(0.5),
-        "tie": pytest.approx(1 / 6),
+    assert mt_bench.verdict_of(read) == "B" and read.value == 0.0 and read.reason is None
+    assert read.evidence == {
+        "verdict_mass": pytest.approx(0.6),
+        "probabilities": {"A": pytest.approx(1 / 3), "B": pytest.approx(0.5), "tie": pytest.approx(1 / 6)},
     }
-    assert mt_bench.likeliest_verdict({"C": ln(0.5), "A": ln(0.2)}).verdict == "tie"
-    assert mt_bench.likeliest_verdict({" A": 0.0, "A": ln(0.01)}).verdict == "A"  # "[[ A]]" is not the format
+    assert mt_bench.verdict_of(mt_bench.likeliest_verdict({"C": ln(0.5), "A": ln(0.2)})) == "tie"
+    # "[[ A]]" is not the format
+    assert mt_bench.verdict_of(mt_bench.likeliest_verdict({" A": 0.0, "A": ln(0.01)})) == "A"
     low = mt_bench.likeliest_verdict({"I": 0.0, "A": ln(5e-4)})
-    assert (low.verdict, low.reason, low.probabilities) == (None, mt_bench.LOW_VERDICT_MASS, {})
+    assert (low.value, low.reason, low.evidence["probabilities"]) == (None, mt_bench.LOW_VERDICT_MASS, {})
+    assert low.evidence["verdict_mass"] == pytest.approx(5e-4)
 
 
 def test_forced_prefixes_follow_the_prompts_answer_format(mt_files):
@@ -340,9 +346,9 @@ def test_forced_prefixes_follow_the_prompts_answer_format(mt_files):
         assert prompts[name].output_format == "[[A]]"
         assert '"[[A]]"' in prompts[name].system_prompt and '"[[C]]" for a tie' in prompts[name].system_prompt
     # the forced starts continue into answers the text mode reads
-    assert mt_bench.parse_score(mt_bench.RATING_PREFIX + "7]]") == (7.0, None)
-    assert mt_bench.parse_score(mt_bench.RATING_PREFIXES[1] + "0]]") == (10.0, None)
-    assert mt_bench.parse_verdict(mt_bench.VERDICT_PREFIX + "C]]") == ("tie", None)
+    assert mt_bench.parse_score(mt_bench.RATING_PREFIX + "7]]") == Rating(7.0)
+    assert mt_bench.parse_score(mt_bench.RATING_PREFIXES[1] + "0]]") == Rating(10.0)
+    assert mt_bench.verdict_of(mt_bench.parse_verdict(mt_bench.VERDICT_PREFIX + "C]]")) == "tie"
 
 
 def test_aggregate_counts_failures():

@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from zephyr.core.config import MtBenchEvalConfig, build
 from zephyr.core.errors import ConfigError, DataError
 from zephyr.generation import Completion, SamplingParams, Usage
 from zephyr.models import assets
@@ -113,10 +114,8 @@ def protocol(tmp_path, setup):
     path, questions, _, _ = setup
     model, judge = FakeModel(questions), FakeJudge()
     out = tmp_path / "out"
-    results = run_mt_bench(
-        "fake-model", "fake-judge", out, questions=path, max_new_tokens=77, judge_max_tokens=99,
-        model_generator=model, judge_generator=judge,
-    )  # fmt: skip
+    cfg = MtBenchEvalConfig(judge="fake-judge", questions=str(path), max_new_tokens=77, judge_max_tokens=99)
+    results = run_mt_bench(cfg, "fake-model", out, model_generator=model, judge_generator=judge)
     return out, results, model, judge
 
 
@@ -165,8 +164,8 @@ def test_judgments_are_one_batched_greedy_call_with_the_exact_judge_messages(pro
         )
         assert line["messages"] == messages and line["judge_prompt"] == name
         assert line["category"] == q.category and line["raw"] == JUDGE_ANSWERS[(qid, line["turn"])]
-        score, reason = mt_bench.parse_score(line["raw"])
-        assert (line["score"], line["reason"]) == (score, reason)
+        rating = mt_bench.parse_score(line["raw"])
+        assert (line["score"], line["reason"]) == (rating.value, rating.reason)
     math_lines = [x for x in lines if x["question_id"] == 111]
     assert [x["judge_prompt"] for x in math_lines] == ["single-math-v1", "single-math-v1-multi-turn"]
     assert references[111][0] in math_lines[0]["messages"][-1]["content"]
@@ -203,13 +202,11 @@ def test_complete_answers_are_judged_again_without_answering_again_but_not_anoth
     path, _, _, _ = setup
     out, results, model, _ = protocol
     model.calls.clear()
-    again = run_mt_bench(
-        "fake-model", "fake-judge", out, questions=path, model_generator=model, judge_generator=FakeJudge()
-    )
+    cfg = MtBenchEvalConfig(judge="fake-judge", questions=str(path))
+    again = run_mt_bench(cfg, "fake-model", out, model_generator=model, judge_generator=FakeJudge())
     assert model.calls == [] and again == results
-    other = run_mt_bench(  # another model's answers are not reused
-        "other-model", "fake-judge", out, questions=path, model_generator=model, judge_generator=FakeJudge()
-    )
+    # another model's answers are not reused
+    other = run_mt_bench(cfg, "other-model", out, model_generator=model, judge_generator=FakeJudge())
     assert len(model.calls) == 6 and other["model"] == "other-model"
     assert {a["model"] for a in read_jsonl(out / "answers.jsonl")} == {"other-model"}
     assert len(read_jsonl(out / "judgments.jsonl")) == 12
@@ -219,9 +216,8 @@ def test_a_failed_answer_is_not_judged_and_counts_as_a_failure(tmp_path, setup):
     path, questions, _, _ = setup
     model, judge = FakeModel(questions, fail={(82, 2)}), FakeJudge()
     out = tmp_path / "out"
-    results = run_mt_bench(
-        "m", "j", out, questions=path, limit=4, model_generator=model, judge_generator=judge
-    )
+    cfg = MtBenchEvalConfig(judge="j", questions=str(path), limit=4)
+    results = run_mt_bench(cfg, "m", out, model_generator=model, judge_generator=judge)
     assert len(judge.calls[0][0]) == 7  # 82/2 not sent
     [answer] = [a for a in read_jsonl(out / "answers.jsonl") if a["question_id"] == 82]
     assert answer["finish_reasons"] == ["stop", "error"] and answer["errors"] == [None, "HTTP 500: boom"]
@@ -234,7 +230,8 @@ def test_a_failed_answer_is_not_judged_and_counts_as_a_failure(tmp_path, setup):
     assert not (out / "categories.png").exists()  # one category: no radar to draw
     # an answers.jsonl with a failed answer is not reused
     model.calls.clear()
-    run_mt_bench("m", "j", out, questions=path, limit=4, model_generator=model, judge_generator=FakeJudge())
+    cfg = MtBenchEvalConfig(judge="j", questions=str(path), limit=4)
+    run_mt_bench(cfg, "m", out, model_generator=model, judge_generator=FakeJudge())
     assert len(model.calls) == 2
 
 
@@ -354,10 +351,12 @@ def pairwise(tmp_path, setup):
     baseline = write_baseline(tmp_path / "base" / "answers.jsonl", questions)
     judge = FakePairJudge()
     out = tmp_path / "out"
+    cfg = MtBenchEvalConfig(
+        judge="fake-judge", questions=str(path), judge_max_tokens=99, baseline=str(baseline)
+    )
     results = run_mt_bench(
-        "fake-model", "fake-judge", out, questions=path, judge_max_tokens=99, baseline=str(baseline),
-        model_generator=FakeModel(questions), judge_generator=judge,
-    )  # fmt: skip
+        cfg, "fake-model", out, model_generator=FakeModel(questions), judge_generator=judge
+    )
     return out, results, judge, baseline
 
 
@@ -463,10 +462,17 @@ def test_pairwise_baseline_spec_is_answered_by_the_same_protocol(tmp_path, setup
     path, questions, _, _ = setup
     base = FakeModel(questions, fail={(82, 2)}, prefix="base", model_id="base-gen")
     judge, out = FakePairJudge(), tmp_path / "out"
+    cfg = MtBenchEvalConfig(
+        judge="fake-judge", questions=str(path), limit=4, max_new_tokens=55, baseline="base-spec"
+    )
     results = run_mt_bench(
-        "fake-model", "fake-judge", out, questions=path, limit=4, max_new_tokens=55, baseline="base-spec",
-        model_generator=FakeModel(questions), judge_generator=judge, baseline_generator=base,
-    )  # fmt: skip
+        cfg,
+        "fake-model",
+        out,
+        model_generator=FakeModel(questions),
+        judge_generator=judge,
+        baseline_generator=base,
+    )
     # the baseline: turn 1 then turn 2 (its own answer in the history), writing's temperature and seed
     assert [(p.temperature, p.seed, p.max_tokens, len(c)) for c, p in base.calls] == [(0.7, 0, 55, 4)] * 2
     assert base.calls[1][0][0][1] == {"role": "assistant", "content": "base-81-t1"}
@@ -506,8 +512,10 @@ def test_baseline_answer_files_fastchat_format_and_errors(tmp_path, setup):
     with pytest.raises(DataError, match=r"short\.jsonl:2: record: invalid JSON"):
         read_answer_file(short, questions[:1])
     with pytest.raises(DataError, match="no such file"):  # a .jsonl baseline is a file, never a model spec
-        run_mt_bench("m", "j", tmp_path / "o", limit=1, baseline=str(tmp_path / "missing.jsonl"),
-                     model_generator=FakeModel(questions), judge_generator=FakePairJudge())  # fmt: skip
+        cfg = MtBenchEvalConfig(judge="j", limit=1, baseline=str(tmp_path / "missing.jsonl"))
+        run_mt_bench(
+            cfg, "m", tmp_path / "o", model_generator=FakeModel(questions), judge_generator=FakePairJudge()
+        )
 
 
 def test_pairwise_through_the_cli_with_the_tiny_model(tmp_path, setup, tiny_model_dir):
@@ -584,10 +592,10 @@ def test_logprobs_mode_scores_the_expected_rating_of_the_official_prompt(tmp_pat
     path, questions, prompts, references = setup
     judge = FakeLogprobJudge(LOGPROB_TOPS, list(JUDGE_ANSWERS))
     out = tmp_path / "out"
+    cfg = MtBenchEvalConfig(judge="fake-judge", questions=str(path), judge_mode="logprobs")
     results = run_mt_bench(
-        "fake-model", "fake-judge", out, questions=path, judge_mode="logprobs",
-        model_generator=FakeModel(questions), judge_generator=judge,
-    )  # fmt: skip
+        cfg, "fake-model", out, model_generator=FakeModel(questions), judge_generator=judge
+    )
 
     # one scoring call per judge prompt, both prefixes at once, the rating digits always scored
     assert len(judge.calls) == 12
@@ -655,11 +663,11 @@ def test_logprobs_mode_needs_a_judge_that_scores_forced_answers(tmp_path, setup)
     path, questions, _, _ = setup
     model = FakeModel(questions)
     with pytest.raises(ConfigError, match=r"judge_mode logprobs.*'text-judge'"):
-        run_mt_bench("m", "text-judge", tmp_path / "o", questions=path, judge_mode="logprobs",
-                     model_generator=model, judge_generator=FakeJudge())  # fmt: skip
+        cfg = MtBenchEvalConfig(judge="text-judge", questions=str(path), judge_mode="logprobs")
+        run_mt_bench(cfg, "m", tmp_path / "o", model_generator=model, judge_generator=FakeJudge())
     assert model.calls == []  # refused before any answer is generated
-    with pytest.raises(ConfigError, match="judge_mode: 'probs'"):
-        run_mt_bench("m", "j", tmp_path / "o", questions=path, judge_mode="probs", model_generator=model)
+    with pytest.raises(ConfigError, match=r"judge_mode: must be one of 'text' \| 'logprobs', got 'probs'"):
+        build(MtBenchEvalConfig, {"judge_mode": "probs"})  # the config refuses it, before any run
 
 
 def test_pairwise_logprobs_mode_takes_the_likeliest_verdict_per_order(tmp_path, setup):
@@ -667,10 +675,12 @@ def test_pairwise_logprobs_mode_takes_the_likeliest_verdict_per_order(tmp_path, 
     baseline = write_baseline(tmp_path / "answers.jsonl", questions)
     judge = FakeLogprobJudge(PAIR_TOPS, list(PAIR_VERDICTS))
     out = tmp_path / "out"
+    cfg = MtBenchEvalConfig(
+        judge="fake-judge", questions=str(path), limit=2, baseline=str(baseline), judge_mode="logprobs"
+    )
     results = run_mt_bench(
-        "fake-model", "fake-judge", out, questions=path, limit=2, baseline=str(baseline),
-        judge_mode="logprobs", model_generator=FakeModel(questions), judge_generator=judge,
-    )  # fmt: skip
+        cfg, "fake-model", out, model_generator=FakeModel(questions), judge_generator=judge
+    )
     assert len(judge.calls) == 8
     assert {(c[1], c[3]) for c in judge.calls} == {(("[[",), ("A", "B", "C"))}
     lines = read_jsonl(out / "pairwise.jsonl")

@@ -6,6 +6,7 @@ reference pass, and the CUDA varlen kernel against the dense path (`gpu`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,13 +18,13 @@ import torch.nn.functional as F
 from conftest import make_tiny_llama
 from rounding import BUG_FACTOR, preference_tolerance, tolerance
 from varlen_fake import FakeVarlen, use_fake_kernel
-from zephyr.data.packing import collate_shared_prefix
-from zephyr.training import attention
-from zephyr.training.attention import (
+from zephyr.data.packing import SharedKeys, collate_shared_prefix
+from zephyr.scoring import attention
+from zephyr.scoring.attention import (
     Segments,
-    dense_shared_attention,
+    dense_block_attention,
     register_packed_attention,
-    shared_causal_mask,
+    segment_blocks,
 )
 from zephyr.training.logps import compute_logps, pack_pairs, pair_logps, tokenize_pairs
 
@@ -69,17 +70,29 @@ def test_collate_shared_prefix_golden():
     batch = collate_shared_prefix([([1, 2, 3], [[4, 5], [6, 7, 8]]), ([9], [[10], [11, 12]])])
     # group 0: [1 2 3 4 5] then [3 6 7 8] (the prompt's last token repeated, positions continuing at 2);
     # group 1: [9 10] then [9 11 12]
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 3, 6, 7, 8, 9, 10, 9, 11, 12]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 5, 0, 1, 0, 1, 2]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 3, 6, 7, 8, 9, 10, 9, 11, 12]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 5, 0, 1, 0, 1, 2]]
     x = -100
-    assert batch["labels"].tolist() == [[x, x, 4, 5, x, 6, 7, 8, x, 10, x, 11, 12, x]]
-    assert batch["doc_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3]]
-    assert batch["cu_seqlens"].tolist() == [0, 5, 9, 11, 14]
+    assert batch.labels.tolist() == [[x, x, 4, 5, x, 6, 7, 8, x, 10, x, 11, 12, x]]
+    assert batch.doc_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3]]
+    assert batch.cu_seqlens.tolist() == [0, 5, 9, 11, 14]
+    assert batch.num_docs == 4
     # keys: [1 2 3 4 5], [1 2 | 3 6 7 8], [9 10], [| 9 11 12]
-    assert batch["cu_seqlens_k"].tolist() == [0, 5, 11, 13, 16]
-    assert batch["kv_index"].tolist() == [0, 1, 2, 3, 4, 0, 1, 5, 6, 7, 8, 9, 10, 11, 12, 13]
-    assert (batch["max_seqlen"], batch["max_seqlen_k"]) == (5, 6)
-    assert batch["cu_seqlens"].dtype == batch["cu_seqlens_k"].dtype == torch.int32
+    assert batch.shared.cu_seqlens_k.tolist() == [0, 5, 11, 13, 16]
+    assert batch.shared.kv_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert (batch.max_seqlen, batch.shared.max_seqlen_k) == (5, 6)
+    assert batch.cu_seqlens.dtype == batch.shared.cu_seqlens_k.dtype == torch.int32
+
+
+def test_groups_of_one_answer_share_nothing():
+    from zephyr.data.packing import collate_packed
+
+    batch = collate_shared_prefix([([1, 2], [[3, 4]]), ([5], [[6]])])
+    assert batch.shared is None
+    packed = collate_packed([([1, 2, 3, 4], [0, 0, 1, 1]), ([5, 6], [0, 1])])
+    for name in ("input_ids", "position_ids", "labels", "doc_ids", "cu_seqlens"):
+        assert torch.equal(getattr(batch, name), getattr(packed, name)), name
+    assert (batch.max_seqlen, batch.num_docs) == (packed.max_seqlen, packed.num_docs) == (4, 2)
 
 
 @pytest.mark.parametrize(
@@ -92,52 +105,72 @@ def test_collate_shared_prefix_refuses_empty_parts(groups):
         collate_shared_prefix(groups)
 
 
-def test_shared_causal_mask_golden():
-    # segment 0: 2 queries, 2 keys (causal); segment 1: 2 queries aligned to the end of 3 keys
-    mask = shared_causal_mask(torch.tensor([0, 2, 4]), torch.tensor([0, 2, 5]))
-    assert mask.shape == (1, 1, 4, 5)
-    assert mask[0, 0].int().tolist() == [
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [0, 0, 1, 1, 0],
-        [0, 0, 1, 1, 1],
+def shared_segments(batch) -> Segments:
+    return Segments(
+        batch.cu_seqlens,
+        batch.shared.cu_seqlens_k,
+        batch.max_seqlen,
+        batch.shared.max_seqlen_k,
+        batch.shared.kv_index,
+    )
+
+
+def test_dense_blocks_of_a_shared_prefix_golden():
+    # [1 2 3 4 5 | 3 6 7 8]: one block; the second answer's queries see the prompt's first two tokens (rows
+    # 0, 1: its keys 0 and 1) and its own segment causally, never the first answer
+    batch = collate_shared_prefix([([1, 2, 3], [[4, 5], [6, 7, 8]])])
+    blocks = segment_blocks(shared_segments(batch), 9)
+    assert blocks.index.tolist() == [list(range(9))] and blocks.slots.tolist() == list(range(9))
+    assert blocks.mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 1, 0],
+        [1, 1, 0, 0, 0, 1, 1, 1, 1],
     ]
 
 
-def test_shared_causal_mask_with_a_window_golden():
-    # window 2: each query sees its own key and the one before; segment 1's 2 queries sit on keys 2 and 3
-    # of its 4 keys
-    mask = shared_causal_mask(torch.tensor([0, 3, 5]), torch.tensor([0, 3, 7]), window=2)
-    assert mask[0, 0].int().tolist() == [
-        [1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0],
-        [0, 1, 1, 0, 0, 0, 0],
-        [0, 0, 0, 0, 1, 1, 0],
-        [0, 0, 0, 0, 0, 1, 1],
+def test_dense_blocks_with_a_window_golden():
+    # window 2, counted among each segment's keys: a query sees its own key and the one before it; the
+    # second answer's first query (key 2 of [1 2 | 3 6 7 8]) sees key 1, the prompt's second token (row 1)
+    batch = collate_shared_prefix([([1, 2, 3], [[4, 5], [6, 7, 8]])])
+    mask = segment_blocks(shared_segments(batch), 9, window=2).mask[0, 0].int().tolist()
+    assert mask == [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1, 1],
     ]
 
 
-def test_shared_causal_mask_with_equal_lengths_is_block_causal():
-    cu = torch.tensor([0, 3, 4, 9])
-    expected = attention.block_causal_mask(attention.segment_ids_from_cu_seqlens(cu, 9))
-    assert torch.equal(shared_causal_mask(cu, cu), expected)
+def test_dense_blocks_are_the_groups():
+    # two groups: two blocks padded to the longer (9 and 6 rows); a prompt of one token shares no key, so
+    # its answers are blocks of their own
+    batch = collate_shared_prefix([([1, 2, 3], [[4, 5], [6, 7, 8]]), ([9, 10], [[11], [12, 13]])])
+    blocks = segment_blocks(shared_segments(batch), 15)
+    assert blocks.index[:, 0].tolist() == [0, 9] and blocks.mask.shape == (2, 1, 9, 9)
+    alone = collate_shared_prefix([([1], [[2, 3], [4]])])
+    assert segment_blocks(shared_segments(alone), 5).index.tolist() == [[0, 1, 2], [3, 4, 4]]
 
 
-def test_dense_shared_attention_equals_attention_over_each_segments_keys_with_gqa():
+def test_dense_attention_of_a_shared_row_equals_attention_over_each_segments_keys_with_gqa():
     g = torch.Generator().manual_seed(0)
     batch = collate_shared_prefix([([1, 2, 3, 4], [[5, 6], [7, 8, 9]]), ([1, 2], [[3], [4, 5]])])
-    t = batch["input_ids"].shape[1]
+    t = batch.input_ids.shape[1]
     q = torch.randn(1, 4, t, 8, generator=g)
     k = torch.randn(1, 2, t, 8, generator=g)  # two query heads per KV head
     v = torch.randn(1, 2, t, 8, generator=g)
-    seg = Segments(
-        batch["cu_seqlens"],
-        batch["cu_seqlens_k"],
-        batch["max_seqlen"],
-        batch["max_seqlen_k"],
-        batch["kv_index"],
-    )
-    out = dense_shared_attention(q, k, v, seg, 0.0, None)
+    seg = shared_segments(batch)
+    out = dense_block_attention(q, k, v, seg, 0.0, None)
     cu_q, cu_k, index = seg.cu_q.tolist(), seg.cu_k.tolist(), seg.kv_index
     for s in range(len(cu_q) - 1):
         rows = index[cu_k[s] : cu_k[s + 1]]  # this segment's keys: the row positions it attends to
@@ -183,24 +216,25 @@ def test_pair_logps_with_sharing_equal_the_unshared_rows_and_full_logits(model, 
 def test_sharing_runs_each_prompt_once_and_counts_unshared_tokens(pairs):
     plain, shared = pack_pairs(pairs), pack_pairs(pairs, prefix_sharing=True)
     saved = sum(len(p.prompt_ids) - 1 for p in pairs)  # the prompt's last token runs twice
-    assert shared["input_ids"].numel() == plain["input_ids"].numel() - saved
-    assert shared["num_tokens"] == plain["num_tokens"] == plain["input_ids"].numel()
-    assert shared["num_pairs"] == plain["num_pairs"] == len(pairs)
+    assert shared.rows.input_ids.numel() == plain.rows.input_ids.numel() - saved
+    assert shared.num_tokens == plain.num_tokens == plain.rows.input_ids.numel()
+    assert shared.num_pairs == plain.num_pairs == len(pairs)
+    assert plain.rows.shared is None and shared.rows.shared is not None
 
 
 def test_every_layer_takes_the_shared_path(model, pairs, monkeypatch):
     calls = []
-    original = attention.dense_shared_attention
+    original = attention.dense_block_attention
 
     def spy(query, key, value, segments, *args, **kwargs):
         calls.append(int(segments.kv_index.numel()))
         return original(query, key, value, segments, *args, **kwargs)
 
-    monkeypatch.setattr(attention, "dense_shared_attention", spy)
+    monkeypatch.setattr(attention, "dense_block_attention", spy)
     batch = pack_pairs(pairs[:2], prefix_sharing=True)
     with torch.no_grad():
         pair_logps(model, batch)
-    assert calls == [batch["kv_index"].numel()] * model.config.num_hidden_layers
+    assert calls == [batch.rows.shared.kv_index.numel()] * model.config.num_hidden_layers
 
 
 def test_rejected_without_the_prompt_keys_differs(model, pairs):
@@ -210,11 +244,9 @@ def test_rejected_without_the_prompt_keys_differs(model, pairs):
     # -130, 12 tolerances).
     pair = max(pairs, key=lambda p: len(p.prompt_ids))
     good = pack_pairs([pair], prefix_sharing=True)
-    bad = dict(good)
-    n_a = int(good["cu_seqlens"][1])
-    bad["kv_index"] = torch.cat([torch.arange(n_a), torch.arange(n_a, good["input_ids"].shape[1])])
-    bad["cu_seqlens_k"] = good["cu_seqlens"].clone()
-    bad["max_seqlen_k"] = good["max_seqlen"]
+    rows = good.rows
+    own_keys = SharedKeys(rows.cu_seqlens.clone(), rows.max_seqlen, torch.arange(rows.input_ids.shape[1]))
+    bad = dataclasses.replace(good, rows=dataclasses.replace(rows, shared=own_keys))
     with torch.no_grad():
         right, wrong = pair_logps(model, good), pair_logps(model, bad)
     assert float(wrong.chosen[0]) == pytest.approx(float(right.chosen[0]), abs=tolerance(right.chosen))
@@ -224,7 +256,9 @@ def test_rejected_without_the_prompt_keys_differs(model, pairs):
 def test_a_model_with_other_attention_is_refused(pairs):
     net = make_tiny_llama(128)  # sdpa: it would ignore the key index and read the wrong keys
     batch = pack_pairs(pairs[:1], prefix_sharing=True)
-    batch["input_ids"] = batch["input_ids"] % 128
+    batch = dataclasses.replace(
+        batch, rows=dataclasses.replace(batch.rows, input_ids=batch.rows.input_ids % 128)
+    )
     with pytest.raises(ValueError, match="zephyr_packed"):
         pair_logps(net, batch)
 
@@ -374,7 +408,7 @@ def test_dpo_step_zero_loss_is_ln2_with_sharing(model_dir, tmp_path, reference):
     examples = list(task.train_examples())[::-1]  # other groupings than the reference pass's
     for start in range(0, len(examples), 4):
         batch = task.collate(examples[start : start + 4])
-        assert "kv_index" in batch
+        assert batch.rows.shared is not None
         assert task.tokens(batch) == sum(e.pair.num_tokens for e in examples[start : start + 4])
         out = task.loss(policy, batch)
         logps = [float(out.metric_sums[f"logps/{k}"]) / task.units(batch) for k in ("chosen", "rejected")]
@@ -396,7 +430,7 @@ def test_varlen_shared_attention_equals_dense_path():
     _needs_varlen()
     groups = [(list(range(37)), [list(range(90)), list(range(55))]), ([1], [[2], list(range(160))])]
     batch = collate_shared_prefix(groups)
-    t = batch["input_ids"].shape[1]
+    t = batch.input_ids.shape[1]
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(heads):
@@ -405,13 +439,7 @@ def test_varlen_shared_attention_equals_dense_path():
         )
 
     q, k, v = rand(8), rand(2), rand(2)
-    seg = Segments(
-        batch["cu_seqlens"].cuda(),
-        batch["cu_seqlens_k"].cuda(),
-        batch["max_seqlen"],
-        batch["max_seqlen_k"],
-        batch["kv_index"].cuda(),
-    )
+    seg = shared_segments(batch.to("cuda"))
     out = attention.varlen_causal_attention(
         q,
         k,
@@ -426,7 +454,7 @@ def test_varlen_shared_attention_equals_dense_path():
     grad_out = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.bfloat16)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    expected = dense_shared_attention(q32, k32, v32, seg, 0.0, 0.125)
+    expected = dense_block_attention(q32, k32, v32, seg, 0.0, 0.125)
     expected_grads = torch.autograd.grad(expected, (q32, k32, v32), grad_out.float())
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     for got, want in zip(grads, expected_grads, strict=True):
@@ -448,7 +476,7 @@ def random_pairs(vocab: int, lengths, seed: int = 0):
 def test_shared_varlen_pair_logps_equal_the_padded_path_in_bf16():
     _needs_varlen()
     from zephyr.data.packing import collate_padded
-    from zephyr.training.forward import sequence_logps, target_doc_ids, token_logps
+    from zephyr.scoring.forward import sequence_logps, target_doc_ids, token_logps
 
     register_packed_attention()
     vocab = 256

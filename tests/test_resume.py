@@ -62,10 +62,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, smollm_dir)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(zephyr_sft(recipe, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
     while not (killed / "checkpoint-2" / "trainer_state.json").exists():
         assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -148,8 +148,8 @@ def test_loss_on_all_trains_every_token_of_each_conversation(tiny_model_dir, tmp
 
 def test_packed_and_padded_batches_give_the_same_token_losses(tiny_model_dir):
     from zephyr.models.load import load_model
-    from zephyr.training.attention import register_packed_attention
-    from zephyr.training.forward import token_logps
+    from zephyr.scoring.attention import register_packed_attention
+    from zephyr.scoring.forward import token_logps
 
     task = SFTTask(sft_config(tiny_model_dir, Path("unused"), packing=False))
     docs = list(task.train_examples())[:6]

@@ -21,7 +21,7 @@ import torch
 
 from conftest import make_tiny_llama
 from rounding import preference_tolerance, tolerance
-from zephyr.core.config import DPOConfig
+from zephyr.core.config import DPOConfig, LogpsConfig
 from zephyr.data.chat import render_text
 from zephyr.training.logps import read_pairs, run_logps, split_pair
 
@@ -150,7 +150,7 @@ def trl_precomputed(setup):
 
 def test_zephyr_logps_equals_trl_precomputed_reference(setup, trl_precomputed, tmp_path):
     out = tmp_path / "logps.jsonl"
-    run_logps(model=str(setup["reference"]), data=str(setup["data"]), out=str(out), batch_size=3)
+    run_logps(LogpsConfig(model=str(setup["reference"]), data=str(setup["data"]), out=str(out), batch_size=3))
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["prompt_id"] for x in lines] == [r["prompt_id"] for r in setup["records"]]
     ours = _ours(setup)

@@ -1,20 +1,28 @@
 """The `zephyr` command: parses arguments and hands off to the stage modules.
 
-Stage modules are imported inside each handler so that `zephyr check` and `zephyr --help` stay fast
-(no torch import) and a missing optional extra only matters to the command that needs it.
+The stage commands, their help and the flags of `zephyr eval ...` and `zephyr logps` come from the stage
+table (`zephyr.stages.STAGES`) and the fields of each stage's config dataclass. Stage modules are imported
+when a command runs (the table names run functions by module), so that `zephyr check` and `zephyr --help`
+stay fast (no torch import) and a missing optional extra only matters to the command that needs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import re
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from zephyr.core.errors import ZephyrError
+from zephyr.core.config import EvalTarget, build, field_help
+from zephyr.core.errors import ConfigError, ZephyrError
+from zephyr.core.specs import STAGE_REF
+from zephyr.stages import STAGES, Stage, evaluations, pipeline_stages, stage
 
 
 @contextlib.contextmanager
@@ -61,7 +69,9 @@ def _batch_lines(recipe: Any, processes: int) -> list[str]:
 
     if processes < 1:
         raise ConfigError(f"--num-processes: must be at least 1, got {processes}")
-    sections = [(name, getattr(recipe, name)) for name in ("sft", "dpo")]
+    sections = [
+        (s.name, getattr(recipe, s.name)) for s in pipeline_stages() if s.trains and s.plan == "section"
+    ]
     return [f"{name}: {batch_plan(cfg, processes, name)}" for name, cfg in sections if cfg is not None]
 
 
@@ -111,79 +121,39 @@ def _refuse_stage_refs(cfg: Any, name: str, recipe: str) -> None:
 
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if isinstance(value, str) and value.startswith("stage:"):
+        if isinstance(value, str) and value.startswith(STAGE_REF):
             raise ConfigError(
                 f"{recipe}: {name}.{f.name}: {value!r} names another stage's output, which only "
                 f"`zephyr run` resolves; run the pipeline, or give a path"
             )
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
-    cfg = _recipe_section(args, "sft")
-    from zephyr.stages.sft.run import run_sft
-
-    run_sft(cfg, resume=args.resume)
+def _cmd_stage(args: argparse.Namespace) -> int:
+    """A stage of the pipeline on its own: the recipe's section of it."""
+    s = stage(args.stage)
+    cfg = _recipe_section(args, s.name)
+    run = s.run_function()
+    if s.trains:
+        run(cfg, resume=args.resume)
+    else:
+        run(cfg)
     return 0
 
 
-def _cmd_dpo(args: argparse.Namespace) -> int:
-    cfg = _recipe_section(args, "dpo")
-    from zephyr.stages.dpo.run import run_dpo
-
-    run_dpo(cfg, resume=args.resume)
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    cfg = _recipe_section(args, "generate")
-    from zephyr.stages.generate.run import run_generate
-
-    run_generate(cfg)
-    return 0
-
-
-def _cmd_feedback(args: argparse.Namespace) -> int:
-    cfg = _recipe_section(args, "feedback")
-    from zephyr.stages.feedback.run import run_feedback
-
-    run_feedback(cfg)
-    return 0
-
-
-def _cmd_curate(args: argparse.Namespace) -> int:
-    cfg = _recipe_section(args, "curate")
-    from zephyr.stages.curate.run import run_curate
-
-    run_curate(cfg)
-    return 0
-
-
-def _cmd_logps(args: argparse.Namespace) -> int:
-    from zephyr.training.logps import run_logps
-
-    run_logps(
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        chat_template=args.chat_template,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        on_bad_record=args.on_bad_record,
-        prefix_sharing=args.prefix_sharing,
-    )
+def _cmd_with_flags(args: argparse.Namespace) -> int:
+    """A command outside the pipeline whose flags are its config's fields (`zephyr logps`)."""
+    s = stage(args.stage)
+    s.run_function()(_config_from_args(s.config, args, s.name))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    if args.eval_command == "mt-bench":
-        from zephyr.stages.mt_bench.run import run_mt_bench as runner
-    elif args.eval_command == "alpaca-eval":
-        from zephyr.stages.alpaca_eval.run import run_alpaca_eval as runner
-    else:
-        from zephyr.stages.mc.run import run_mc as runner
-    results = _call_with_args(runner, args)
-    print(f"{headline(results)}results in {args.out}/results.json")
+    evaluation = next(s for s in evaluations() if s.command == args.eval_command)
+    label = f"eval {evaluation.command}"
+    target = _config_from_args(EvalTarget, args, label)
+    cfg = _config_from_args(evaluation.config, args, label)
+    results = evaluation.run_function()(cfg, target.model, target.out)
+    print(f"{headline(results)}results in {target.out}/results.json")
     return 0
 
 
@@ -199,12 +169,55 @@ def headline(results: object) -> str:
     return ""
 
 
-def _call_with_args(runner: Callable[..., object], args: argparse.Namespace) -> object:
-    """Call a runner with the parsed options named like its parameters (each flag's dest is one)."""
-    import inspect
+# ---------------------------------------------------------------------------------------------------------
+# Flags from config dataclasses: each field one flag (`--max-new-tokens` for `max_new_tokens`), with the
+# field's type, default and help (`field_help`); the parsed values are built into the config like a
+# recipe section, so the same checks apply and an option is written once, in its dataclass.
 
-    names = inspect.signature(runner).parameters
-    return runner(**{name: value for name, value in vars(args).items() if name in names})
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    helps, hints = field_help(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flag", True):
+            p.add_argument(_flag(f.name), dest=f.name, **_flag_options(f, hints[f.name], helps[f.name]))
+
+
+def _flag_options(f: dataclasses.Field[Any], tp: Any, help_text: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"help": help_text.replace("%", "%%") or None}
+    no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    default = None if no_default else f.default
+    if no_default or f.metadata.get("flag_required"):
+        options["required"] = True
+    else:
+        options["default"] = default
+    args = typing.get_args(tp)
+    if type(None) in args:  # `X | None`: the flag takes an X
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        options["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+    elif typing.get_origin(tp) is typing.Literal:
+        options["choices"] = list(typing.get_args(tp))
+    elif tp in (int, float):
+        options["type"] = tp
+    elif tp is not str:
+        raise TypeError(f"{f.name}: no command-line flag for a field of type {tp!r}")
+    return options
+
+
+def _config_from_args(cls: type, args: argparse.Namespace, label: str) -> Any:
+    """The config of a command's flags, built and validated like a recipe section; an error names the flag."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    try:
+        return build(cls, values, label)
+    except ConfigError as exc:
+        key = re.match(rf"{re.escape(label)}\.(\w+)", str(exc))
+        if key is None:
+            raise
+        raise ConfigError(f"{label}: {_flag(key[1])}{str(exc)[key.end() :]}") from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -268,9 +281,6 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.01")
 
 
-JUDGE_MODE_HELP = "text: parse the judge's answer; logprobs: from its token probabilities (local judges)"
-
-
 def _add_check_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="validate a recipe without running it")
     _add_recipe_args(p)
@@ -309,112 +319,32 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_data)
 
 
-# The pipeline's stages, in order: (command, help, handler, whether it trains and so can resume).
-_STAGE_COMMANDS = (
-    ("generate", "teacher-written dialogues for dSFT (self-instruct, UltraChat)", _cmd_generate, False),
-    ("curate", "curate teacher dialogues into the dSFT set", _cmd_curate, False),
-    ("sft", "supervised fine-tuning (dSFT)", _cmd_sft, True),
-    ("feedback", "AI feedback: completions from several models, a judge, pairs", _cmd_feedback, False),
-    ("dpo", "direct preference optimisation (dDPO)", _cmd_dpo, True),
-)
-
-
-def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
-    for name, help_text, handler, trains in _STAGE_COMMANDS:
-        p = sub.add_parser(name, help=help_text)
+def _add_stage_parser(sub: argparse._SubParsersAction, s: Stage) -> None:
+    """A command of the stage table: a pipeline stage on a recipe's section, `zephyr eval` with a
+    subcommand per evaluation, or a command whose flags are its config's fields."""
+    p = sub.add_parser(s.command or s.name, help=s.help)
+    p.set_defaults(stage=s.name)
+    if s.plan == "section":
         _add_recipe_args(p)
-        if trains:
+        if s.trains:
             p.add_argument(
                 "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
             )
-        p.set_defaults(handler=handler)
-
-
-def _add_logps_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("logps", help="per-pair sequence log-probs of a model on a preference file")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--chat-template", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--max-prompt-length", type=int, default=None)
-    p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
-    p.add_argument("--prefix-sharing", action="store_true", help="run each pair's prompt once (same numbers)")
-    p.set_defaults(handler=_cmd_logps)
-
-
-def _add_mt_bench_parser(esub: argparse._SubParsersAction) -> None:
-    t = esub.add_parser("mt-bench", help="MT-Bench: two-turn answers graded 1-10 by a judge")
-    t.add_argument("--model", required=True, help="the model to evaluate (spec)")
-    t.add_argument("--judge", required=True, help="judge spec, e.g. openai:gpt-4@https://HOST/v1")
-    t.add_argument("--out", required=True)
-    t.add_argument("--questions", default=None, help="FastChat question.jsonl (default: the mt-bench asset)")
-    t.add_argument("--limit", type=int, default=None, help="first N questions")
-    t.add_argument("--max-new-tokens", type=int, default=1024)
-    t.add_argument("--judge-max-tokens", type=int, default=2048)
-    t.add_argument(
-        "--baseline",
-        default=None,
-        help="pairwise mode: a baseline model spec or its answers.jsonl; judged both orders (position swap)",
-    )
-    t.add_argument("--judge-mode", choices=["text", "logprobs"], default="text", help=JUDGE_MODE_HELP)
-
-
-def _add_alpaca_eval_parser(esub: argparse._SubParsersAction) -> None:
-    from zephyr.core.config import DEFAULT_ALPACA_EVAL_ANNOTATOR
-
-    a = esub.add_parser("alpaca-eval", help="AlpacaEval: pairwise win rate against reference outputs")
-    a.add_argument("--model", required=True)
-    a.add_argument("--judge", required=True)
-    a.add_argument("--out", required=True)
-    a.add_argument("--instructions", default="hf:tatsu-lab/alpaca_eval:eval", help="JSONL or hf:NAME:SPLIT")
-    a.add_argument("--limit", type=int, default=None)
-    a.add_argument("--max-new-tokens", type=int, default=2048)
-    a.add_argument(
-        "--annotator",
-        default=DEFAULT_ALPACA_EVAL_ANNOTATOR,
-        help="alpaca_eval annotator: alpaca_eval_gpt4 (AlpacaEval 1, default), weighted_alpaca_eval_gpt4_turbo "
-        "(AlpacaEval 2.0), chatgpt",
-    )
-    a.add_argument("--judge-mode", choices=["text", "logprobs"], default="text", help=JUDGE_MODE_HELP)
-    a.add_argument(
-        "--lc-data",
-        default=None,
-        help="alpaca_eval's df_gamed.csv (FILE or hf:tatsu-lab/alpaca_eval) for the length_controlled_v1 LC "
-        "win rate; without it: length_controlled_minimal",
-    )
-
-
-def _add_mc_parser(esub: argparse._SubParsersAction) -> None:
-    m = esub.add_parser("mc", help="log-likelihood multiple choice (lm-evaluation-harness semantics)")
-    m.add_argument("--model", required=True)
-    m.add_argument("--data", help="MC JSONL file (or hf:NAME[:SPLIT])")
-    m.add_argument(
-        "--preset",
-        default=None,
-        help="arc | hellaswag | mmlu | truthfulqa | truthfulqa_mc1 (Open LLM v1 settings)",
-    )
-    m.add_argument("--out", required=True)
-    m.add_argument("--fewshot-data", default=None, help="file of few-shot examples (MC format)")
-    m.add_argument(
-        "--num-fewshot",
-        type=int,
-        default=None,
-        help="few-shot examples per item (default: the preset's, else 0)",
-    )
-    m.add_argument("--max-length", type=int, default=None, help="left-truncate contexts to this many tokens")
-    m.add_argument("--batch-size", type=int, default=16)
-    m.add_argument("--limit", type=int, default=None)
-
-
-def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model: MT-Bench, AlpacaEval, multiple choice")
-    esub = p.add_subparsers(dest="eval_command", required=True)
-    _add_mt_bench_parser(esub)
-    _add_alpaca_eval_parser(esub)
-    _add_mc_parser(esub)
-    p.set_defaults(handler=_cmd_eval)
+        p.set_defaults(handler=_cmd_stage)
+    elif s.plan == "evals":
+        esub = p.add_subparsers(dest="eval_command", required=True)
+        for evaluation in evaluations():
+            e = esub.add_parser(evaluation.command or evaluation.name, help=evaluation.help)
+            _add_config_flags(e, EvalTarget)
+            _add_config_flags(e, evaluation.config)
+        p.set_defaults(handler=_cmd_eval)
+    elif s.plan == "report":
+        p.add_argument("run", help="run folder written by `zephyr run`")
+        p.add_argument("--out", default=None, help="folder for the report files (default: the run folder)")
+        p.set_defaults(handler=_cmd_report)
+    else:
+        _add_config_flags(p, s.config)
+        p.set_defaults(handler=_cmd_with_flags)
 
 
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:
@@ -424,13 +354,6 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", default=None, metavar="STAGE", help="run only STAGE (its inputs must be done)")
     p.add_argument("--output-dir", default=None, help="the run folder (default: run.output_dir)")
     p.set_defaults(handler=_cmd_run)
-
-
-def _add_report_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="report.json, report.md and a self-contained report.html of a run")
-    p.add_argument("run", help="run folder written by `zephyr run`")
-    p.add_argument("--out", default=None, help="folder for the report files (default: the run folder)")
-    p.set_defaults(handler=_cmd_report)
 
 
 def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
@@ -463,11 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_parser(sub)
     _add_assets_parser(sub)
     _add_data_parser(sub)
-    _add_stage_parsers(sub)
-    _add_logps_parser(sub)
-    _add_eval_parser(sub)
+    for s in STAGES:  # the stage table's commands, in its order
+        if s.command is not None and s.plan != "evaluation":
+            _add_stage_parser(sub, s)
     _add_run_parser(sub)
-    _add_report_parser(sub)
     _add_chat_parser(sub)
     _add_serve_parser(sub)
     return parser

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zephyr.core.errors import DataError, ZephyrError
+from zephyr.core.specs import HubSpec as HubSpec  # hub data specs: one grammar, in zephyr.core.specs
+from zephyr.core.specs import is_hub_spec, parse_hub_spec
 from zephyr.data.schema import FORMATS, ID_FIELDS, Problem, detect_format, json_type
 
 logger = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ def _undetected(record: Any) -> Problem:
 def iter_rows(source: str) -> Iterator[_Row]:
     """(line, decoded value, decode problem or None) of every record of a source, before any schema check:
     for readers of files that are not one of the record formats (prompt lists, say)."""
-    if source.startswith("hf:"):
+    if is_hub_spec(source):
         return _iter_hub(source)
     path = Path(source)
     if path.suffix not in SUFFIXES:
@@ -227,28 +229,6 @@ def _iter_parquet(source: str) -> Iterator[_Row]:
         for record in batch.to_pylist():
             row += 1
             yield row, record, None
-
-
-@dataclass(frozen=True)
-class HubSpec:
-    """A hub dataset: `hf:NAME[@REVISION][:SPLIT]`. The revision (a commit, tag or branch) pins the data;
-    without one the hub's latest is read, which may change between runs."""
-
-    name: str
-    revision: str | None = None
-    split: str | None = None
-
-
-HUB_SPEC = re.compile(r"hf:(?P<name>[^@:\s]+)(?:@(?P<revision>[^@:\s]+))?(?::(?P<split>[^@:\s]+))?")
-
-
-def parse_hub_spec(source: str) -> HubSpec:
-    """`hf:NAME[@REVISION][:SPLIT]` into its parts; anything else is an error naming the source."""
-    match = HUB_SPEC.fullmatch(source)
-    if match is None:
-        example = "hf:HuggingFaceH4/ultrachat_200k@COMMIT:train_sft"
-        raise DataError(f"{source}: expected hf:NAME[@REVISION][:SPLIT], e.g. {example}")
-    return HubSpec(match["name"], match["revision"], match["split"])
 
 
 def _iter_hub(source: str) -> Iterator[_Row]:

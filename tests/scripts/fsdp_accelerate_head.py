@@ -18,8 +18,8 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import make_tiny_llama
 from zephyr.data.packing import collate_packed
-from zephyr.training.attention import register_packed_attention
-from zephyr.training.forward import token_logps
+from zephyr.scoring.attention import register_packed_attention
+from zephyr.scoring.forward import token_logps
 
 
 def model() -> torch.nn.Module:

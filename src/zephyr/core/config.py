@@ -9,10 +9,15 @@ Nothing heavy is imported by this module: `zephyr check` must answer in well und
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import math
 import re
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +26,8 @@ from typing import Any, Literal
 
 import yaml
 
-from zephyr.core.errors import ConfigError
+from zephyr.core.errors import ConfigError, ZephyrError
+from zephyr.core.specs import STAGE_REF, is_hub_spec, parse_hub_spec, parse_model_spec
 
 # ---------------------------------------------------------------------------------------------------------
 # Field constraints
@@ -47,6 +53,57 @@ def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         raise ConfigError(f"{key}: must be <= {meta['le']}, got {value}")
 
 
+# What a string field names: a model spec (`model`), a data source (`data`: a local file, `hf:NAME[@REV][:SPLIT]`
+# or an asset), or a local file or folder (`path`). Model and hub specs are parsed when the config is built;
+# a pipeline checks the local files and folders before its first stage (`spec_values`).
+SpecKind = Literal["model", "data", "path"]
+
+
+def spec_field(kind: SpecKind, default: Any, **metadata: Any) -> Any:
+    """A string field with a default that names a model, a data source or a local path (a list of them, or
+    a field without default: `field` with metadata `kind`). `metadata`: `help`, `flag` and `flag_required`
+    (see `field_help`)."""
+    return field(default=default, metadata={"kind": kind, **metadata})
+
+
+def _check_spec(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    """Parse a model or hub spec once, here, so a malformed one fails with its recipe key."""
+    kind = meta.get("kind")
+    values = value if isinstance(value, list) else [value]
+    for i, item in enumerate(values):
+        if not isinstance(item, str) or not item or item.startswith(STAGE_REF):
+            continue  # empty (wired by the pipeline) or another stage's output
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        try:
+            if kind == "model":
+                parse_model_spec(item)
+            elif kind == "data" and is_hub_spec(item):
+                parse_hub_spec(item)
+        except ZephyrError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def spec_values(cfg: Any, key: str) -> list[tuple[str, SpecKind, str]]:
+    """(dotted key, kind, value) of every non-empty spec field of a config, in nested configs and lists too."""
+    found: list[tuple[str, SpecKind, str]] = []
+    if isinstance(cfg, list):
+        for i, item in enumerate(cfg):
+            found += spec_values(item, f"{key}[{i}]")
+        return found
+    if not dataclasses.is_dataclass(cfg):
+        return found
+    for f in dataclasses.fields(cfg):
+        value, sub = getattr(cfg, f.name), f"{key}.{f.name}"
+        kind = f.metadata.get("kind")
+        if kind is None:
+            found += spec_values(value, sub)
+        elif isinstance(value, list):
+            found += [(f"{sub}[{i}]", kind, v) for i, v in enumerate(value) if isinstance(v, str) and v]
+        elif isinstance(value, str) and value:
+            found.append((sub, kind, value))
+    return found
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage configs
 
@@ -66,13 +123,14 @@ class LoraConfig:
 class TrainingConfig:
     """Fields shared by every training stage: there is one training loop."""
 
-    model: str = "asset:smollm2-135m-instruct"  # model spec: PATH, transformers:ID, asset:NAME
-    tokenizer: str | None = None  # defaults to the model's own
+    # model spec: PATH, transformers:ID, asset:NAME
+    model: str = spec_field("model", "asset:smollm2-135m-instruct")
+    tokenizer: str | None = spec_field("model", None)  # defaults to the model's own
     chat_template: str = (
         "auto"  # auto (the tokenizer's, else zephyr) | zephyr | chatml | path to a .jinja file
     )
-    train_data: str = ""  # JSONL / Parquet path or hf:NAME[@REVISION][:SPLIT]
-    eval_data: str | None = None
+    train_data: str = spec_field("data", "")  # JSONL / Parquet path or hf:NAME[@REVISION][:SPLIT]
+    eval_data: str | None = spec_field("data", None)
     eval_fraction: float = bounded(0.0, ge=0, le=0.5)  # held out from train_data when eval_data is unset
     max_samples: int | None = bounded(None, ge=1)
     on_bad_record: Literal["error", "skip"] = "error"
@@ -222,7 +280,8 @@ class DPOConfig(TrainingConfig):
     """dDPO: preference optimisation from the dSFT model, which is also the reference."""
 
     output_dir: str = "runs/dpo"
-    ref_model: str | None = None  # defaults to `model` (the dSFT model is its own reference)
+    # defaults to `model` (the dSFT model is its own reference)
+    ref_model: str | None = spec_field("model", None)
     loss: Literal["sigmoid", "ipo", "hinge", "cdpo", "rpo", "simpo"] = "sigmoid"
     beta: float = bounded(0.1, gt=0)  # paper: 0.1 (handbook retuned: 0.01)
     label_smoothing: float = bounded(0.0, ge=0, le=0.5)  # cDPO: probability that a label is flipped
@@ -254,9 +313,8 @@ class DPOConfig(TrainingConfig):
 class GeneratorConfig:
     """One teacher / generator: a model spec plus how to sample from it."""
 
-    model: str = (
-        "asset:smollm2-135m-instruct"  # PATH, transformers:ID, asset:NAME, openai:MODEL@URL, vllm:PATH
-    )
+    # PATH, transformers:ID, asset:NAME, openai:MODEL@URL, vllm:PATH
+    model: str = spec_field("model", "asset:smollm2-135m-instruct")
     name: str | None = None  # label written into outputs; defaults to the model spec
     system_prompt: str | None = None  # e.g. UltraFeedback's principle prompts (honesty, helpfulness, ...)
     temperature: float = bounded(0.7, ge=0)
@@ -278,7 +336,8 @@ class GenerateConfig:
     """dSFT data: teacher-written dialogues (self-instruct refinement or UltraChat-style multi-turn)."""
 
     strategy: Literal["self_instruct", "ultrachat"] = "ultrachat"
-    seeds: str = "recipes/data/seeds/questions.jsonl"  # seed prompts / topics / materials (JSONL)
+    # seed prompts / topics / materials (JSONL)
+    seeds: str = spec_field("data", "recipes/data/seeds/questions.jsonl")
     output_dir: str = "runs/generate"
     teacher: GeneratorConfig = field(default_factory=GeneratorConfig)
     user_simulator: GeneratorConfig | None = None  # ultrachat: the user's side; defaults to the teacher
@@ -305,7 +364,7 @@ class JudgeConfig:
     aspects: list[str] = field(
         default_factory=lambda: ["instruction_following", "helpfulness", "honesty", "truthfulness"]
     )
-    template_dir: str | None = None  # overrides the shipped rubric templates by file name
+    template_dir: str | None = spec_field("path", None)  # overrides the shipped rubric templates by file name
     repeats: int = bounded(1, ge=1)  # judgments per completion; the median is kept
     audit_log: bool = True  # every request and raw answer, one JSON line each
     # zephyr: zephyr's own rubric (templates/feedback); ultrafeedback: UltraFeedback's published annotation
@@ -343,7 +402,8 @@ class JudgeConfig:
 class FeedbackConfig:
     """AI feedback: K completions per prompt from a pool of generators, rated by a judge, binarized."""
 
-    prompts: str = ""  # conversations / pairs / prompt file; the prompt is all but the last assistant turn
+    # conversations / pairs / prompt file; the prompt is all but the last assistant turn
+    prompts: str = spec_field("data", "")
     output_dir: str = "runs/feedback"
     on_bad_record: Literal["error", "skip"] = "skip"
     num_prompts: int | None = bounded(None, ge=1)
@@ -379,7 +439,7 @@ class FeedbackConfig:
 class CurateConfig:
     """Curation of teacher dialogues into the dSFT set; every filter reports how many rows it removed."""
 
-    input: str = ""  # conversations file (JSONL / Parquet / hf:NAME[:SPLIT])
+    input: str = spec_field("data", "")  # conversations file (JSONL / Parquet / hf:NAME[:SPLIT])
     output_dir: str = "runs/curate"
     on_bad_record: Literal["error", "skip"] = "skip"
     truecase: bool = True  # capitalise sentence starts (ultrachat_200k was truecased)
@@ -391,7 +451,8 @@ class CurateConfig:
     max_turns: int | None = bounded(None, ge=1)
     min_chars: int = bounded(1, ge=0)  # per assistant message
     max_chars: int | None = bounded(None, ge=1)  # per message
-    decontaminate: list[str] = field(default_factory=lambda: ["asset:mt-bench"])  # eval prompt sources
+    # eval prompt sources
+    decontaminate: list[str] = field(default_factory=lambda: ["asset:mt-bench"], metadata={"kind": "data"})
     ngram: int = bounded(13, ge=1)  # n-gram length for decontamination (words)
     contamination_threshold: float = bounded(0.5, gt=0, le=1)  # share of an eval prompt's n-grams found
     test_fraction: float = bounded(0.05, ge=0, le=0.5)  # deterministic split by prompt_id hash
@@ -408,32 +469,41 @@ class CurateConfig:
 class McEvalConfig:
     """One multiple-choice set (lm-evaluation-harness semantics): a preset or an MC JSONL file."""
 
-    name: str = "mc"  # label in results and reports; also the folder name under eval/MODEL/
-    data: str | None = None  # MC JSONL / hf:NAME[:SPLIT]; null with a preset = the preset's hub dataset
-    preset: str | None = None  # arc | hellaswag | mmlu | truthfulqa | truthfulqa_mc1
-    fewshot_data: str | None = None
-    num_fewshot: int | None = bounded(None, ge=0)
-    limit: int | None = bounded(None, ge=1)
-    batch_size: int = bounded(16, ge=1)
+    # label in results and reports; also the folder name under eval/MODEL/ (a recipe key, not a flag)
+    name: str = field(default="mc", metadata={"flag": False})
+    # MC JSONL file or hf:NAME[@REVISION][:SPLIT]; null with a preset: the preset's hub dataset
+    data: str | None = spec_field("data", None)
+    preset: str | None = None  # arc | hellaswag | mmlu | truthfulqa | truthfulqa_mc1 (Open LLM v1 settings)
+    fewshot_data: str | None = spec_field("data", None)  # file of few-shot examples (MC format)
+    num_fewshot: int | None = bounded(None, ge=0)  # few-shot examples per item (null: the preset's, else 0)
+    # left-truncate contexts to this many tokens (null: the model's)
+    max_length: int | None = bounded(None, ge=1)
+    batch_size: int = bounded(16, ge=1)  # continuations scored per forward pass
+    limit: int | None = bounded(None, ge=1)  # first N items (of each subject for MMLU)
 
     def validate(self, where: str) -> None:
         if self.data is None and self.preset is None:
-            raise ConfigError(f"{where}.data: set data (an MC file) or preset")
+            raise ConfigError(
+                f"{where}.data: set data (an MC JSONL file: --data FILE) or preset (--preset NAME)"
+            )
 
 
 @dataclass
 class MtBenchEvalConfig:
     """MT-Bench: two-turn answers graded 1-10 by a judge (FastChat llm_judge protocol)."""
 
-    judge: str = "asset:smollm2-135m-instruct"  # paper: gpt-4 (openai:gpt-4@URL)
-    questions: str | None = None  # FastChat question.jsonl; null = the mt-bench asset (80 questions)
-    limit: int | None = bounded(None, ge=1)
-    max_new_tokens: int = bounded(1024, ge=1)  # FastChat: 1024
-    judge_max_tokens: int = bounded(2048, ge=1)  # FastChat: 2048
-    baseline: str | None = None  # pairwise mode against this model spec or answers.jsonl (position swap)
-    judge_mode: Literal["text", "logprobs"] = (
-        "text"  # logprobs: expected score from the judge's token probabilities
-    )
+    # judge model spec, e.g. openai:gpt-4@https://HOST/v1 (paper: gpt-4); the command line must name one
+    judge: str = spec_field("model", "asset:smollm2-135m-instruct", flag_required=True)
+    questions: str | None = spec_field(
+        "path", None
+    )  # FastChat question.jsonl (null: the mt-bench asset, 80 questions)
+    limit: int | None = bounded(None, ge=1)  # first N questions
+    max_new_tokens: int = bounded(1024, ge=1)  # answer tokens per turn (FastChat: 1024)
+    judge_max_tokens: int = bounded(2048, ge=1)  # judge answer tokens (FastChat: 2048)
+    # pairwise mode: a baseline model spec or its answers.jsonl; judged in both orders (position swap)
+    baseline: str | None = spec_field("model", None)
+    # text: parse the judge's answer; logprobs: expected score from its token probabilities (local judges)
+    judge_mode: Literal["text", "logprobs"] = "text"
 
 
 # The paper's AlpacaEval (1) annotator, GPT-4 ranking the two outputs; AlpacaEval 2.0's default is
@@ -445,17 +515,51 @@ DEFAULT_ALPACA_EVAL_ANNOTATOR = "alpaca_eval_gpt4"
 class AlpacaEvalEvalConfig:
     """AlpacaEval: pairwise win rate against reference outputs."""
 
-    judge: str = "asset:smollm2-135m-instruct"  # paper: gpt-4 (alpaca_eval_gpt4 annotator)
-    instructions: str = "hf:tatsu-lab/alpaca_eval:eval"  # or any JSONL of instruction / output
-    limit: int | None = bounded(None, ge=1)
-    max_new_tokens: int = bounded(2048, ge=1)
-    annotator: str = DEFAULT_ALPACA_EVAL_ANNOTATOR  # an annotator of the alpaca-eval-templates asset
-    judge_mode: Literal["text", "logprobs"] = (
-        "text"  # logprobs: preference from the judge's token probabilities
-    )
-    # alpaca_eval's df_gamed.csv (a file, or hf:tatsu-lab/alpaca_eval): instruction difficulty and gamed
-    # baselines for the leaderboard's length_controlled_v1; null: length_controlled_minimal
-    lc_data: str | None = None
+    # judge model spec (paper: gpt-4, with the alpaca_eval_gpt4 annotator); the command line must name one
+    judge: str = spec_field("model", "asset:smollm2-135m-instruct", flag_required=True)
+    # JSONL of instruction / output, or hf:NAME[@REVISION][:SPLIT]
+    instructions: str = spec_field("data", "hf:tatsu-lab/alpaca_eval:eval")
+    limit: int | None = bounded(None, ge=1)  # first N instructions
+    max_new_tokens: int = bounded(2048, ge=1)  # answer tokens
+    # alpaca_eval annotator of the alpaca-eval-templates asset: alpaca_eval_gpt4 (AlpacaEval 1, the paper's),
+    # weighted_alpaca_eval_gpt4_turbo (AlpacaEval 2.0), chatgpt
+    annotator: str = DEFAULT_ALPACA_EVAL_ANNOTATOR
+    # text: the annotator's protocol; logprobs: preference from the judge's token probabilities (local judges)
+    judge_mode: Literal["text", "logprobs"] = "text"
+    # alpaca_eval's df_gamed.csv (FILE, or hf:tatsu-lab/alpaca_eval[:FILE]): instruction difficulty and gamed
+    # baselines for the leaderboard's length_controlled_v1 LC win rate; null: length_controlled_minimal
+    lc_data: str | None = spec_field("data", None)
+
+
+@dataclass
+class EvalTarget:
+    """What `zephyr eval ...` measures and where it writes (`zephyr run` gives each evaluation its own)."""
+
+    model: str = field(metadata={"kind": "model"})  # the model to evaluate (spec)
+    out: str  # the output folder
+
+
+@dataclass
+class LogpsConfig:
+    """`zephyr logps`: per-pair sequence log-probs of a model on a preference file (DPO's reference pass)."""
+
+    model: str = field(metadata={"kind": "model"})  # the model (spec) that scores the pairs
+    data: str = field(
+        metadata={"kind": "data"}
+    )  # preference pairs: JSONL / Parquet / hf:NAME[@REVISION][:SPLIT]
+    out: str  # the JSONL file written, one line per pair
+    # auto (the tokenizer's, else zephyr) | zephyr | chatml | path to a .jinja file
+    chat_template: str = "auto"
+    batch_size: int = bounded(8, ge=1)  # pairs per forward pass
+    max_length: int | None = bounded(None, ge=1)  # truncate pairs longer than this (null: no truncation)
+    max_prompt_length: int | None = bounded(None, ge=1)  # prompt tokens kept when a pair is truncated
+    on_bad_record: Literal["error", "skip"] = "error"
+    prefix_sharing: bool = False  # run each pair's prompt once (the same numbers, less compute)
+
+    def validate(self, where: str) -> None:
+        short, long = self.max_prompt_length, self.max_length
+        if short is not None and long is not None and short >= long:
+            raise ConfigError(f"{where}.max_prompt_length: must be < max_length ({self.max_length})")
 
 
 @dataclass
@@ -481,9 +585,8 @@ class AblationConfig:
 
     name: str = ""  # folder name under ablations/ and row label in the comparison table
     start: Literal["base", "sft"] = "sft"  # base: DPO without dSFT (the base model is its own reference)
-    overrides: list[str] = field(
-        default_factory=list
-    )  # dotted dpo keys over the recipe's dpo, e.g. beta=0.01
+    # dotted dpo keys over the recipe's dpo, e.g. beta=0.01
+    overrides: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -500,7 +603,8 @@ class ReportConfig:
     """What the report shows beside the run's own models: reference rows in the comparison table."""
 
     paper_reference: bool = False  # the paper's published Zephyr-7B-β numbers (paper / model card) as a row
-    references: list[str] = field(default_factory=list)  # YAML/JSON files of rows: label, source, values
+    # YAML/JSON files of rows: label, source, values
+    references: list[str] = field(default_factory=list, metadata={"kind": "path"})
 
     def validate(self, where: str) -> None:
         for i, path in enumerate(self.references):
@@ -508,18 +612,16 @@ class ReportConfig:
                 raise ConfigError(f"{where}.references[{i}]: a .yaml, .yml or .json file, got {path!r}")
 
 
-STAGES = ("generate", "curate", "sft", "feedback", "dpo", "ablations", "eval", "report")
-
-
 @dataclass
 class RunConfig:
     """`zephyr run`: the stages of a pipeline recipe into one run folder (stage outputs are placed there)."""
 
     output_dir: str = "runs/pipeline"
-    stages: (
-        list[Literal["generate", "curate", "sft", "feedback", "dpo", "ablations", "eval", "report"]] | None
-    ) = None  # null = every stage the recipe has a section for, in pipeline order
-    base_model: str | None = None  # the model before dSFT, evaluated as "base"; null = sft.model
+    # pipeline stages to run (names of `zephyr.stages.STAGES`, checked with the plan); null = every stage the
+    # recipe has a section for, in pipeline order
+    stages: list[str] | None = None
+    # the model before dSFT, evaluated as "base"; null = sft.model
+    base_model: str | None = spec_field("model", None)
     launcher: str | None = (
         None  # training stages as `LAUNCHER -m zephyr sft|dpo ...`, e.g. "accelerate launch"
     )
@@ -665,16 +767,25 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     for key in data:
         if key not in fields:
             raise _unknown_key(cls, str(key), prefix)
+    required = [n for n, f in fields.items() if _is_required(f) and n not in data]
+    if required:
+        full = [f"{prefix}.{n}" if prefix else n for n in required]
+        raise ConfigError(f"{', '.join(full)}: required")
     values = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         value = _over_factory_default(fields[name], value)
         values[name] = _coerce(hints[name], value, key)
         _check_range(key, values[name], fields[name].metadata)
+        _check_spec(key, values[name], fields[name].metadata)
     obj = cls(**values)
     if hasattr(obj, "validate"):
         obj.validate(where)
     return obj
+
+
+def _is_required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -827,6 +938,62 @@ def section(recipe: Recipe, name: str, source: str) -> Any:
     if cfg is None:
         raise ConfigError(f"{source}: no '{name}' section (add `{name}:` with its keys to the recipe)")
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Field help (the command-line flags generated from a config read it)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help text: its metadata `help`, else the comment written with it in the source (on its
+    line, or the comment lines right above it). So an option is described once, where it is defined.
+
+    Other field metadata the command line reads: `flag` False (a recipe key only, no flag) and
+    `flag_required` True (the flag must be given, whatever the recipe default).
+    """
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments.update(_field_comments(klass.__module__).get(klass.__qualname__, {}))
+    return {f.name: f.metadata.get("help", comments.get(f.name, "")) for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _field_comments(module: str) -> dict[str, dict[str, str]]:
+    """class name -> field name -> its comment, for every class of a module's source."""
+    try:
+        source = inspect.getsource(__import__(module, fromlist=["_"]))
+    except (OSError, TypeError):  # no source (a frozen or compiled-only install): no help text
+        return {}
+    lines = source.splitlines()
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    found: dict[str, dict[str, str]] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            found[node.name] = {
+                item.target.id: _comment_of(item, comments, lines)
+                for item in node.body
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+            }
+    return found
+
+
+def _comment_of(node: ast.AnnAssign, comments: dict[int, str], lines: list[str]) -> str:
+    """The comment on a field's lines, else the block of comment lines right above it."""
+    end = node.end_lineno or node.lineno
+    own = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
+    if own:
+        return " ".join(own)
+    above: list[str] = []
+    n = node.lineno - 1
+    while n in comments and lines[n - 1].lstrip().startswith("#"):
+        above.insert(0, comments[n])
+        n -= 1
+    return " ".join(above)
 
 
 def to_dict(cfg: Any) -> dict:

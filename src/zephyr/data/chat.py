@@ -66,7 +66,9 @@ def builtin_template(name: str) -> str:
 # Rendering and tokenizing
 
 
-def render_text(tokenizer: Any, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
+def render_text(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False
+) -> str:
     """The conversation as text, through the tokenizer's chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
@@ -88,7 +90,7 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return _encode(tokenizer, text)[0]
 
 
-def render_prompt(tokenizer: Any, messages: Sequence[Mapping]) -> list[int]:
+def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> list[int]:
     """Token ids of a prompt for generation: the conversation followed by the generation prompt."""
     return encode_text(tokenizer, render_text(tokenizer, messages, add_generation_prompt=True))
 
@@ -161,7 +163,7 @@ def end_of_turn(tokenizer: Any) -> tuple[str, int]:
 # Conversations (SFT) and prompt/answer pairs (DPO)
 
 
-def _answer_end(turn: str, eot: str, messages: Sequence[Mapping]) -> int:
+def _answer_end(turn: str, eot: str, messages: Sequence[Mapping[str, Any]]) -> int:
     """Where the trained part of an assistant turn's text ends: right after its end-of-turn token."""
     at = turn.rfind(eot)
     if at < 0:
@@ -169,7 +171,7 @@ def _answer_end(turn: str, eot: str, messages: Sequence[Mapping]) -> int:
     return at + len(eot)
 
 
-def _check_contents(messages: Sequence[Mapping], eot: str) -> None:
+def _check_contents(messages: Sequence[Mapping[str, Any]], eot: str) -> None:
     """Content holding the end-of-turn token's text would tokenize to it and end the turn mid-text."""
     for i, message in enumerate(messages):
         content = message.get("content")
@@ -177,7 +179,9 @@ def _check_contents(messages: Sequence[Mapping], eot: str) -> None:
             raise DataError(f"messages[{i}].content contains the end-of-turn token {eot!r}")
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[Mapping]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]]
+) -> tuple[str, list[tuple[int, int]]]:
     """The full render and the character spans [start, end) of every assistant answer + end-of-turn."""
     eot, _ = end_of_turn(tokenizer)
     _check_contents(messages, eot)
@@ -199,7 +203,7 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Mapping]) -> tuple[str, l
     return full, spans
 
 
-def render_conversation(tokenizer: Any, messages: Sequence[Mapping]) -> Rendered:
+def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> Rendered:
     """Token ids of the whole conversation and a mask of the assistant answers and their end-of-turn tokens.
 
     A token is trained when its characters overlap an assistant span (a zero-width token when it sits
@@ -219,7 +223,7 @@ def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
 
 
 def render_prompt_answer(
-    tokenizer: Any, prompt_messages: Sequence[Mapping], answer_content: str
+    tokenizer: Any, prompt_messages: Sequence[Mapping[str, Any]], answer_content: str
 ) -> tuple[list[int], list[int]]:
     """(prompt_ids, answer_ids): the prompt with the generation prompt, and the answer + end-of-turn token.
 
@@ -260,7 +264,7 @@ def render_prompt_answer(
 # Display (`zephyr data show`)
 
 
-def show_record(tokenizer: Any, record: Mapping, color: bool) -> str:
+def show_record(tokenizer: Any, record: Mapping[str, Any], color: bool) -> str:
     """A conversations or pairs record rendered with its trained tokens marked, and token counts.
 
     Trained spans are green when `color`, otherwise wrapped in `[[` `]]`. A pairs record shows chosen
@@ -302,7 +306,7 @@ def _marked(tokenizer: Any, rendered: Rendered, color: bool) -> str:
     return "".join(pieces) + f"\n({len(ids)} tokens, {rendered.num_trained} trained)"
 
 
-def _excerpt(messages: Sequence[Mapping], width: int = 60) -> str:
+def _excerpt(messages: Sequence[Mapping[str, Any]], width: int = 60) -> str:
     parts = []
     for m in messages:
         content = str(m.get("content", "")) if isinstance(m, Mapping) else repr(m)

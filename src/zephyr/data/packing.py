@@ -1,6 +1,6 @@
 """Packing of whole documents into fixed-capacity rows, and collation into model inputs.
 
-Label convention (used by every collator here and by `zephyr.training.forward`): position t of a row
+Label convention (used by every collator here and by `zephyr.scoring.forward`): position t of a row
 carries the target of the prediction made there, `labels[t] = input_ids[t + 1]` when token t + 1 belongs to
 the same document and its loss mask is set, else −100. So the log-prob of `labels[t]` is read from the
 logits at t directly, with no shift later; the last token of a document never predicts the first token of
@@ -14,15 +14,21 @@ first segment, in every layer, by the index `kv_index`. The prefix's last token 
 prediction of answerⱼ's first token sits in answerⱼ's own segment and the label convention stays as above;
 its keys and values are the first segment's to the last bit of the computation (same token, position and
 context).
+
+Batches are typed: a `PackedBatch` (one row; `shared` keys when prefixes are shared) or a `PaddedBatch` (one
+document per row), each moved between devices whole by `.to(device)` (as accelerate moves what a data
+loader yields).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from bisect import bisect_left, insort
 from collections.abc import Sequence
-from typing import TypedDict
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -76,32 +82,46 @@ def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return bins
 
 
-class PackedBatch(TypedDict):
-    """One row holding several documents; tensors are [1, T] unless noted."""
-
-    input_ids: torch.Tensor  # long
-    position_ids: torch.Tensor  # long, restarting at 0 for each document
-    labels: torch.Tensor  # long, next-token targets or −100 (module docstring)
-    doc_ids: torch.Tensor  # long, index of each token's document in `docs`, −1 on padding
-    cu_seqlens: torch.Tensor  # int32 [segments + 1]: segment boundaries (documents, then padding if any)
-    max_seqlen: int  # longest segment
+_Moved = TypeVar("_Moved", bound="Movable")
 
 
-class SharedPrefixBatch(TypedDict):
-    """One row of shared-prefix groups (module docstring); tensors are [1, T] unless noted."""
+class Movable:
+    """A dataclass of tensors (and of such dataclasses) that moves to a device whole."""
 
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor  # continuing from the prefix in the segments of later answers
-    labels: torch.Tensor
-    doc_ids: torch.Tensor  # index of each token's answer (document), in group order
-    cu_seqlens: torch.Tensor  # int32 [segments + 1]: query segments of the row
-    max_seqlen: int
-    cu_seqlens_k: torch.Tensor  # int32 [segments + 1]: the same segments' keys within `kv_index`
+    def to(self: _Moved, device: torch.device | str, non_blocking: bool = False) -> _Moved:
+        moved: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor | Movable):
+                moved[f.name] = value.to(device, non_blocking=non_blocking)
+        return dataclasses.replace(self, **moved)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class SharedKeys(Movable):
+    """Where each segment of a shared-prefix row finds its keys (module docstring)."""
+
+    cu_seqlens_k: torch.Tensor  # int32 [segments + 1]: the segments' keys within `kv_index`
     max_seqlen_k: int
     kv_index: torch.Tensor  # long [keys]: row position of each key, segment by segment
 
 
-class PaddedBatch(TypedDict):
+@dataclass(frozen=True)
+class PackedBatch(Movable):
+    """One row holding several documents; tensors are [1, T] unless noted."""
+
+    input_ids: torch.Tensor  # long
+    position_ids: torch.Tensor  # long, restarting at 0 for each document (continuing a shared prefix)
+    labels: torch.Tensor  # long, next-token targets or −100 (module docstring)
+    doc_ids: torch.Tensor  # long, index of each token's document, −1 on padding
+    cu_seqlens: torch.Tensor  # int32 [segments + 1]: segment boundaries (documents, then padding if any)
+    max_seqlen: int  # longest segment
+    num_docs: int
+    shared: SharedKeys | None = None  # shared prefixes: segment d is document d, its keys gathered
+
+
+@dataclass(frozen=True)
+class PaddedBatch(Movable):
     """One document per row, right-padded; tensors are [B, T]."""
 
     input_ids: torch.Tensor
@@ -109,6 +129,7 @@ class PaddedBatch(TypedDict):
     position_ids: torch.Tensor
     labels: torch.Tensor
     doc_ids: torch.Tensor  # row index on tokens, −1 on padding
+    num_docs: int
 
 
 def next_token_labels(input_ids: Sequence[int], loss_mask: Sequence[int]) -> list[int]:
@@ -170,6 +191,7 @@ def collate_packed(docs: Sequence[Document], pad_to: int | None = None, pad_id: 
         doc_ids=_row(doc_ids),
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         max_seqlen=max(b - a for a, b in itertools.pairwise(bounds)),
+        num_docs=len(docs),
     )
 
 
@@ -187,23 +209,31 @@ def collate_padded(docs: Sequence[Document], pad_to: int | None = None, pad_id: 
         position_ids=torch.arange(width).repeat(len(docs), 1),
         labels=torch.full((len(docs), width), IGNORE_INDEX, dtype=torch.long),
         doc_ids=torch.full((len(docs), width), -1, dtype=torch.long),
+        num_docs=len(docs),
     )
     for d, (input_ids, loss_mask) in enumerate(docs):
         n = len(input_ids)
-        batch["input_ids"][d, :n] = torch.tensor(input_ids, dtype=torch.long)
-        batch["attention_mask"][d, :n] = 1
-        batch["labels"][d, :n] = torch.tensor(next_token_labels(input_ids, loss_mask), dtype=torch.long)
-        batch["doc_ids"][d, :n] = d
+        batch.input_ids[d, :n] = torch.tensor(input_ids, dtype=torch.long)
+        batch.attention_mask[d, :n] = 1
+        batch.labels[d, :n] = torch.tensor(next_token_labels(input_ids, loss_mask), dtype=torch.long)
+        batch.doc_ids[d, :n] = d
     return batch
 
 
-def collate_shared_prefix(
-    groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-) -> SharedPrefixBatch:
+Group = tuple[Sequence[int], Sequence[Sequence[int]]]  # (prefix ids, [continuation ids, ...])
+
+
+def collate_shared_prefix(groups: Sequence[Group], *, feed_last: bool = True) -> PackedBatch:
     """Groups (prefix ids, [answer ids, ...]) into one row that runs each prefix once (module docstring).
 
     Documents are the answers in order (group 0's answers, then group 1's, ...); every answer token is a
-    target, no prefix token is. A document's log-probs equal those of [prefix; answer] run alone.
+    target, no prefix token is. A document's log-probs equal those of [prefix; answer] run alone. Without
+    a group of several answers nothing is shared: the row is `collate_packed`'s of the [prefix; answer]
+    documents, and has no `shared` keys.
+
+    `feed_last=False` leaves each answer's last token out of the row (a token nothing after it reads: it is
+    only predicted, by the token before it, whose label it stays); True feeds it, so that the row's last
+    position of each document holds what comes after the answer.
     """
     ids: list[int] = []
     positions: list[int] = []
@@ -223,28 +253,37 @@ def collate_shared_prefix(
             start = len(ids)
             if j == 0:
                 segment, mask, offset = [*prefix, *answer], [0] * p + [1] * len(answer), 0
-                kv_index.extend(range(start, start + len(segment)))
             else:
                 segment, mask, offset = [prefix[-1], *answer], [0] + [1] * len(answer), p - 1
+            targets = next_token_labels(segment, mask)
+            if not feed_last:  # (its own label is −100: nothing follows it)
+                segment, targets = segment[:-1], targets[:-1]
+            if j > 0:
                 kv_index.extend(range(first, first + p - 1))  # the prefix but its last, from segment 0
-                kv_index.extend(range(start, start + len(segment)))
+            kv_index.extend(range(start, start + len(segment)))
             ids.extend(segment)
             positions.extend(range(offset, offset + len(segment)))
-            labels.extend(next_token_labels(segment, mask))
+            labels.extend(targets)
             doc_ids.extend([doc] * len(segment))
             bounds_q.append(bounds_q[-1] + len(segment))
             bounds_k.append(bounds_k[-1] + offset + len(segment))
             doc += 1
     if not ids:
         raise ValueError("no groups to collate")
-    return SharedPrefixBatch(
+    shared = None
+    if doc > len(groups):  # some group runs its prefix for several answers
+        shared = SharedKeys(
+            cu_seqlens_k=torch.tensor(bounds_k, dtype=torch.int32),
+            max_seqlen_k=max(b - a for a, b in itertools.pairwise(bounds_k)),
+            kv_index=torch.tensor(kv_index, dtype=torch.long),
+        )
+    return PackedBatch(
         input_ids=_row(ids),
         position_ids=_row(positions),
         labels=_row(labels),
         doc_ids=_row(doc_ids),
         cu_seqlens=torch.tensor(bounds_q, dtype=torch.int32),
         max_seqlen=max(b - a for a, b in itertools.pairwise(bounds_q)),
-        cu_seqlens_k=torch.tensor(bounds_k, dtype=torch.int32),
-        max_seqlen_k=max(b - a for a, b in itertools.pairwise(bounds_k)),
-        kv_index=torch.tensor(kv_index, dtype=torch.long),
+        num_docs=doc,
+        shared=shared,
     )

@@ -80,14 +80,16 @@ def _check_text(value: Any, path: str) -> list[Problem]:
     return _check_string(value, path, non_empty=True)
 
 
-def _check_key(obj: dict, key: str, path: str, check: Callable[[Any, str], list[Problem]]) -> list[Problem]:
+def _check_key(
+    obj: dict[str, Any], key: str, path: str, check: Callable[[Any, str], list[Problem]]
+) -> list[Problem]:
     """`obj[key]` exists and passes `check`; problems are named by `path`."""
     if key not in obj:
         return [Problem(path, "missing")]
     return check(obj[key], path)
 
 
-def _check_prompt_fields(record: dict) -> list[Problem]:
+def _check_prompt_fields(record: dict[str, Any]) -> list[Problem]:
     """`prompt_id` and `prompt` are strings holding more than whitespace."""
     return _check_key(record, "prompt_id", "prompt_id", _check_text) + _check_key(
         record, "prompt", "prompt", _check_text
@@ -152,7 +154,7 @@ def _check_messages(
     return problems
 
 
-def _check_role(message: dict, index: int, offset: int, path: str) -> Problem | None:
+def _check_role(message: dict[str, Any], index: int, offset: int, path: str) -> Problem | None:
     """The role of message `index`, given `offset` = 1 when the conversation opened with a system message."""
     if "role" not in message:
         return Problem(f"{path}.role", "missing")
@@ -187,7 +189,7 @@ def validate_conversation(record: Any, *, for_training: bool = True) -> list[Pro
 # pairs
 
 
-def _check_shared_prompt(chosen: list, rejected: list) -> list[Problem]:
+def _check_shared_prompt(chosen: list[Any], rejected: list[Any]) -> list[Problem]:
     """chosen and rejected answer the same prompt: all their messages but the last are equal."""
     if len(chosen) != len(rejected):
         return [
@@ -208,7 +210,7 @@ def _check_shared_prompt(chosen: list, rejected: list) -> list[Problem]:
     return []
 
 
-def _check_scores(record: dict) -> list[Problem]:
+def _check_scores(record: dict[str, Any]) -> list[Problem]:
     """Optional scores: finite numbers when given, the chosen one not below the rejected one."""
     scores = {key: record.get(key) for key in ("score_chosen", "score_rejected")}
     problems = [p for key, value in scores.items() if value is not None for p in _check_number(value, key)]
@@ -261,7 +263,7 @@ def _check_aspects(value: Any, path: str, check: Callable[[Any, str], list[Probl
     return [p for aspect, v in value.items() if v is not None for p in check(v, f"{path}.{aspect}")]
 
 
-def _check_mean_rating(completion: dict, path: str) -> list[Problem]:
+def _check_mean_rating(completion: dict[str, Any], path: str) -> list[Problem]:
     """`mean_rating` is the mean of the numeric ratings, or null when there is none."""
     if "mean_rating" not in completion:
         return [Problem(f"{path}.mean_rating", "missing")]

@@ -4,19 +4,18 @@ A backend turns conversations (lists of `{"role", "content"}` messages) into com
 next turn. A request that fails comes back as a `Completion` whose `finish_reason` is "error" with the
 reason in `error`; it never raises and never takes the rest of the batch down with it.
 
-`make_generator(spec, **options)` picks the backend from a model spec (see `parse_spec`).
+`zephyr.generation.make_generator(spec, **options)` picks the backend from a model spec (see `parse_spec`).
 """
 
 from __future__ import annotations
 
-import inspect
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
 from zephyr.core.errors import ZephyrError
+from zephyr.core.specs import DEFAULT_OPENAI_URL as DEFAULT_OPENAI_URL
+from zephyr.core.specs import parse_model_spec
 
 FinishReason = Literal["stop", "length", "error"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "error")
@@ -180,6 +179,45 @@ class RequestGenerator(Generator, Protocol):
     def generate_requests(self, requests: Sequence[Request]) -> list[list[Completion]]: ...
 
 
+@runtime_checkable
+class LogprobScorer(Protocol):
+    """A backend that reads the model's next-token distribution after a forced start of its answer (the
+    transformers backend; an OpenAI-compatible API cannot continue a forced answer start, so the HTTP and
+    vLLM backends give log-probabilities only with generated answers, `SamplingParams.logprobs`).
+
+    Each distribution maps token text to log-probability for the `top_k` most likely tokens plus every
+    string in `candidates` (each must be one token of the tokenizer, else `ZephyrError`).
+    `next_token_logprobs`: one per conversation, after the generation prompt and `answer_prefix`.
+    `prefix_logprobs`: one per (conversation, prefix), `[conversation][prefix]`, the shared prompt run once.
+    A conversation too long for the model raises `ZephyrError`.
+    """
+
+    def next_token_logprobs(
+        self,
+        conversations: Sequence[Conversation],
+        top_k: int = MAX_TOP_LOGPROBS,
+        *,
+        candidates: Sequence[str] = (),
+        answer_prefix: str = "",
+    ) -> list[dict[str, float]]: ...
+
+    def prefix_logprobs(
+        self,
+        conversations: Sequence[Conversation],
+        prefixes: Sequence[str],
+        top_k: int = MAX_TOP_LOGPROBS,
+        *,
+        candidates: Sequence[str] = (),
+    ) -> list[list[dict[str, float]]]: ...
+
+
+@runtime_checkable
+class Metered(Protocol):
+    """A generator that counts what it has done (every backend; a test double may not)."""
+
+    usage: Usage
+
+
 def group_by_conversation(completions: Sequence[Completion], n: int) -> list[list[Completion]]:
     """The flat, conversation-major output of `generate` as one list of n completions per conversation."""
     if n < 1 or len(completions) % n:
@@ -188,88 +226,6 @@ def group_by_conversation(completions: Sequence[Completion], n: int) -> list[lis
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model specs
+# Model specs: one grammar, `zephyr.core.specs`; `parse_spec` is its parser under the name backends know.
 
-
-@dataclass(frozen=True)
-class BackendSpec:
-    backend: Literal["transformers", "openai", "vllm"]
-    model: str  # a local spec (path, asset:NAME, hub id) or the remote model name
-    base_url: str | None = None
-
-
-DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
-_OPENAI = re.compile(r"^(?P<model>.+)@(?P<url>https?://\S+)$")
-_PREFIX = re.compile(r"^(?P<prefix>[A-Za-z][\w-]*):(?!//)")
-_KNOWN_PREFIXES = ("transformers", "asset", "openai", "vllm")
-
-
-def parse_spec(spec: str) -> BackendSpec:
-    """The backend a model spec names.
-
-    `openai:MODEL@BASE_URL` (BASE_URL defaults to OpenAI's), `vllm:PATH_OR_HUB_ID`, and for the local
-    transformers backend `transformers:PATH_OR_HUB_ID`, `asset:NAME` or a bare path.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ZephyrError(f"model spec must be a non-empty string, got {spec!r}")
-    spec = spec.strip()
-    if spec.startswith("openai:"):
-        rest = spec.removeprefix("openai:")
-        match = _OPENAI.match(rest)
-        model, url = (match["model"], match["url"]) if match else (rest, DEFAULT_OPENAI_URL)
-        if not model or ("@" in model and not match):
-            raise ZephyrError(
-                f"model spec {spec!r}: expected openai:MODEL@BASE_URL (BASE_URL starts with http)"
-            )
-        return BackendSpec("openai", model, url.rstrip("/"))
-    if spec.startswith("vllm:"):
-        path = spec.removeprefix("vllm:")
-        if not path:
-            raise ZephyrError(f"model spec {spec!r} names no model")
-        return BackendSpec("vllm", path)
-    prefix = _PREFIX.match(spec)
-    if prefix and prefix["prefix"] not in _KNOWN_PREFIXES and not Path(spec).exists():
-        raise ZephyrError(
-            f"model spec {spec!r}: unknown backend {prefix['prefix']!r}; use transformers:PATH_OR_HUB_ID, "
-            "asset:NAME, openai:MODEL@BASE_URL, vllm:PATH_OR_HUB_ID or a path"
-        )
-    return BackendSpec("transformers", spec)
-
-
-def make_generator(spec: str, **options: Any) -> Generator:
-    """A generator for a model spec; `options` go to the backend (unknown ones are an error naming them).
-
-    transformers: chat_template, dtype, device, batch_size, trust_remote_code, attn_implementation.
-    openai: api_key_env, max_concurrency, timeout, max_retries, backoff_base, backoff_max, cache, prices.
-    vllm: chat_template, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, trust_remote_code.
-    """
-    parsed = parse_spec(spec)
-    if parsed.backend == "openai":
-        from zephyr.generation.remote import RemoteGenerator
-
-        _check_options(RemoteGenerator, options, spec, skip=("model", "base_url"))
-        return RemoteGenerator(parsed.model, parsed.base_url or DEFAULT_OPENAI_URL, **options)
-    if parsed.backend == "vllm":
-        from zephyr.generation.vllm_backend import VLLMGenerator
-
-        _check_options(VLLMGenerator, options, spec, skip=("model",))
-        return VLLMGenerator(parsed.model, **options)
-    from zephyr.generation.local import LocalGenerator
-
-    _check_options(LocalGenerator.from_spec, options, spec, skip=("spec",))
-    return LocalGenerator.from_spec(parsed.model, **options)
-
-
-def _check_options(
-    factory: Callable[..., Any], options: Mapping[str, Any], spec: str, skip: Sequence[str]
-) -> None:
-    accepted = [
-        name
-        for name, p in inspect.signature(factory).parameters.items()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in (*skip, "self", "cls")
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ZephyrError(
-            f"model {spec!r}: unknown generation option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
-        )
+parse_spec = parse_model_spec

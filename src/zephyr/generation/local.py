@@ -157,28 +157,8 @@ class LocalGenerator:
         `candidates` (each must be one token, e.g. rating digits), most likely first. Tokens that decode to
         the same text are merged (their probabilities added).
         """
-        import torch
-
-        candidate_ids = {text: self._single_token_id(text) for text in candidates}
-        prompts = [self._prompt_ids(c, answer_prefix) for c in conversations]
-        for i, ids in enumerate(prompts):
-            if self.max_context is not None and len(ids) > self.max_context:
-                raise ZephyrError(
-                    f"conversation {i}: {len(ids)} tokens exceed the context of {self.max_context}"
-                )
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        results: list[dict[str, float]] = [{} for _ in prompts]
-        with self._model_lock, torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                logits, _, _ = self._prefill([prompts[i] for i in chunk])
-                logp = torch.log_softmax(logits, dim=-1)
-                k = min(top_k, logp.shape[-1])
-                top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
-                for j, i in enumerate(chunk):
-                    pairs = zip(top_i[j].tolist(), top_v[j].tolist(), strict=True)
-                    results[i] = self._merge_by_text(pairs, logp[j], candidate_ids)
-        return results
+        found = self.prefix_logprobs(conversations, [answer_prefix], top_k, candidates=candidates)
+        return [tops[0] for tops in found]
 
     def prefix_logprobs(
         self,
@@ -190,57 +170,43 @@ class LocalGenerator:
     ) -> list[list[dict[str, float]]]:
         """`next_token_logprobs` after each of `prefixes`, for every conversation: [conversation][prefix].
 
-        A judge asks for the rating of answer 1, 2, ... of one long prompt; the tokens the prefixes share
-        (the prompt) run once per conversation and each prefix continues from that cache, instead of one full
-        prompt per prefix. Same numbers as `next_token_logprobs` up to float rounding.
+        A judge asks for the rating of answer 1, 2, ... of one long prompt: each conversation is a group of
+        `zephyr.scoring.continuations`, the tokens its prompts share (the prompt) as the prefix, run once,
+        and the rest of each prompt as a continuation, whose next-token distribution is read. Same numbers
+        as one forward per prompt, up to float rounding.
         """
         import torch
+
+        from zephyr.scoring.continuations import score_groups
 
         if not prefixes:
             return [[] for _ in conversations]
         candidate_ids = {text: self._single_token_id(text) for text in candidates}
-        results = []
-        with self._model_lock, torch.inference_mode():
-            for i, conversation in enumerate(conversations):
-                rows = [self._prompt_ids(conversation, prefix) for prefix in prefixes]
-                longest = max(len(r) for r in rows)
-                if self.max_context is not None and longest > self.max_context:
-                    raise ZephyrError(
-                        f"conversation {i}: {longest} tokens exceed the context of {self.max_context}"
-                    )
-                results.append(self._branch_logprobs(rows, top_k, candidate_ids))
-        return results
-
-    def _branch_logprobs(
-        self, rows: list[list[int]], top_k: int, candidate_ids: dict[str, int]
-    ) -> list[dict[str, float]]:
-        """Next-token log-probs at the end of each row, running the rows' shared first tokens once."""
-        import torch
-
-        device = self.model.device
-        shared = _shared_length(rows)
-        trunk = torch.tensor([rows[0][:shared]], device=device)
-        ones = torch.ones_like(trunk)
-        _, cache = self._forward(trunk, ones, torch.arange(shared, device=device)[None], cache=None)
-        cache.batch_repeat_interleave(len(rows))
-        tails = [r[shared:] for r in rows]  # each keeps at least one token: its logits are the answer
-        width = max(len(t) for t in tails)
-        # Right padding: a row's last real token never attends to the pads after it.
-        ids = torch.tensor([t + [self.pad_id] * (width - len(t)) for t in tails], device=device)
-        mask = torch.ones((len(rows), shared + width), dtype=torch.long, device=device)
-        positions = (shared + torch.arange(width, device=device))[None].expand(len(rows), -1)
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
-        logits = self.model(**kwargs, **{self._cache_kwarg: cache}).logits.float()
-        last = torch.tensor([len(t) - 1 for t in tails], device=device)
-        logp = torch.log_softmax(logits[torch.arange(len(rows), device=device), last], dim=-1)
-        k = min(top_k, logp.shape[-1])
-        top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
-        return [
+        groups = []
+        for i, conversation in enumerate(conversations):
+            rows = [self._prompt_ids(conversation, prefix) for prefix in prefixes]
+            longest, shortest = max(len(r) for r in rows), min(len(r) for r in rows)
+            if self.max_context is not None and longest > self.max_context:
+                raise ZephyrError(
+                    f"conversation {i}: {longest} tokens exceed the context of {self.max_context}"
+                )
+            if shortest < 2:
+                raise ZephyrError(
+                    f"conversation {i}: a prompt of {shortest} token has no token before its last"
+                )
+            groups += _branch_groups(rows)
+        with self._model_lock:
+            after = score_groups(self.model, groups, batch_size=self.batch_size, next_token=True).next_logps
+        assert after is not None
+        k = min(top_k, after.shape[-1])
+        top_v, top_i = after.topk(k, dim=-1) if k > 0 else (after[:, :0], after[:, :0].to(torch.long))
+        tops = [
             self._merge_by_text(
-                zip(top_i[j].tolist(), top_v[j].tolist(), strict=True), logp[j], candidate_ids
+                zip(top_i[j].tolist(), top_v[j].tolist(), strict=True), after[j], candidate_ids
             )
-            for j in range(len(rows))
+            for j in range(len(after))
         ]
+        return [tops[i * len(prefixes) : (i + 1) * len(prefixes)] for i in range(len(conversations))]
 
     def count_prompt_tokens(self, messages: Conversation) -> int:
         return len(self._prompt_ids(messages))
@@ -569,6 +535,15 @@ def _shared_length(rows: Sequence[Sequence[int]]) -> int:
         if any(r[n] != rows[0][n] for r in rows):
             return n
     return shared
+
+
+def _branch_groups(rows: Sequence[Sequence[int]]) -> list[tuple[Sequence[int], list[Sequence[int]]]]:
+    """Prompt rows as groups of the scoring primitive: the tokens they share as one prefix (each row keeping
+    at least its last token), or, sharing none, each row alone; the continuations come out in row order."""
+    shared = _shared_length(rows)
+    if shared:
+        return [(rows[0][:shared], [r[shared:] for r in rows])]
+    return [(r[:-1], [r[-1:]]) for r in rows]
 
 
 def _cache_kwarg(model: Any) -> str:

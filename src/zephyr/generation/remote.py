@@ -43,7 +43,13 @@ class MalformedResponse(ValueError):
 
 
 class RemoteGenerator:
-    """A `Generator` over an OpenAI-compatible chat completions endpoint."""
+    """A `Generator` over an OpenAI-compatible chat completions endpoint.
+
+    Its log-probabilities are those of generated answers: with `SamplingParams.logprobs` each completion
+    carries the endpoint's per-token `logprobs` and `top_logprobs` (when the endpoint returns them), which
+    the feedback judge's logprobs mode and the weighted AlpacaEval annotators read. It is not a
+    `LogprobScorer`: the chat completions API cannot continue a forced start of the answer.
+    """
 
     def __init__(
         self,

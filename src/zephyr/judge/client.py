@@ -6,8 +6,8 @@ log. The client batches the requests, turns failed calls into null ratings with 
 `JUDGE_CALL_FAILED` (never dropped), writes one JSON line per call to the audit log (messages sent, raw
 answer, every rating or null with its reason) and keeps the usage of the calls apart from other users of the
 same generator. Requests with `prefixes` are not generated: the client asks the generator for the next-token
-log-probabilities after each forced answer prefix (`next_token_logprobs`, the local backend). MT-Bench-style
-single grading is one slot per request and `parse=lambda a: [Rating(*parse_score(a.text))]`.
+log-probabilities after each forced answer prefix, which only a `LogprobScorer` (the transformers backend)
+gives. MT-Bench-style single grading is one slot per request and `parse=lambda a: [parse_score(a.text)]`.
 """
 
 from __future__ import annotations
@@ -22,27 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from zephyr.core.errors import ConfigError, ZephyrError
-from zephyr.generation.base import MAX_TOP_LOGPROBS, Completion, Generator, SamplingParams, TokenLogprob
-from zephyr.judge.parsing import ParsedRating
+from zephyr.generation.base import (
+    MAX_TOP_LOGPROBS,
+    Completion,
+    Generator,
+    LogprobScorer,
+    Metered,
+    SamplingParams,
+    TokenLogprob,
+)
+from zephyr.judge.rating import Rating
 
 JUDGE_CALL_FAILED = "judge request failed"
 USAGE_FIELDS = ("requests", "sent", "cache_hits", "retries", "failures", "prompt_tokens", "completion_tokens")
-
-
-@dataclass(frozen=True)
-class Rating:
-    """One rating read from a judge's answer: `value`, or None and the `reason`.
-
-    `evidence` is what the value was read from when it is not the text: the top log-probabilities.
-    """
-
-    value: float | None
-    reason: str | None = None
-    evidence: Mapping[str, Any] | None = None
-
-    @classmethod
-    def of(cls, parsed: ParsedRating, evidence: Mapping[str, Any] | None = None) -> Rating:
-        return cls(parsed.value, parsed.reason, evidence)
 
 
 @dataclass(frozen=True)
@@ -175,71 +167,40 @@ class JudgeClient:
         return [answers[i] for i in range(len(requests))]
 
     def _next_tokens(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
-        """Next-token log-probs after every prefix of every request; one call per distinct prefix."""
+        """Next-token log-probs after every prefix of every request, each request's prompt run once for all
+        of its prefixes (one rating per answer shown: the prompt is most of the tokens)."""
         if not requests:
             return []
-        scorer = getattr(self.generator, "next_token_logprobs", None)
-        if scorer is None:
+        scorer = self.generator
+        if not isinstance(scorer, LogprobScorer):
             raise ConfigError(
-                f"judge {self.judge_id}: forced answer prefixes need a generator with next_token_logprobs "
-                "(the transformers backend)"
+                f"judge {self.judge_id}: forced answer prefixes need a generator that scores them "
+                "(a LogprobScorer: the transformers backend)"
             )
-        if hasattr(self.generator, "prefix_logprobs"):
-            return self._branched_tokens(requests)
-        by_prefix: dict[str, list[tuple[int, int]]] = {}
-        for i, request in enumerate(requests):
-            for j, prefix in enumerate(request.prefixes):
-                by_prefix.setdefault(prefix, []).append((i, j))
-        tops: list[list[dict[str, float] | None]] = [[None] * len(r.prefixes) for r in requests]
-        errors: list[str | None] = [None] * len(requests)
-        for prefix, places in by_prefix.items():
-            conversations = [requests[i].messages for i, _ in places]
-            for (i, j), result in zip(places, self._score(scorer, conversations, prefix), strict=True):
-                if isinstance(result, str):
-                    errors[i] = errors[i] or result
-                else:
-                    tops[i][j] = result
-        return [
-            JudgeAnswer(error=errors[i])
-            if errors[i] is not None
-            else JudgeAnswer(next_tokens=[t for t in tops[i] if t is not None])
-            for i in range(len(requests))
-        ]
-
-    def _branched_tokens(self, requests: list[JudgeRequest]) -> list[JudgeAnswer]:
-        """As `_next_tokens`, with each request's prompt run once for all of its prefixes (one rating per
-        answer shown: the prompt is most of the tokens)."""
-        scorer = self.generator.prefix_logprobs
-        candidates = self.candidates if self._candidates_usable(self.generator.next_token_logprobs) else ()
+        candidates = self.candidates if self._candidates_usable(scorer) else ()
         answers = []
         for request in requests:
             try:
-                (tops,) = scorer([request.messages], request.prefixes, self.top_k, candidates=candidates)
+                (tops,) = scorer.prefix_logprobs(
+                    [request.messages], request.prefixes, self.top_k, candidates=candidates
+                )
             except (ZephyrError, RuntimeError) as exc:  # one request (too long, say) must not fail the others
                 answers.append(JudgeAnswer(error=f"{type(exc).__name__}: {exc}"))
                 continue
             answers.append(JudgeAnswer(next_tokens=list(tops)))
         return answers
 
-    def _score(self, scorer: Callable, conversations: list, prefix: str) -> list[dict[str, float] | str]:
-        """Top log-probs per conversation, or the error text of a conversation that could not be scored."""
-        candidates = self.candidates if self._candidates_usable(scorer) else ()
-        try:
-            return scorer(conversations, self.top_k, candidates=candidates, answer_prefix=prefix)
-        except (ZephyrError, RuntimeError) as exc:
-            if len(conversations) == 1:
-                return [f"{type(exc).__name__}: {exc}"]
-        # One conversation (too long for the context, say) must not fail the others: score them one by one.
-        return [r for c in conversations for r in self._score(scorer, [c], prefix)]
-
-    def _candidates_usable(self, scorer: Callable) -> bool:
+    def _candidates_usable(self, scorer: LogprobScorer) -> bool:
         """Whether the generator's tokenizer has every candidate as one token (SentencePiece tokenizers
-        write a lone "1" as "▁" + "1"); without them only the top-k tokens are scored."""
+        write a lone "1" as "▁" + "1"); without them only the top-k tokens are scored. The tokenizer
+        decides, so the scorer is asked once, with a one-token conversation."""
         if self._candidates_ok is None:
             self._candidates_ok = bool(self.candidates)
             if self.candidates:
                 try:
-                    scorer([[{"role": "user", "content": "1"}]], 1, candidates=self.candidates)
+                    scorer.next_token_logprobs(
+                        [[{"role": "user", "content": "1"}]], 1, candidates=self.candidates
+                    )
                 except ZephyrError:
                     self._candidates_ok = False
         return self._candidates_ok
@@ -314,15 +275,14 @@ def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def _usage_of(generator: Any) -> dict[str, Any] | None:
-    usage = getattr(generator, "usage", None)
-    return usage.to_dict() if hasattr(usage, "to_dict") else None
+def _usage_of(generator: Generator) -> dict[str, Any] | None:
+    return generator.usage.to_dict() if isinstance(generator, Metered) else None
 
 
 def check_logprobs_judge(generator: Generator, spec: str) -> None:
-    """The logprobs judge mode reads next-token probabilities after a forced answer start, which only the
-    local (transformers) backend gives."""
-    if not hasattr(generator, "next_token_logprobs"):
+    """The logprobs judge mode reads next-token probabilities after a forced answer start, which only a
+    `LogprobScorer` (the local transformers backend) gives; checked before any answer is generated."""
+    if not isinstance(generator, LogprobScorer):
         raise ConfigError(
             f"judge_mode logprobs: the judge {spec!r} cannot score a forced answer start (only local "
             "transformers judges can); use judge_mode text with this judge"

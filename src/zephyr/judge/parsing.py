@@ -1,5 +1,8 @@
 """Ratings read from a judge's answer: from its text, or from the probabilities of its rating tokens.
 
+Generic, rubric-free readers (each returns `zephyr.judge.rating.Rating`); a protocol's own answer format
+and its parser (UltraFeedback's, FastChat's, alpaca_eval's) live with the stage that follows it.
+
 Text mode, one rating (`parse_rating`). The text is cleaned first (markdown `*` and backticks removed,
 dashes unified, scale statements such as "on a scale of 1 to 10" or "(1-10)" and references such as
 "Output 2" dropped so their digits are not read as ratings). Then the first of these tiers that matches
@@ -28,7 +31,8 @@ anywhere). A completion's rating comes from its LAST block that yields a verdict
 Logprobs mode (`expected_rating`): the expected value of the rating under the judge's next-token
 distribution at the answer position, renormalised over the tokens that are valid ratings.
 
-Failure reasons are a small fixed vocabulary (`REASONS`), counted per reason by the statistics.
+Failure reasons of these readers are a small fixed vocabulary (`REASONS`), counted per reason by the
+statistics.
 """
 
 from __future__ import annotations
@@ -36,30 +40,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+from zephyr.judge.rating import Rating
 
 NO_RATING = "no rating found"
 OUT_OF_RANGE = "out of range"
 WRONG_SCALE = "wrong scale"
 AMBIGUOUS = "ambiguous"
 NO_RATING_TOKEN = "no rating token in top logprobs"
-# UltraFeedback's protocol (`zephyr.stages.feedback.ultrafeedback`): an answer not in its format after every
-# retry, and a rating the judge declared not applicable ("N/A", not a failure: left out of the mean).
-FORMAT_ERROR = "format error"
-NOT_APPLICABLE = "not applicable"
-REASONS = (NO_RATING, OUT_OF_RANGE, WRONG_SCALE, AMBIGUOUS, NO_RATING_TOKEN, FORMAT_ERROR, NOT_APPLICABLE)
-
-
-@dataclass(frozen=True)
-class ParsedRating:
-    """A rating read from a judge's answer: `value`, or None and the `reason` (one of `REASONS`)."""
-
-    value: float | None
-    reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.value is not None
+REASONS = (NO_RATING, OUT_OF_RANGE, WRONG_SCALE, AMBIGUOUS, NO_RATING_TOKEN)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,7 +95,7 @@ def _clean(text: str) -> str:
     return text
 
 
-def parse_rating(text: str, scale: int) -> ParsedRating:
+def parse_rating(text: str, scale: int) -> Rating:
     """The rating a judge's answer gives one completion on a 1..`scale` scale (rules: module docstring)."""
     text = _clean(text)
     for tier in _TIERS:
@@ -116,20 +105,20 @@ def parse_rating(text: str, scale: int) -> ParsedRating:
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and (match := _BARE_LINE.match(lines[-1])):
         return _checked(match, scale)
-    return ParsedRating(None, NO_RATING)
+    return Rating(None, NO_RATING)
 
 
-def _checked(match: re.Match, scale: int) -> ParsedRating:
+def _checked(match: re.Match[str], scale: int) -> Rating:
     """The number of a match, checked against the scale, its denominator and a trailing range."""
     groups = match.groupdict()
     if groups.get("after") and groups.get("den") is None:
-        return ParsedRating(None, AMBIGUOUS)
+        return Rating(None, AMBIGUOUS)
     if groups.get("den") is not None and float(groups["den"]) != scale:
-        return ParsedRating(None, WRONG_SCALE)
+        return Rating(None, WRONG_SCALE)
     value = float(groups["num"])
     if not 1 <= value <= scale:
-        return ParsedRating(None, OUT_OF_RANGE)
-    return ParsedRating(value)
+        return Rating(None, OUT_OF_RANGE)
+    return Rating(value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,7 +150,7 @@ def split_outputs(text: str, n: int) -> list[list[str]]:
     return blocks
 
 
-def parse_ratings(text: str, n: int, scale: int) -> list[ParsedRating]:
+def parse_ratings(text: str, n: int, scale: int) -> list[Rating]:
     """One rating per output of an answer that rates `n` outputs in prompt order (`Output 1` … `Output n`).
 
     An output's rating comes from its last block that holds a verdict (a rating or a failure other than
@@ -177,42 +166,40 @@ def parse_ratings(text: str, n: int, scale: int) -> list[ParsedRating]:
     return [_last_verdict([parse_rating(b, scale) for b in output_blocks]) for output_blocks in blocks]
 
 
-def _headerless(text: str, n: int, scale: int) -> list[ParsedRating]:
+def _headerless(text: str, n: int, scale: int) -> list[Rating]:
     if n == 1:
         return [parse_rating(text, scale)]
     lines = list(_RATING_LINE.finditer(text))
     if len(lines) != n:
-        return [ParsedRating(None, NO_RATING)] * n
+        return [Rating(None, NO_RATING)] * n
     ends = [m.start() for m in lines[1:]] + [len(text)]
     return [parse_rating(text[m.start() : end], scale) for m, end in zip(lines, ends, strict=True)]
 
 
-def _last_verdict(parsed: Sequence[ParsedRating]) -> ParsedRating:
+def _last_verdict(parsed: Sequence[Rating]) -> Rating:
     for rating in reversed(parsed):
         if rating.reason != NO_RATING:
             return rating
-    return ParsedRating(None, NO_RATING)
+    return Rating(None, NO_RATING)
 
 
-def _aspect_pattern(aspect: str) -> re.Pattern:
+def _aspect_pattern(aspect: str) -> re.Pattern[str]:
     words = r"[\s_-]*".join(re.escape(w) for w in re.split(r"[\s_-]+", aspect))
     return re.compile(r"\b" + words + r"(?:[ \t]+(?:rating|score))?[ \t]*[:=][ \t]*(?P<rest>[^\n]*)", re.I)
 
 
-def _aspect_rating(block: str, aspect: re.Pattern, scale: int) -> ParsedRating:
+def _aspect_rating(block: str, aspect: re.Pattern[str], scale: int) -> Rating:
     """The value on the block's last `Aspect: N` line."""
     matches = list(aspect.finditer(_clean(block)))
     if not matches:
-        return ParsedRating(None, NO_RATING)
+        return Rating(None, NO_RATING)
     rest = matches[-1].group("rest")
     if lead := re.match(r"[\s\[(]*" + _NUM + _AFTER, rest, re.I):
         return _checked(lead, scale)
     return parse_rating(rest, scale)
 
 
-def parse_aspect_ratings(
-    text: str, n: int, aspects: Sequence[str], scale: int
-) -> list[dict[str, ParsedRating]]:
+def parse_aspect_ratings(text: str, n: int, aspects: Sequence[str], scale: int) -> list[dict[str, Rating]]:
     """Per output, per aspect ratings of an all-aspects answer (`Helpfulness: 4` lines in each block).
 
     Aspect names match case-insensitively with `-`, `_` or spaces between words, optionally followed by
@@ -324,7 +311,7 @@ def _split_one(mass: dict[int, float], after_one: Mapping[str, float]) -> None:
 
 def expected_rating(
     top_logprobs: Mapping[str, float], scale: int, *, after_one: Mapping[str, float] | None = None
-) -> ParsedRating:
+) -> Rating:
     """The expected rating under `rating_distribution`; "no rating token in top logprobs" when it is empty.
 
     Always a score when any valid rating token has mass, so small local judges that rarely follow the
@@ -332,5 +319,5 @@ def expected_rating(
     """
     distribution = rating_distribution(top_logprobs, scale, after_one=after_one)
     if not distribution:
-        return ParsedRating(None, NO_RATING_TOKEN)
-    return ParsedRating(sum(value * p for value, p in distribution.items()))
+        return Rating(None, NO_RATING_TOKEN)
+    return Rating(sum(value * p for value, p in distribution.items()))

@@ -68,7 +68,7 @@ def _build_smollm2(src: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from zephyr.models.load import configure_generation
+    from zephyr.models.generation_config import configure_generation
 
     quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config_dict = quantized.config.to_dict()

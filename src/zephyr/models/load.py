@@ -6,38 +6,29 @@ path (= `transformers:`). `openai:` and `vllm:` name generation backends, not lo
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from zephyr.core.errors import ZephyrError
+from zephyr.core.specs import parse_model_spec
 from zephyr.data import chat
-
-_BACKEND_PREFIXES = ("openai:", "vllm:")
-# `namespace/name` as the Hugging Face hub spells repository ids.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
-# With an explicit `transformers:` prefix a legacy single-name hub id (`gpt2`) is accepted too.
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
 def resolve_model_path(spec: str) -> str:
     """A local folder (or a hub id) that `from_pretrained` can load for a model spec."""
-    if spec.startswith(_BACKEND_PREFIXES):
+    parsed = parse_model_spec(spec)
+    if parsed.backend != "transformers":
         raise ZephyrError(f"{spec!r} is a generation backend spec, not a local model")
-    if spec.startswith("asset:"):
+    if parsed.asset is not None:
         from zephyr.models import assets
 
-        return str(assets.fetch(spec.removeprefix("asset:")))
-    explicit = spec.startswith("transformers:")
-    path = spec.removeprefix("transformers:")
-    if not path:
-        raise ZephyrError(f"model spec {spec!r} names no model")
-    local = Path(path).expanduser()
+        return str(assets.fetch(parsed.asset))
+    assert parsed.location is not None  # a transformers spec names an asset or a location
+    local = Path(parsed.location).expanduser()
     if local.exists():
         return str(local)
-    looks_like_path = path.startswith((".", "/", "~")) or path.endswith("/") or "\\" in path
-    if not looks_like_path and (_HUB_ID.match(path) or (explicit and _HUB_NAME.match(path))):
-        return path
+    if parsed.may_be_hub_id:
+        return parsed.location
     raise ZephyrError(
         f"model {spec!r}: no such folder {str(local)!r} (and it is not a hub id of the form namespace/name)"
     )
@@ -128,22 +119,3 @@ def end_of_turn(tokenizer: Any) -> tuple[str, int]:
     (see `zephyr.data.chat.end_of_turn`).
     """
     return chat.end_of_turn(tokenizer)
-
-
-def configure_generation(model: Any, tokenizer: Any) -> Any:
-    """Make generation stop at the template's end-of-turn token and pad with the tokenizer's pad token.
-
-    eos_token_id becomes [end-of-turn id] (+ the tokenizer's eos id when different, so a model that
-    emits plain EOS still stops). Returns the model's generation config.
-    """
-    _, eot_id = end_of_turn(tokenizer)
-    eos_ids = [eot_id]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != eot_id:
-        eos_ids.append(tokenizer.eos_token_id)
-    config = model.generation_config
-    config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    config.pad_token_id = pad_id
-    if getattr(tokenizer, "bos_token_id", None) is not None:
-        config.bos_token_id = tokenizer.bos_token_id
-    return config

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from zephyr.core.errors import ZephyrError
-from zephyr.io import parse_hub_spec, write_text
+from zephyr.core.specs import is_hub_spec, parse_hub_spec
+from zephyr.io import write_text
 
 MANIFEST = "manifest.json"
 HASH_LIMIT = 256 << 20  # files up to this size are hashed by content; larger ones by size and mtime
@@ -124,7 +125,7 @@ def hub_datasets(config: Any) -> dict[str, dict[str, str | None]]:
     values = asdict(config) if is_dataclass(config) else dict(config)
     found = {}
     for name, value in values.items():
-        if isinstance(value, str) and value.startswith("hf:"):
+        if isinstance(value, str) and is_hub_spec(value):
             spec = parse_hub_spec(value)
             found[name] = {"dataset": spec.name, "revision": spec.revision, "split": spec.split}
     return found

@@ -15,6 +15,7 @@ redoes STAGE and every step after it; `--only STAGE` runs just that stage's step
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import shlex
 import shutil
@@ -32,14 +33,16 @@ import yaml
 
 from zephyr import __version__
 from zephyr.core.config import (
-    STAGES,
     AblationConfig,
     EvalConfig,
     Recipe,
     ablation_config,
+    batch_plan,
+    spec_values,
     to_dict,
 )
 from zephyr.core.errors import ConfigError, ZephyrError
+from zephyr.core.specs import STAGE_REF, is_local, parse_model_spec, parse_stage_ref
 from zephyr.io import check_output_dir
 from zephyr.pipeline.manifest import (
     Manifest,
@@ -54,34 +57,12 @@ from zephyr.pipeline.manifest import (
     redo_reason,
     save_manifest,
 )
-
-STAGE_REF = "stage:"
-
-# What `stage:NAME[:PART]` points at, relative to the run folder; the first part is the default.
-OUTPUTS: dict[str, dict[str, str]] = {
-    "generate": {"dialogues": "generate/dialogues.jsonl"},
-    "curate": {"train": "curate/train.jsonl", "test": "curate/test.jsonl"},
-    "sft": {"model": "sft/final"},
-    "feedback": {
-        "pairs": "feedback/pairs.jsonl",
-        "test": "feedback/pairs_test.jsonl",
-        "rated": "feedback/rated.jsonl",
-    },
-    "dpo": {"model": "dpo/final"},
-}
-
-# An empty input field reads the previous stage's main output.
-AUTO_INPUTS: dict[str, tuple[str, str]] = {
-    "curate": ("input", "generate"),
-    "sft": ("train_data", "curate"),
-    "feedback": ("prompts", "curate"),
-    "dpo": ("train_data", "feedback"),
-}
+from zephyr.stages import Stage, evaluation_folder, evaluations, pipeline_stages, present_stages, stage
 
 
 @dataclass
 class Step:
-    """One unit of the plan: its id in the manifest, what it hashes, and how it runs."""
+    """One unit of the plan: its id in the manifest, what it hashes, how it runs and what it writes."""
 
     id: str
     kind: str
@@ -89,6 +70,12 @@ class Step:
     config: Any  # hashed into the fingerprint (a config dataclass or plain values)
     action: Callable[[bool], None]  # called with resume=True when continuing an interrupted attempt
     upstream: list[str] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)  # the stage table's outputs: a done step has them
+
+
+def _referable() -> dict[str, Stage]:
+    """The stages whose outputs `stage:NAME[:PART]` names: those with a folder RUN/NAME of their own."""
+    return {s.name: s for s in pipeline_stages() if s.plan == "section" and s.outputs}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,10 +84,13 @@ class Step:
 
 def parse_ref(value: str, where: str) -> tuple[str, str]:
     """`stage:NAME[:PART]` -> (NAME, PART); an unknown stage or part names the field."""
-    name, _, part = value.removeprefix(STAGE_REF).partition(":")
-    if name not in OUTPUTS:
-        raise ConfigError(f"{where}: {value!r}: no stage {name!r} writes files (one of {', '.join(OUTPUTS)})")
-    parts = OUTPUTS[name]
+    name, part = parse_stage_ref(value)
+    referable = _referable()
+    if name not in referable:
+        raise ConfigError(
+            f"{where}: {value!r}: no stage {name!r} writes files (one of {', '.join(referable)})"
+        )
+    parts = referable[name].outputs
     part = part or next(iter(parts))
     if part not in parts:
         raise ConfigError(
@@ -120,17 +110,20 @@ def resolve_refs(cfg: Any, section: str, run_dir: Path, available: set[str]) -> 
         name, part = parse_ref(value, where)
         if name not in available:
             raise ConfigError(f"{where}: {value!r} reads stage {name!r}, which this run does not have")
-        changes[f.name] = str(run_dir / OUTPUTS[name][part])
+        changes[f.name] = str(run_dir / name / stage(name).output(part))
         upstream.append(name)
     return dataclasses.replace(cfg, **changes), upstream
 
 
 def auto_wire(cfg: Any, section: str, available: set[str]) -> Any:
-    """Fill an empty input field with a reference to the stage before (e.g. sft.train_data: stage:curate)."""
-    field_name, source = AUTO_INPUTS.get(section, ("", ""))
-    if field_name and not getattr(cfg, field_name) and source in available:
-        return dataclasses.replace(cfg, **{field_name: STAGE_REF + source})
-    return cfg
+    """Fill each empty input field with a reference to the stage the table wires to it (e.g.
+    sft.train_data: stage:curate)."""
+    wired = {
+        name: STAGE_REF + source
+        for name, source in stage(section).inputs.items()
+        if not getattr(cfg, name) and source in available
+    }
+    return dataclasses.replace(cfg, **wired) if wired else cfg
 
 
 def local_inputs(cfg: Any, run_dir: Path) -> dict[str, str]:
@@ -138,7 +131,7 @@ def local_inputs(cfg: Any, run_dir: Path) -> dict[str, str]:
     found = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name == "output_dir" or not isinstance(value, str) or not _is_local(value):
+        if f.name == "output_dir" or not isinstance(value, str) or not is_local(value):
             continue
         path = Path(value)
         if path.exists() and run_dir.resolve() not in path.resolve().parents:
@@ -146,54 +139,31 @@ def local_inputs(cfg: Any, run_dir: Path) -> dict[str, str]:
     return found
 
 
-# Fields that name files or folders a stage reads (a spec with a scheme, `stage:`, `hf:`, `asset:`, is not
-# a path), and model fields, which are paths only when they look like one (else they may be hub ids).
-INPUT_FIELDS = frozenset(
-    {"train_data", "eval_data", "seeds", "prompts", "input", "data", "fewshot_data", "questions",
-     "instructions", "template_dir", "decontaminate"}
-)  # fmt: skip
-MODEL_FIELDS = frozenset({"model", "ref_model", "tokenizer", "judge", "baseline", "base_model"})
-
-
 def missing_inputs(recipe: Recipe) -> list[str]:
     """`KEY: no such file or folder: PATH` for each local input of the recipe's stages that does not exist:
-    a pipeline checks them all before its first stage, rather than fail in one after hours of training."""
-    sections = stage_names(recipe) if recipe.run is not None else [n for n, v in vars(recipe).items() if v]
+    a pipeline checks them all before its first stage, rather than fail in one after hours of training.
+    The inputs are the config fields typed as paths, data or models (`zephyr.core.config.spec_field`)."""
+    if recipe.run is not None:  # the run section (base_model) and the sections of the stages it runs
+        sections = ["run", *(n for n in stage_names(recipe) if getattr(recipe, n, None) is not None)]
+    else:
+        sections = [n for n, v in vars(recipe).items() if v is not None]
     found = []
     for name in sections:  # (ablations vary the dpo section, checked as such)
-        for key, value in _string_fields(getattr(recipe, name, None), name):
-            field_name = key.rsplit(".", 1)[-1].split("[")[0]
-            if _names_a_path(field_name, value) and not Path(value).expanduser().exists():
-                found.append(f"{key}: no such file or folder: {value}")
+        for key, kind, value in spec_values(getattr(recipe, name), name):
+            path = _local_path(kind, value)
+            if path is not None and not Path(path).expanduser().exists():
+                found.append(f"{key}: no such file or folder: {path}")
     return sorted(set(found))
 
 
-def _string_fields(value: Any, key: str) -> list[tuple[str, str]]:
-    """(dotted key, string) for every string a config holds, in nested configs and lists too."""
-    if isinstance(value, str):
-        return [(key, value)]
-    if dataclasses.is_dataclass(value):
-        return [
-            item
-            for f in dataclasses.fields(value)
-            for item in _string_fields(getattr(value, f.name), f"{key}.{f.name}")
-        ]
-    if isinstance(value, list):
-        return [item for i, v in enumerate(value) for item in _string_fields(v, f"{key}[{i}]")]
-    return []
-
-
-def _is_local(value: str) -> bool:
-    """A value that may name a local file: not empty, and no scheme (`stage:`, `hf:`, `asset:`, `openai:`)."""
-    return bool(value) and ":" not in value.split("/")[0]
-
-
-def _names_a_path(field_name: str, value: str) -> bool:
-    if not _is_local(value):
-        return False
-    if field_name in INPUT_FIELDS:
-        return True
-    return field_name in MODEL_FIELDS and value.startswith(("/", "./", "../", "~"))
+def _local_path(kind: str, value: str) -> str | None:
+    """The local file or folder a spec value must name here; None for hub ids, assets, remote models and
+    other stages' outputs."""
+    if value.startswith(STAGE_REF):
+        return None
+    if kind == "model":
+        return parse_model_spec(value).written_path
+    return value if is_local(value) else None
 
 
 def check_inputs(recipe: Recipe) -> None:
@@ -208,72 +178,109 @@ def check_inputs(recipe: Recipe) -> None:
 
 def stage_names(recipe: Recipe) -> list[str]:
     """The stages to run: run.stages, or every stage the recipe has a section for, in pipeline order."""
+    present = present_stages(
+        lambda name: getattr(recipe, name, None) is not None, bool(recipe.run and recipe.run.ablations)
+    )
     chosen = recipe.run.stages if recipe.run and recipe.run.stages else None
-    present = {
-        "generate": recipe.generate is not None,
-        "curate": recipe.curate is not None,
-        "sft": recipe.sft is not None,
-        "feedback": recipe.feedback is not None,
-        "dpo": recipe.dpo is not None,
-        "ablations": bool(recipe.run and recipe.run.ablations) and recipe.dpo is not None,
-        "eval": recipe.eval is not None,
-        "report": True,
-    }
     if chosen is None:
-        return [s for s in STAGES if present[s]]
-    missing = [s for s in chosen if not present[s]]
+        return present
+    known = [s.name for s in pipeline_stages()]
+    for i, name in enumerate(chosen):
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"run.stages[{i}]: must be one of {', '.join(known)}, got {name!r}{extra}")
+    missing = [name for name in known if name in chosen and name not in present]
     if missing:
         raise ConfigError(f"run.stages: {', '.join(missing)} listed but the recipe has no section for it")
-    return [s for s in STAGES if s in chosen]
+    return [name for name in known if name in chosen]
 
 
 def build_plan(recipe: Recipe, run_dir: Path) -> list[Step]:
     """Every step of the run, in order, with `stage:` references resolved to paths in `run_dir`."""
     names = stage_names(recipe)
-    available = set(names) & set(OUTPUTS)
+    check_launch_batches(recipe)
+    available = set(names) & set(_referable())
     steps: list[Step] = []
-    for name in ("generate", "curate", "sft", "feedback", "dpo"):
-        if name in names:
-            steps.append(_stage_step(name, getattr(recipe, name), run_dir, available, recipe))
-    if "ablations" in names:
-        steps += [_ablation_step(a, recipe, run_dir, available) for a in recipe.run.ablations]
-    if "eval" in names:
-        models = _models(recipe, names, run_dir)
-        steps += [
-            s
-            for model, (spec, up) in models.items()
-            for s in _eval_steps(recipe.eval, model, spec, up, run_dir)
-        ]
-    if "report" in names:
-        steps.append(_report_step(run_dir, [s.id for s in steps]))
+    for s in pipeline_stages():
+        if s.name not in names:
+            continue
+        if s.plan == "section":
+            steps.append(_stage_step(s, getattr(recipe, s.name), run_dir, available, recipe))
+        elif s.plan == "ablations":
+            assert recipe.run is not None  # present: the run section lists ablations
+            steps += [_ablation_step(s, a, recipe, run_dir, available) for a in recipe.run.ablations]
+        elif s.plan == "evals":
+            models = _models(recipe, names, run_dir)
+            steps += [
+                step
+                for model, (spec, up) in models.items()
+                for step in _eval_steps(recipe.eval, model, spec, up, run_dir)
+            ]
+        elif s.plan == "report":
+            steps.append(_report_step(s, recipe, run_dir, [step.id for step in steps]))
     return steps
 
 
-def _stage_step(name: str, cfg: Any, run_dir: Path, available: set[str], recipe: Recipe) -> Step:
-    cfg = auto_wire(cfg, name, available)
-    folder = run_dir / name
-    cfg, upstream = resolve_refs(dataclasses.replace(cfg, output_dir=str(folder)), name, run_dir, available)
-    launcher = recipe.run.launcher if recipe.run else None
-    actions = {
-        "generate": lambda resume: _run_generate(cfg),
-        "curate": lambda resume: _run_curate(cfg),
-        "feedback": lambda resume: _run_feedback(cfg),
-        "sft": lambda resume: _run_training("sft", cfg, resume, launcher),
-        "dpo": lambda resume: _run_training("dpo", cfg, resume, launcher),
-    }
-    return Step(name, name, folder, cfg, actions[name], upstream)
+def _stage_step(s: Stage, cfg: Any, run_dir: Path, available: set[str], recipe: Recipe) -> Step:
+    cfg = auto_wire(cfg, s.name, available)
+    folder = run_dir / s.name
+    cfg, upstream = resolve_refs(dataclasses.replace(cfg, output_dir=str(folder)), s.name, run_dir, available)
+    if s.trains:
+        action = partial(_run_training, s, cfg, launcher=_launcher(recipe))
+    else:
+        action = partial(_run_stage, s, cfg)
+    outputs = [folder / rel for rel in s.outputs.values()]
+    return Step(s.name, s.name, folder, cfg, action, upstream, outputs)
 
 
-def _ablation_step(ablation: AblationConfig, recipe: Recipe, run_dir: Path, available: set[str]) -> Step:
+def _ablation_step(
+    s: Stage, ablation: AblationConfig, recipe: Recipe, run_dir: Path, available: set[str]
+) -> Step:
+    assert recipe.dpo is not None  # present: ablations vary the dpo section
     cfg = ablation_config(recipe.dpo, ablation, f"run.ablations ({ablation.name})")
     cfg = auto_wire(cfg, "dpo", available)
     if ablation.start == "base":  # DPO without dSFT: the base model is the policy's start and its reference
         cfg = dataclasses.replace(cfg, model=base_model(recipe), ref_model=None)
-    folder = run_dir / "ablations" / ablation.name
+    folder = run_dir / s.name / ablation.name
     cfg, upstream = resolve_refs(dataclasses.replace(cfg, output_dir=str(folder)), "dpo", run_dir, available)
-    launcher = recipe.run.launcher if recipe.run else None
-    action = partial(_run_training, "dpo", cfg, launcher=launcher)
-    return Step(f"ablations/{ablation.name}", "ablation", folder, cfg, action, upstream)
+    action = partial(_run_training, s, cfg, launcher=_launcher(recipe))
+    outputs = [folder / rel for rel in s.outputs.values()]
+    return Step(f"{s.name}/{ablation.name}", "ablation", folder, cfg, action, upstream, outputs)
+
+
+def _launcher(recipe: Recipe) -> str | None:
+    return recipe.run.launcher if recipe.run else None
+
+
+def launch_processes(launcher: str | None) -> int | None:
+    """The process count a launcher command names (`--num_processes N`, `--num-processes=N`); else None."""
+    words = shlex.split(launcher or "")
+    for i, word in enumerate(words):
+        flag, eq, value = word.partition("=")
+        if flag not in ("--num_processes", "--num-processes"):
+            continue
+        value = value if eq else (words[i + 1] if i + 1 < len(words) else "")
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"run.launcher: {flag}: expected a number of processes, got {value!r}")
+        return int(value)
+    return None
+
+
+def check_launch_batches(recipe: Recipe) -> None:
+    """When `run.launcher` names its process count, each training section's global batch must split over it:
+    checked before the first stage, not when the launcher starts training hours into the run."""
+    processes = launch_processes(_launcher(recipe))
+    if processes is None:
+        return
+    for s in pipeline_stages():
+        cfg = getattr(recipe, s.name, None)
+        if s.trains and cfg is not None:
+            batch_plan(cfg, processes, s.name)
+    if recipe.run and recipe.dpo is not None:
+        for i, ablation in enumerate(recipe.run.ablations):
+            cfg = ablation_config(recipe.dpo, ablation, f"run.ablations[{i}]")
+            batch_plan(cfg, processes, f"run.ablations[{i}] ({ablation.name}): dpo")
 
 
 def base_model(recipe: Recipe) -> str:
@@ -287,99 +294,85 @@ def base_model(recipe: Recipe) -> str:
 
 
 def _models(recipe: Recipe, names: list[str], run_dir: Path) -> dict[str, tuple[str, list[str]]]:
-    """The models to evaluate: name -> (model spec, steps it comes from)."""
-    models = {"base": (base_model(recipe), [])}
-    for name in ("sft", "dpo"):
-        if name in names:
-            models[name] = (str(run_dir / OUTPUTS[name]["model"]), [name])
-    if "ablations" in names:
+    """The models to evaluate: name -> (model spec, steps it comes from): the base model, the model of each
+    training stage of the run, and each ablation's."""
+    models: dict[str, tuple[str, list[str]]] = {"base": (base_model(recipe), [])}
+    for s in pipeline_stages():
+        if s.trains and s.plan == "section" and s.name in names:
+            models[s.name] = (str(run_dir / s.name / s.output("model")), [s.name])
+    if "ablations" in names and recipe.run is not None:
+        ablations = stage("ablations")
         for a in recipe.run.ablations:
-            models[a.name] = (str(run_dir / "ablations" / a.name / "final"), [f"ablations/{a.name}"])
+            folder = run_dir / ablations.name / a.name
+            models[a.name] = (str(folder / ablations.output("model")), [f"{ablations.name}/{a.name}"])
     return models
 
 
-def _eval_steps(cfg: EvalConfig, model: str, spec: str, upstream: list[str], run_dir: Path) -> list[Step]:
+def _eval_steps(
+    cfg: EvalConfig | None, model: str, spec: str, upstream: list[str], run_dir: Path
+) -> list[Step]:
+    """One step per evaluation of `model` (in the table's order), then its sample answers."""
+    if cfg is None:
+        return []
     folder = run_dir / "eval" / model
-    base = {"model": spec}
-    steps = [
-        Step(f"eval/{model}/mc-{mc.name}", "mc", folder / f"mc-{mc.name}", {**base, **to_dict(mc)},
-             partial(_run_mc, spec, mc, folder / f"mc-{mc.name}"), upstream)
-        for mc in cfg.mc
-    ]  # fmt: skip
-    if cfg.sample_prompts:
-        config = {**base, "prompts": cfg.sample_prompts, "max_new_tokens": cfg.sample_max_new_tokens}
-        action = partial(_run_samples, spec, model, cfg, folder / "samples.jsonl")
-        steps.append(
-            Step(f"eval/{model}/samples", "samples", folder / "samples.jsonl", config, action, upstream)
-        )
-    if cfg.mt_bench is not None:
-        out = folder / "mt-bench"
-        action = partial(_run_mt_bench, spec, cfg.mt_bench, out)
-        steps.append(
-            Step(
-                f"eval/{model}/mt-bench", "mt_bench", out, {**base, **to_dict(cfg.mt_bench)}, action, upstream
+    steps = []
+    for evaluation in evaluations():
+        value = getattr(cfg, evaluation.name)
+        for item in value if isinstance(value, list) else [value] if value is not None else []:
+            out = folder / evaluation_folder(evaluation, item)
+            action = partial(_run_evaluation, evaluation, item, spec, out)
+            config = {"model": spec, **to_dict(item)}
+            outputs = [out / rel for rel in evaluation.outputs.values()]
+            steps.append(
+                Step(f"eval/{model}/{out.name}", evaluation.name, out, config, action, upstream, outputs)
             )
-        )
-    if cfg.alpaca_eval is not None:
-        out = folder / "alpaca-eval"
-        action = partial(_run_alpaca_eval, spec, cfg.alpaca_eval, out)
-        config = {**base, **to_dict(cfg.alpaca_eval)}
-        steps.append(Step(f"eval/{model}/alpaca-eval", "alpaca_eval", out, config, action, upstream))
+    if cfg.sample_prompts:
+        samples = folder / stage("eval").output("samples")
+        config = {"model": spec, "prompts": cfg.sample_prompts, "max_new_tokens": cfg.sample_max_new_tokens}
+        action = partial(_run_samples, cfg, spec, model, folder)
+        steps.append(Step(f"eval/{model}/samples", "samples", samples, config, action, upstream, [samples]))
     return steps
 
 
-def _report_step(run_dir: Path, upstream: list[str]) -> Step:
+def _report_step(s: Stage, recipe: Recipe, run_dir: Path, upstream: list[str]) -> Step:
     def action(resume: bool) -> None:
-        from zephyr.stages.report.run import write_report
+        paths = s.run_function()(run_dir)
+        print(f"report: {paths.html}")
 
-        print(f"report: {write_report(run_dir).html}")
-
-    # The report reads every step: its fingerprint follows theirs, so it is rewritten when any is redone.
-    return Step("report", "report", None, {}, action, upstream)
+    # The report reads every step: its fingerprint follows theirs, so it is rewritten when any is redone;
+    # and its own section (reference rows), so that changing it rewrites the report.
+    config = to_dict(recipe.report) if recipe.report is not None else {}
+    outputs = [run_dir / rel for rel in s.outputs.values()]
+    return Step(s.name, s.name, None, config, action, upstream, outputs)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stage actions (the stage modules are imported when the stage runs)
+# Stage actions (the table's run functions are imported when the stage runs)
 
 
-def _run_generate(cfg: Any) -> None:
-    from zephyr.stages.generate.run import run_generate
-
-    run_generate(cfg)
-
-
-def _run_curate(cfg: Any) -> None:
-    from zephyr.stages.curate.run import run_curate
-
-    run_curate(cfg)
+def _run_stage(s: Stage, cfg: Any, resume: bool = False) -> None:
+    """A stage that resumes by itself (generation and feedback keep what they have written)."""
+    s.run_function()(cfg)
 
 
-def _run_feedback(cfg: Any) -> None:
-    from zephyr.stages.feedback.run import run_feedback
-
-    run_feedback(cfg)
-
-
-def _run_training(kind: str, cfg: Any, resume: bool, launcher: str | None) -> None:
-    """sft / dpo in this process, or through `launcher` (e.g. accelerate launch) for several devices."""
+def _run_training(s: Stage, cfg: Any, resume: bool, launcher: str | None) -> None:
+    """A training stage in this process, or through `launcher` (e.g. accelerate launch) for several devices."""
     from zephyr.training.checkpoint import latest_checkpoint
 
     out = Path(cfg.output_dir)
-    final_written = (out / "final" / "config.json").is_file()
+    final_written = (out / s.output("model") / "config.json").is_file()
     resume = resume and (final_written or latest_checkpoint(out) is not None)
     if not resume and out.exists():
         shutil.rmtree(out)  # an attempt that left no checkpoint: nothing to continue from
     if launcher:
-        _launch(kind, cfg, resume, launcher)
+        _launch(_command(s), cfg, resume, launcher)
         return
-    if kind == "sft":
-        from zephyr.stages.sft.run import run_sft
+    s.run_function()(cfg, resume=resume)
 
-        run_sft(cfg, resume=resume)
-    else:
-        from zephyr.stages.dpo.run import run_dpo
 
-        run_dpo(cfg, resume=resume)
+def _command(s: Stage) -> str:
+    """The command that trains like `s` (an ablation is a dpo run)."""
+    return s.command or next(t.command for t in pipeline_stages() if t.run == s.run and t.command)
 
 
 def _launch(kind: str, cfg: Any, resume: bool, launcher: str) -> None:
@@ -400,43 +393,14 @@ def _launch(kind: str, cfg: Any, resume: bool, launcher: str) -> None:
         raise ZephyrError(f"{kind}: `{shlex.join(command)}` exited with {code}")
 
 
-# The eval sections' field names are the runners' keyword arguments (a test holds them to it).
+def _run_evaluation(evaluation: Stage, cfg: Any, spec: str, out: Path, resume: bool = False) -> None:
+    # Resuming keeps the folder: MT-Bench reuses the answers already written and redoes only the judging.
+    evaluation.run_function()(cfg, spec, out)
 
 
-def _run_mc(spec: str, mc: Any, out: Path, resume: bool = False) -> None:
-    from zephyr.stages.mc.run import run_mc
-
-    settings = to_dict(mc)
-    settings.pop("name")  # the folder's name, not a setting
-    run_mc(model=spec, out=out, **settings)
-
-
-def _run_mt_bench(spec: str, mt: Any, out: Path, resume: bool = False) -> None:
-    # Resuming keeps the folder: answers already written are reused and only the judging is redone.
-    from zephyr.stages.mt_bench.run import run_mt_bench
-
-    run_mt_bench(model=spec, out=out, **to_dict(mt))
-
-
-def _run_alpaca_eval(spec: str, ae: Any, out: Path, resume: bool = False) -> None:
-    from zephyr.stages.alpaca_eval.run import run_alpaca_eval
-
-    run_alpaca_eval(model=spec, out=out, **to_dict(ae))
-
-
-def _run_samples(spec: str, model: str, cfg: EvalConfig, out: Path, resume: bool = False) -> None:
+def _run_samples(cfg: EvalConfig, spec: str, model: str, folder: Path, resume: bool = False) -> None:
     """Greedy answers of one model to the sample prompts: the report shows them side by side."""
-    from zephyr.generation import SamplingParams, make_generator
-    from zephyr.io import write_jsonl
-
-    generator = make_generator(spec)
-    params = SamplingParams(max_tokens=cfg.sample_max_new_tokens, temperature=0.0)
-    completions = generator.generate([[{"role": "user", "content": p}] for p in cfg.sample_prompts], params)
-    records = [
-        {"prompt": p, "answer": c.text, "model": model, "finish_reason": c.finish_reason}
-        for p, c in zip(cfg.sample_prompts, completions, strict=True)
-    ]
-    write_jsonl(out, records)
+    stage("eval").run_function()(cfg, spec, folder, label=model)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,9 +436,16 @@ def _clear(step: Step, run_dir: Path) -> None:
 
 
 def _outputs(step: Step, run_dir: Path) -> list[str]:
-    if step.folder is None or not step.folder.exists():
-        return []
-    return [str(step.folder.relative_to(run_dir))]
+    """The outputs a finished step left (those the table declares; else its folder), relative to the run:
+    the manifest records them, and a rerun redoes a done step that has lost one."""
+    written = [p for p in step.outputs if p.exists()]
+    if not step.outputs and step.folder is not None and step.folder.exists():
+        written = [step.folder]
+    return [str(p.relative_to(run_dir)) for p in written]
+
+
+def _missing_outputs(record: StageRecord, run_dir: Path) -> list[str]:
+    return [rel for rel in record.outputs if not (run_dir / rel).exists()]
 
 
 def run_pipeline(
@@ -524,15 +495,18 @@ def _run_step(
     fp, parts = _step_fingerprint(step, manifest, run_dir)
     record = manifest.stages.get(step.id)
     same = record is not None and record.fingerprint == fp and not forced
-    if same and record.status == "done":
-        print(f"{counter} {step.id}: done, skipped{_made_by_another_version(record, step)}", flush=True)
-        return
-    resume = same and record.status in ("running", "failed")
-    why = "" if resume else _why_afresh(record, parts, forced)
+    lost: list[str] = []
+    if same and record is not None and record.status == "done":
+        lost = _missing_outputs(record, run_dir)  # done, but what it wrote must still be there
+        if not lost:
+            print(f"{counter} {step.id}: done, skipped{_made_by_another_version(record, step)}", flush=True)
+            return
+    resume = same and record is not None and record.status in ("running", "failed")
+    why = "" if resume else _why_afresh(record, parts, forced, lost)
     if not resume:
         _clear(step, run_dir)
         _outdate_downstream(step, plan, manifest, run_dir)
-    attempts = record.attempts + 1 if resume else 1
+    attempts = record.attempts + 1 if resume and record is not None else 1
     record = StageRecord(
         status="running",
         fingerprint=fp,
@@ -560,12 +534,15 @@ def _run_step(
     print(f"{counter} {step.id}: done in {record.seconds:.1f} s", flush=True)
 
 
-def _why_afresh(record: StageRecord | None, parts: dict[str, str], forced: bool) -> str:
-    """` (config changed)`, ` (--from)`: why a step that ran before runs from the beginning."""
+def _why_afresh(record: StageRecord | None, parts: dict[str, str], forced: bool, lost: list[str]) -> str:
+    """` (config changed)`, ` (--from)`, ` (outputs missing: sft/final)`: why a step that ran before runs
+    from the beginning."""
     if record is None:
         return ""
     if forced:
         return " (--from)"
+    if lost:  # done with the same inputs, but what it wrote is gone: what reads it would fail
+        return f" (outputs missing: {', '.join(lost)})"
     reason = redo_reason(record.inputs, parts)
     return f" ({reason})" if reason else ""
 

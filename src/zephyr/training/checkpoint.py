@@ -30,13 +30,16 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zephyr import io
 from zephyr.core.config import save_resolved
 from zephyr.core.errors import ZephyrError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "training_state"
@@ -92,7 +95,12 @@ def _is_peft(model: torch.nn.Module) -> bool:
 
 
 def _write_model_folder(
-    accelerator: Any, model: torch.nn.Module, tokenizer: Any, target: Path, dtype: torch.dtype, merge: bool
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    target: Path,
+    dtype: torch.dtype,
+    merge: bool,
 ) -> None:
     """The deployable Hugging Face folder. A LoRA model is saved as its adapters, or merged when `merge`."""
     unwrapped = accelerator.unwrap_model(model)
@@ -122,7 +130,7 @@ def _replace(tmp: Path, target: Path) -> None:
     io.rename_into_place(tmp, target)
 
 
-def _write_or_stop(accelerator: Any, out_dir: Path, tmp: Path, write: Callable[[], None]) -> None:
+def _write_or_stop(accelerator: Accelerator, out_dir: Path, tmp: Path, write: Callable[[], None]) -> None:
     """Run `write` (which fills `tmp`); a full disk or an unwritable folder removes `tmp`, to give the space
     back, and stops the run with the last complete checkpoint named."""
     try:
@@ -141,7 +149,7 @@ def _write_or_stop(accelerator: Any, out_dir: Path, tmp: Path, write: Callable[[
         raise ZephyrError(f"{error}; {resume}") from exc
 
 
-def _fresh_tmp(accelerator: Any, out_dir: Path, name: str) -> Path:
+def _fresh_tmp(accelerator: Accelerator, out_dir: Path, name: str) -> Path:
     tmp = out_dir / f".tmp-{name}"
     if accelerator.is_main_process:
         if tmp.exists():
@@ -170,7 +178,7 @@ def _without_tied_weights_note() -> Iterator[None]:
 
 
 def save_checkpoint(
-    accelerator: Any,
+    accelerator: Accelerator,
     model: torch.nn.Module,
     tokenizer: Any,
     cfg: Any,
@@ -201,7 +209,13 @@ def save_checkpoint(
 
 
 def save_final(
-    accelerator: Any, model: torch.nn.Module, tokenizer: Any, cfg: Any, out_dir: Path, *, dtype: torch.dtype
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: Any,
+    out_dir: Path,
+    *,
+    dtype: torch.dtype,
 ) -> Path:
     """Write `final/` atomically: the model folder (LoRA adapters merged) and the resolved config."""
     target = out_dir / FINAL_DIR
@@ -220,13 +234,13 @@ def save_final(
     return target
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> TrainerState:
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     """Restore weights, optimizer and RNG states from `path` into the prepared objects; return the state."""
     accelerator.load_state(str(path / STATE_DIR))
     return TrainerState.from_file(path / STATE_FILE)
 
 
-def prune_checkpoints(accelerator: Any, out_dir: Path, keep: int | None) -> list[Path]:
+def prune_checkpoints(accelerator: Accelerator, out_dir: Path, keep: int | None) -> list[Path]:
     """Delete all but the newest `keep` checkpoints (main process); returns the folders deleted."""
     if keep is None or not accelerator.is_main_process:
         return []

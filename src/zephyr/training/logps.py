@@ -11,11 +11,12 @@ answer exceed `max_length`, the prompt keeps its last `max_prompt_length` tokens
 being answered and the generation prompt), then each answer keeps its first `max_length − len(prompt)`
 tokens. A pair whose answer keeps no token is a bad record.
 
-Batches: the micro-batch's pairs become one packed row of documents [prompt; chosen], [prompt; rejected],
-... with targets on answer tokens only, positions restarting per document and attention that never crosses
-a document ("zephyr_packed"): no padding. With prefix sharing the prompt runs once per pair: the row holds
-[prompt; chosen] and [last prompt token; rejected], the rejected side's queries attending to the prompt's
-keys of the chosen side (`zephyr.data.packing.collate_shared_prefix`); the log-probs are those of the
+Batches: a pair is scored by `zephyr.scoring.continuations` as its prompt with two continuations. The
+micro-batch's pairs become one packed row of documents [prompt; chosen], [prompt; rejected], ... (groups of
+one continuation each) with targets on answer tokens only, positions restarting per document and attention
+that never crosses a document ("zephyr_packed"): no padding. With prefix sharing the prompt runs once per
+pair (one group of two continuations): the row holds [prompt; chosen] and [last prompt token; rejected], the
+rejected side's queries attending to the prompt's keys of the chosen side; the log-probs are those of the
 unshared row, to float rounding.
 """
 
@@ -23,13 +24,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from zephyr.core.config import LogpsConfig
 from zephyr.core.errors import DataError, ZephyrError
+from zephyr.data.packing import Movable, PackedBatch, collate_shared_prefix
 from zephyr.training.losses import PairLogps
 
 logger = logging.getLogger(__name__)
@@ -192,38 +196,39 @@ def tokenize_pairs(
 # Batches and log-probs
 
 
-def pack_pairs(pairs: Sequence[TokenizedPair], *, prefix_sharing: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PairBatch(Movable):
+    """A micro-batch of pairs: its row (document 2i is pair i's chosen side, 2i + 1 its rejected side), how
+    many pairs it folds into, and the tokens of its unshared row (the prompt twice), so that tokens/s means
+    the same with and without sharing; `reference`: the pairs' precomputed reference log-probs, when used."""
+
+    rows: PackedBatch
+    num_pairs: int
+    num_tokens: int
+    reference: PairLogps | None = None
+
+
+def pack_pairs(pairs: Sequence[TokenizedPair], *, prefix_sharing: bool = False) -> PairBatch:
     """A micro-batch of pairs as one packed row: documents [prompt; chosen], [prompt; rejected] per pair
-    (with `prefix_sharing`, [prompt; chosen] and [last prompt token; rejected] over the shared prompt).
-
-    Document 2i is pair i's chosen side, 2i + 1 its rejected side; targets are the answer tokens.
-    `num_pairs` rides along so that the step knows how to fold the per-document sums, and `num_tokens`, the
-    tokens of the unshared row (prompt twice), so that tokens/s means the same with and without sharing.
-    """
-    from zephyr.data.packing import collate_packed, collate_shared_prefix
-
-    if prefix_sharing:
-        groups = [(list(p.prompt_ids), [list(p.chosen_ids), list(p.rejected_ids)]) for p in pairs]
-        batch: dict[str, Any] = dict(collate_shared_prefix(groups))
-    else:
-        docs = []
-        for pair in pairs:
-            prompt = list(pair.prompt_ids)
-            for answer in (pair.chosen_ids, pair.rejected_ids):
-                docs.append((prompt + list(answer), [0] * len(prompt) + [1] * len(answer)))
-        batch = dict(collate_packed(docs))
-    batch["num_pairs"] = len(pairs)
-    batch["num_tokens"] = sum(pair.num_tokens for pair in pairs)
-    return batch
+    (with `prefix_sharing`, [prompt; chosen] and [last prompt token; rejected] over the shared prompt);
+    targets are the answer tokens."""
+    groups = []
+    for p in pairs:
+        if prefix_sharing:
+            groups.append((p.prompt_ids, [p.chosen_ids, p.rejected_ids]))
+        else:
+            groups += [(p.prompt_ids, [p.chosen_ids]), (p.prompt_ids, [p.rejected_ids])]
+    rows = collate_shared_prefix(groups)
+    return PairBatch(rows, num_pairs=len(pairs), num_tokens=sum(pair.num_tokens for pair in pairs))
 
 
-def pair_logps(model: torch.nn.Module, batch: Mapping[str, Any]) -> PairLogps:
+def pair_logps(model: torch.nn.Module, batch: PairBatch) -> PairLogps:
     """Per-pair sums of answer-token log-probs (and token counts) of a `pack_pairs` batch under `model`."""
-    from zephyr.training.forward import sequence_logps, target_doc_ids, token_logps
+    from zephyr.scoring.continuations import score_batch
 
-    n = int(batch["num_pairs"])
-    sums, counts = sequence_logps(token_logps(model, batch), target_doc_ids(batch), 2 * n)
-    sums, counts = sums.view(n, 2), counts.view(n, 2)
+    n = batch.num_pairs
+    scores = score_batch(model, batch.rows)
+    sums, counts = scores.sums.view(n, 2), scores.counts.view(n, 2)
     return PairLogps(sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1])
 
 
@@ -285,7 +290,7 @@ def compute_logps(
     *,
     batch_size: int,
     device: torch.device | str | None = None,
-    autocast: Any = None,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
     progress: bool = False,
     prefix_sharing: bool = False,
 ) -> LogpsTable:
@@ -298,7 +303,6 @@ def compute_logps(
     """
     from contextlib import nullcontext
 
-    from accelerate.utils import send_to_device
     from tqdm.auto import tqdm
 
     if device is None:
@@ -311,9 +315,7 @@ def compute_logps(
             for group in tqdm(
                 batches_of(pairs, batch_size), desc="log-probs", unit="batch", disable=not progress
             ):
-                batch = send_to_device(
-                    pack_pairs([pairs[i] for i in group], prefix_sharing=prefix_sharing), device
-                )
+                batch = pack_pairs([pairs[i] for i in group], prefix_sharing=prefix_sharing).to(device)
                 with autocast() if autocast is not None else nullcontext():
                     out = pair_logps(model, batch)
                 for column, value in zip(
@@ -365,53 +367,42 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def run_logps(
-    *,
-    model: str,
-    data: str,
-    out: str,
-    chat_template: str = "auto",
-    batch_size: int = 8,
-    max_length: int | None = None,
-    max_prompt_length: int | None = None,
-    on_bad_record: str = "error",
-    prefix_sharing: bool = False,
-) -> LogpsTable:
+def run_logps(cfg: LogpsConfig) -> LogpsTable:
     """`zephyr logps`: one JSON line per kept pair with `prompt_id`, `chosen_logps`, `rejected_logps`,
     `chosen_tokens`, `rejected_tokens`, in the input's order; the model's own chat template ("auto").
 
     Runs in float32 on CPU and in bf16 autocast on a GPU that has it (the precision `auto` of training).
-    No truncation unless `max_length` is given.
+    No truncation unless `cfg.max_length` is given.
     """
     from zephyr import io
     from zephyr.models.load import load_model, load_tokenizer
-    from zephyr.training.attention import register_packed_attention
+    from zephyr.scoring.attention import register_packed_attention
 
-    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise ZephyrError(f"--max-prompt-length ({max_prompt_length}) must be < --max-length ({max_length})")
-    tokenizer = load_tokenizer(model, chat_template=chat_template)
+    tokenizer = load_tokenizer(cfg.model, chat_template=cfg.chat_template)
     pairs, stats = read_pairs(
         tokenizer,
-        data,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        on_bad_record=on_bad_record,
+        cfg.data,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        on_bad_record=cfg.on_bad_record,
     )
     if not pairs:
-        raise DataError(f"{data}: no pairs left to score")
-    io.check_output_dir(os.path.dirname(os.path.abspath(out)))  # before the model loads
+        raise DataError(f"{cfg.data}: no pairs left to score")
+    io.check_output_dir(os.path.dirname(os.path.abspath(cfg.out)))  # before the model loads
     device = default_device()
-    net = load_model(model, dtype=torch.float32, attn_implementation=register_packed_attention()).to(device)
+    net = load_model(cfg.model, dtype=torch.float32, attn_implementation=register_packed_attention()).to(
+        device
+    )
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     table = compute_logps(
         net,
         pairs,
-        batch_size=batch_size,
+        batch_size=cfg.batch_size,
         device=device,
         autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None,
         progress=True,
-        prefix_sharing=prefix_sharing,
+        prefix_sharing=cfg.prefix_sharing,
     )
-    io.write_jsonl(out, table.rows([p.prompt_id for p in pairs]))
-    print(f"{out}: {stats.describe()}")
+    io.write_jsonl(cfg.out, table.rows([p.prompt_id for p in pairs]))
+    print(f"{cfg.out}: {stats.describe()}")
     return table

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,8 +45,13 @@ from zephyr.training.checkpoint import (
 )
 from zephyr.training.prepare import make_accelerator, prepare_model, resolve_precision, set_accumulation
 from zephyr.training.schedule import Schedule, count_total_steps, epoch_order, lr_at, make_schedule
-from zephyr.training.task import StepOutput, TrainingTask
+from zephyr.training.task import Batch, StepOutput, TrainingTask
 from zephyr.training.tracking import METRICS_FILE, Trackers, open_trackers, read_metrics
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+Task = TrainingTask[Any, Any]
 
 
 class TrainingDiverged(ZephyrError):
@@ -139,17 +144,17 @@ class _Ordered(torch.utils.data.Dataset):
 class _StepCollator:
     """One optimizer step's examples (of this process) into its micro-batches."""
 
-    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], micro_batch_size: int):
+    def __init__(self, collate: Callable[[list[Any]], Batch], micro_batch_size: int):
         self.collate = collate
         self.micro_batch_size = micro_batch_size
 
-    def __call__(self, examples: list[Any]) -> list[dict[str, Any]]:
+    def __call__(self, examples: list[Any]) -> list[Batch]:
         size = self.micro_batch_size
         return [self.collate(examples[i : i + size]) for i in range(0, len(examples), size)]
 
 
 def _epoch_loader(
-    accelerator: Any, task: TrainingTask, examples: Sequence[Any], cfg: TrainingConfig, epoch: int
+    accelerator: Accelerator, task: Task, examples: Sequence[Any], cfg: TrainingConfig, epoch: int
 ):
     loader = torch.utils.data.DataLoader(
         _Ordered(examples, epoch_order(len(examples), cfg.seed, epoch)),
@@ -167,7 +172,7 @@ def _epoch_loader(
 # Steps
 
 
-def _reduce_sum(accelerator: Any, values: list[float]) -> list[float]:
+def _reduce_sum(accelerator: Accelerator, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(tensor, reduction="sum").tolist()
 
@@ -178,8 +183,8 @@ def _set_lr(optimizer: Any, lr: float) -> None:
 
 
 def _micro_step(
-    accelerator: Any, model: Any, task: TrainingTask, batch: dict[str, Any], scale: float, sync: bool
-):
+    accelerator: Accelerator, model: Any, task: Task, batch: Batch, scale: float, sync: bool
+) -> StepOutput:
     """Forward and backward of one micro-batch; gradients sync across processes only on the step's last."""
     accelerator.sync_gradients = sync  # DeepSpeed steps its engine on the micro-batch that syncs
     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
@@ -191,11 +196,11 @@ def _micro_step(
 
 
 def train_step(
-    accelerator: Any,
+    accelerator: Accelerator,
     model: Any,
     optimizer: Any,
-    task: TrainingTask,
-    micro_batches: list[dict[str, Any]],
+    task: Task,
+    micro_batches: list[Batch],
     *,
     step: int,
     max_grad_norm: float | None,
@@ -233,7 +238,7 @@ def train_step(
 
 
 def evaluate(
-    accelerator: Any, model: Any, task: TrainingTask, examples: Sequence[Any], batch_size: int
+    accelerator: Accelerator, model: Any, task: Task, examples: Sequence[Any], batch_size: int
 ) -> dict:
     """Mean loss and metrics per unit over `examples`, each example counted once across processes.
 
@@ -314,19 +319,17 @@ def _check_same_plan(saved: TrainerState, fresh: TrainerState, ckpt: Path) -> No
             )
 
 
-def _batch_text(task: TrainingTask, cfg: TrainingConfig, processes: int) -> str:
+def _batch_text(task: Task, cfg: TrainingConfig, processes: int) -> str:
     """What an optimizer step of a config resolved by `resolve_batch` holds, and what one example of it is:
     `global batch 512 = 16 processes × 8 per device × 4 accumulation (packed sequences of ≤ 2048 tokens)`."""
     plan = BatchPlan(processes, cfg.per_device_batch_size, cfg.gradient_accumulation_steps or 1)
-    unit = getattr(task, "batch_unit", None)
-    return f"{plan}" + (f" ({unit})" if unit else "")
+    return f"{plan}" + (f" ({task.batch_unit})" if task.batch_unit else "")
 
 
 def _plan_line(
-    task: TrainingTask, state: TrainerState, schedule: Schedule, cfg: TrainingConfig, precision: str
+    task: Task, state: TrainerState, schedule: Schedule, cfg: TrainingConfig, precision: str
 ) -> str:
-    summary = getattr(task, "summary", None)
-    head = f"{task.name}: {summary()}; " if callable(summary) else f"{task.name}: "
+    head = f"{task.name}: {task.summary()}; "
     epochs = state.total_steps / state.steps_per_epoch
     return (
         f"{head}{state.total_steps} optimizer steps ({epochs:.3g} epochs × {state.steps_per_epoch} steps; "
@@ -336,8 +339,8 @@ def _plan_line(
 
 
 def _remaining_steps(
-    accelerator: Any, task: TrainingTask, examples: Sequence[Any], cfg: TrainingConfig, state: TrainerState
-) -> Iterator[list[dict[str, Any]]]:
+    accelerator: Accelerator, task: Task, examples: Sequence[Any], cfg: TrainingConfig, state: TrainerState
+) -> Iterator[list[Batch]]:
     """The micro-batches of every optimizer step left, epoch after epoch, from the state's position on.
 
     The caller advances `state` after each step; a resumed run skips the steps of its epoch already done.
@@ -376,10 +379,10 @@ class _Run:
     """What the steps of one run share: built by `_set_up`, its state replaced by `_resume`, its trackers
     opened by `_open_log` and its state advanced by `_train_epochs`."""
 
-    task: TrainingTask
+    task: Task
     cfg: TrainingConfig
     out_dir: Path
-    accelerator: Any
+    accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     train_examples: Sequence[Any]
@@ -428,7 +431,7 @@ class _Run:
 
 
 def _fresh_state(
-    accelerator: Any, task: TrainingTask, examples: Sequence[Any], cfg: TrainingConfig
+    accelerator: Accelerator, task: Task, examples: Sequence[Any], cfg: TrainingConfig
 ) -> TrainerState:
     """Step 0 of the plan: steps per epoch (as the data loader batches them), total steps, global batch."""
     steps_per_epoch = len(_epoch_loader(accelerator, task, examples, cfg, 0))
@@ -439,7 +442,7 @@ def _fresh_state(
     return TrainerState(0, 0, 0, steps_per_epoch, total_steps, global_batch, accelerator.num_processes)
 
 
-def _set_up(task: TrainingTask, cfg: TrainingConfig, out_dir: Path, resume: bool) -> tuple[_Run, Path | None]:
+def _set_up(task: Task, cfg: TrainingConfig, out_dir: Path, resume: bool) -> tuple[_Run, Path | None]:
     """Devices, model, optimizer, data and the plan of a run at step 0; and the checkpoint to resume from."""
     from accelerate.utils import set_seed
 
@@ -546,7 +549,7 @@ def _train_epochs(run: _Run, progress: Any) -> tuple[dict[str, Any], dict[str, A
     return metrics, eval_metrics
 
 
-def train(task: TrainingTask, cfg: TrainingConfig, *, resume: bool = False) -> TrainResult:
+def train(task: Task, cfg: TrainingConfig, *, resume: bool = False) -> TrainResult:
     """Train `cfg.model` on `task`; write checkpoints, `metrics.jsonl` and `final/` under `cfg.output_dir`."""
     from tqdm.auto import tqdm
 

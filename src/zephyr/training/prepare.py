@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -15,6 +15,9 @@ from zephyr.core.errors import ConfigError, ZephyrError
 from zephyr.training.optim import StochasticAdamW
 from zephyr.training.task import TrainingTask
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 
 def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
     """`auto` is bf16 on a CUDA device that supports it, else fp32."""
@@ -23,7 +26,7 @@ def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
     return precision  # type: ignore[return-value]
 
 
-def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
+def make_accelerator(cfg: TrainingConfig, precision: str) -> Accelerator:
     """The run's accelerator, accumulating the config's gradient_accumulation_steps (unset: 1) until
     `set_accumulation` gives it the one resolved from the global batch and the process count it joined."""
     from accelerate import Accelerator
@@ -54,7 +57,7 @@ def make_accelerator(cfg: TrainingConfig, precision: str) -> Any:
     return accelerator
 
 
-def set_accumulation(accelerator: Any, steps: int) -> None:
+def set_accumulation(accelerator: Accelerator, steps: int) -> None:
     """The micro-batches per optimizer step, as the recipe resolves them: not the launch's
     (`accelerate launch --gradient_accumulation_steps` or a DeepSpeed config would otherwise win)."""
     accelerator.gradient_accumulation_steps = steps
@@ -68,7 +71,7 @@ def _fsdp_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def _check_joined(accelerator: Any) -> None:
+def _check_joined(accelerator: Accelerator) -> None:
     """Refuse processes that a launcher started together but accelerate left apart: each would train alone and
     overwrite the others' checkpoints (e.g. an FSDP or DeepSpeed launch config on a machine without GPUs)."""
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -144,16 +147,17 @@ def weights_dtype(cfg: TrainingConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32
 
 
-def load_model(task: TrainingTask, cfg: TrainingConfig) -> torch.nn.Module:
+def load_model(task: TrainingTask[Any, Any], cfg: TrainingConfig) -> torch.nn.Module:
     from zephyr.models import load as models
+    from zephyr.models.generation_config import configure_generation
 
     model = models.load_model(
         cfg.model,
         dtype=weights_dtype(cfg),
         trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=getattr(task, "attn_implementation", None),
+        attn_implementation=task.attn_implementation,
     )
-    models.configure_generation(model, task.tokenizer)  # eos = the template's end of turn, saved with it
+    configure_generation(model, task.tokenizer)  # eos = the template's end of turn, saved with it
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.gradient_checkpointing_ratio)
     if cfg.compile:
@@ -217,7 +221,7 @@ def state_too_big(
     )
 
 
-def _check_fits(model: torch.nn.Module, accelerator: Any) -> None:
+def _check_fits(model: torch.nn.Module, accelerator: Accelerator) -> None:
     """Refuse, before any work, a training state that one GPU cannot hold (one process or DDP: each holds
     all of it; FSDP and ZeRO-3 shard it)."""
     if accelerator.device.type != "cuda" or accelerator.distributed_type.value not in ("NO", "MULTI_GPU"):
@@ -235,7 +239,11 @@ def _check_fits(model: torch.nn.Module, accelerator: Any) -> None:
 
 
 def prepare_model(
-    accelerator: Any, task: TrainingTask, cfg: TrainingConfig, out_dir: Path, save_dtype: torch.dtype
+    accelerator: Accelerator,
+    task: TrainingTask[Any, Any],
+    cfg: TrainingConfig,
+    out_dir: Path,
+    save_dtype: torch.dtype,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model and its optimizer, prepared by accelerate; refuses a disk without room for a checkpoint and
     a GPU without room for the training state."""

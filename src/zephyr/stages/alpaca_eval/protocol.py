@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from zephyr.core.errors import AssetError, ConfigError
+from zephyr.judge.rating import Rating
 
 # alpaca_eval's PairwiseAnnotator seed (BaseAnnotator's default), which it passes to the output-order switch;
 # SingleAnnotator's own default, 123, is always overridden in its pipeline.
@@ -299,20 +300,18 @@ def _shown_preference(annotator: Annotator, completion: str) -> int | None:
     return _rank_of(values[0], annotator.model_1_name)
 
 
-def parse_preference(
-    annotator: Annotator, completion: str, switched: bool
-) -> tuple[float | None, str | None]:
+def parse_preference(annotator: Annotator, completion: str, switched: bool) -> Rating:
     """The preference (1 reference better, 2 model better) from the judge's answer, in the unswitched
-    frame; (None, reason) when the answer holds no valid ranking (alpaca_eval drops those)."""
+    frame; no value and the reason when the answer holds no valid ranking (alpaca_eval drops those)."""
     if not completion:
-        return None, "empty judge answer"
+        return Rating(None, "empty judge answer")
     try:
         shown = _shown_preference(annotator, completion)
     except (ValueError, TypeError, KeyError, AttributeError):  # bad JSON, wrong shapes
         shown = None
     if shown is None:
-        return None, NO_RANKING
-    return float(3 - shown if switched else shown), None
+        return Rating(None, NO_RANKING)
+    return Rating(float(3 - shown if switched else shown))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,20 +352,21 @@ def preference_from_top_logprobs(
 
 def parse_logprob_preference(
     annotator: Annotator, content: Sequence[Mapping[str, Any]] | None, switched: bool
-) -> tuple[float | None, str | None]:
+) -> Rating:
     """A weighted annotator's preference in the unswitched frame from the judge's answer tokens (each
-    `{"token", "logprob", "top_logprobs"}`, the API's `logprobs.content`); (None, reason) where alpaca_eval
-    has no annotation."""
+    `{"token", "logprob", "top_logprobs"}`, the API's `logprobs.content`), with every token's
+    `top_logprobs` as the evidence; no value and the reason where alpaca_eval has no annotation."""
     if annotator.logprob is None:
         raise ConfigError(f"annotator {annotator.name!r} reads the judge's text (parse_preference)")
     if not content:
-        return None, NO_LOGPROBS
+        return Rating(None, NO_LOGPROBS)
+    evidence = {"top_logprobs": [t.get("top_logprobs") for t in content]}
     if len(content) != 1:  # alpaca_eval reads one value per token; a batch of one needs one
-        return None, NOT_ONE_TOKEN
+        return Rating(None, NOT_ONE_TOKEN, evidence)
     shown = preference_from_top_logprobs(annotator.logprob, content[0].get("top_logprobs") or [])
     if shown is None:
-        return None, NO_OUTPUT_TOKEN
-    return (3 - shown if switched else shown), None
+        return Rating(None, NO_OUTPUT_TOKEN, evidence)
+    return Rating(3 - shown if switched else shown, None, evidence)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,36 +407,25 @@ def forced_answer(annotator: Annotator) -> ForcedAnswer:
     return ForcedAnswer(ranking_prefix(annotator), ("1", "2"))
 
 
-@dataclass(frozen=True)
-class LogprobPreference:
-    """A preference read from next-token log-probabilities after the forced answer start: `preference` in
-    [1, 2] in the unswitched frame (None with the `reason` when the two naming tokens carry too little
-    probability), `mass` their probability before renormalising, `first` the renormalised probability that
-    each token (the output shown first, then second) comes next."""
-
-    preference: float | None
-    reason: str | None
-    mass: float
-    first: dict[str, float]
-
-
 def preference_from_logprobs(
     top_logprobs: Mapping[str, float],
     switched: bool,
     min_mass: float = MIN_MASS,
     tokens: tuple[str, str] = ("1", "2"),
-) -> LogprobPreference:
+) -> Rating:
     """The expected preference: 1 + P(the output shown second is named), P renormalised over `tokens` (the
     output shown first's, then second's), mapped back to the unswitched frame (3 − x when switched) as
     `parse_preference` does. Fractional, as alpaca_eval's weighted annotators; its metrics take any value
-    in [1, 2]."""
+    in [1, 2]. No value (`LOW_MASS`) when the two tokens carry under `min_mass`. The evidence: `mass`, the
+    two tokens' probability before renormalising, and `ranked_first`, the renormalised probability that
+    each token comes next."""
     p = {token: math.exp(top_logprobs[token]) if token in top_logprobs else 0.0 for token in tokens}
     mass = math.fsum(p.values())
     if mass < min_mass:
-        return LogprobPreference(None, LOW_MASS, mass, {})
+        return Rating(None, LOW_MASS, {"mass": mass, "ranked_first": {}})
     first = {token: value / mass for token, value in p.items()}
     shown = 1.0 + first[tokens[1]]
-    return LogprobPreference(3.0 - shown if switched else shown, None, mass, first)
+    return Rating(3.0 - shown if switched else shown, None, {"mass": mass, "ranked_first": first})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ with the annotator's request settings and the answer is parsed; a weighted annot
 (weighted_alpaca_eval_gpt4_turbo) asks for one token with `logprobs` and `top_logprobs` (5) and reads the
 preference from those (`ae.parse_logprob_preference`), from any backend that returns them.
 
-`judge_mode="logprobs"` (a local judge: a generator with `next_token_logprobs`) reads the judge's
+`judge_mode="logprobs"` (a local judge: a generator that is a `LogprobScorer`) reads the judge's
 next-token probabilities with the two outputs' naming tokens always scored, for small judges: the prompt is
 the same, the answer is forced to `ae.forced_answer(annotator).prefix` (up to the number of the first model
 ranked; nothing for a weighted annotator) and the preference is fractional, 1 + P(the output shown second)
@@ -35,14 +35,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zephyr.core.config import DEFAULT_ALPACA_EVAL_ANNOTATOR
+from zephyr.core.config import DEFAULT_ALPACA_EVAL_ANNOTATOR, AlpacaEvalEvalConfig
 from zephyr.core.errors import ConfigError, DataError, ZephyrError
+from zephyr.core.specs import is_hub_spec, parse_hub_spec
 from zephyr.generation.base import Generator, SamplingParams
 from zephyr.io import check_output_dir, iter_rows, write_jsonl, write_text
+from zephyr.judge.client import (
+    JUDGE_CALL_FAILED,
+    JudgeAnswer,
+    JudgeClient,
+    JudgeRequest,
+    check_logprobs_judge,
+)
+from zephyr.judge.rating import Rating
 from zephyr.stages.alpaca_eval import protocol as ae
 
-DEFAULT_INSTRUCTIONS = "hf:tatsu-lab/alpaca_eval:eval"
-JUDGE_MODES = ("text", "logprobs")
 HUB_CONFIG = {"tatsu-lab/alpaca_eval": "alpaca_eval"}  # the hub dataset's config holding the 805 items
 LC_FILE = "df_gamed.csv"  # alpaca_eval's length-control data in its hub dataset (glm_winrate.py)
 LC_VARIANT_NOTE = (
@@ -93,14 +100,17 @@ def read_instructions_jsonl(path: str | os.PathLike) -> list[EvalItem]:
 
 
 def read_instructions_hub(source: str) -> list[EvalItem]:
-    """`hf:NAME:SPLIT` through `datasets.load_dataset` (the AlpacaEval set: its `alpaca_eval` config)."""
-    name, _, split = source.removeprefix("hf:").partition(":")
+    """`hf:NAME[@REVISION][:SPLIT]` through `datasets.load_dataset` (the AlpacaEval set: its `alpaca_eval`
+    config)."""
+    hub = parse_hub_spec(source)
+    name, split = hub.name, hub.split
+    pinned = {"revision": hub.revision} if hub.revision else {}
     try:
         import datasets
     except ImportError:
         raise ZephyrError(f"{source}: reading hub datasets needs the `datasets` package") from None
     try:
-        dataset = datasets.load_dataset(name, HUB_CONFIG.get(name), split=split or "eval")
+        dataset = datasets.load_dataset(name, HUB_CONFIG.get(name), split=split or "eval", **pinned)
     # Offline, unknown name, HTTP errors: to the user all mean the set cannot be read here.
     except Exception as exc:
         raise ZephyrError(
@@ -112,7 +122,7 @@ def read_instructions_hub(source: str) -> list[EvalItem]:
 
 def read_instructions(source: str | os.PathLike) -> list[EvalItem]:
     source = str(source)
-    return read_instructions_hub(source) if source.startswith("hf:") else read_instructions_jsonl(source)
+    return read_instructions_hub(source) if is_hub_spec(source) else read_instructions_jsonl(source)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,14 +193,16 @@ def _lc_row(row: dict[str, str], where: str) -> tuple[int, float, float, float]:
 
 
 def _lc_file(source: str) -> str:
-    """A local df_gamed.csv, or the hub's (`hf:REPO[:FILE]`) through huggingface_hub's cache."""
-    if not source.startswith("hf:"):
+    """A local df_gamed.csv, or the hub's (`hf:REPO[@REVISION][:FILE]`) through huggingface_hub's cache."""
+    if not is_hub_spec(source):
         return source
-    repo, _, filename = source.removeprefix("hf:").partition(":")
+    hub = parse_hub_spec(source)  # the hub data grammar; its last part names a file of the repository
     try:
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(repo_id=repo, filename=filename or LC_FILE, repo_type="dataset")
+        return hf_hub_download(
+            repo_id=hub.name, filename=hub.split or LC_FILE, repo_type="dataset", revision=hub.revision
+        )
     # Offline, unknown repo, HTTP errors: to the user all mean the file cannot be read here.
     except Exception as exc:
         raise ZephyrError(
@@ -203,31 +215,24 @@ def _lc_file(source: str) -> str:
 # Judging
 
 
-def _preference_parser(annotator: ae.Annotator, switched: bool) -> Callable:
+def _preference_parser(annotator: ae.Annotator, switched: bool) -> Callable[[JudgeAnswer], list[Rating]]:
     """The annotator's own reading of the judge's answer: its text, or a weighted annotator's top
     log-probabilities (kept as the rating's evidence)."""
-    from zephyr.judge.client import Rating
 
-    def parse(answer) -> list:
+    def parse(answer: JudgeAnswer) -> list[Rating]:
         if annotator.logprob is None:
-            return [Rating(*ae.parse_preference(annotator, answer.text or "", switched))]
-        content = answer.logprobs or []
-        evidence = {"top_logprobs": [t.get("top_logprobs") for t in content]} if content else None
-        return [Rating(*ae.parse_logprob_preference(annotator, content, switched), evidence)]
+            return [ae.parse_preference(annotator, answer.text or "", switched)]
+        return [ae.parse_logprob_preference(annotator, answer.logprobs or [], switched)]
 
     return parse
 
 
-def _logprob_parser(tokens: tuple[str, str], switched: bool) -> Callable:
-    from zephyr.judge.client import JUDGE_CALL_FAILED, Rating
-
-    def parse(answer) -> list:
+def _logprob_parser(tokens: tuple[str, str], switched: bool) -> Callable[[JudgeAnswer], list[Rating]]:
+    def parse(answer: JudgeAnswer) -> list[Rating]:
         tops = answer.next_tokens or []
         if len(tops) != 1:
             return [Rating(None, JUDGE_CALL_FAILED)]
-        read = ae.preference_from_logprobs(tops[0], switched, tokens=tokens)
-        evidence = {"mass": read.mass, "ranked_first": read.first}
-        return [Rating(read.preference, read.reason, evidence)]
+        return [ae.preference_from_logprobs(tops[0], switched, tokens=tokens)]
 
     return parse
 
@@ -247,7 +252,7 @@ def judge_items(
     annotator: ae.Annotator,
     items: Sequence[EvalItem],
     outputs: Sequence[str],
-    client,
+    client: JudgeClient,
     seed: int = ae.DEFAULT_SEED,
     mode: str = "text",
 ) -> list[dict[str, Any]]:
@@ -258,13 +263,11 @@ def judge_items(
     `evidence` (probability mass of the two naming tokens, and their renormalised shares) in place of the
     judge's answer. A weighted annotator in text mode keeps its answer's `top_logprobs` as `evidence`.
     """
-    from zephyr.judge.client import JudgeRequest
-
+    prefixes: tuple[str, ...] = ()
+    parser = functools.partial(_preference_parser, annotator)
     if mode == "logprobs":
         forced = ae.forced_answer(annotator)
         prefixes, parser = (forced.prefix,), functools.partial(_logprob_parser, forced.tokens)
-    else:
-        prefixes, parser = (), functools.partial(_preference_parser, annotator)
 
     pairs = [
         (ae.make_request(annotator, i.instruction, i.reference_output, o, seed), i)
@@ -313,55 +316,43 @@ def judge_items(
 
 
 def run_alpaca_eval(
-    *,
+    cfg: AlpacaEvalEvalConfig,
     model: str,
-    judge: str,
     out: str | os.PathLike,
-    instructions: str | os.PathLike = DEFAULT_INSTRUCTIONS,
-    limit: int | None = None,
-    max_new_tokens: int = 2048,
-    annotator: str = DEFAULT_ALPACA_EVAL_ANNOTATOR,
-    seed: int = ae.DEFAULT_SEED,
+    *,
     annotators_dir: str | os.PathLike | None = None,
     model_generator: Generator | None = None,
     judge_generator: Generator | None = None,
-    judge_mode: str = "text",
-    lc_data: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `model` against the reference outputs with `judge`; write `out/` and return results.json.
+    """Evaluate `model` against the reference outputs with `cfg.judge`; write `out/` and return results.json.
 
     `annotators_dir` defaults to the `alpaca-eval-templates` asset; the generators, when given, replace
-    `make_generator(model)` / `make_generator(judge)`. `judge_mode`: "text" (the annotator's protocol, as
-    alpaca_eval runs it) or "logprobs" (module docstring). `lc_data`: alpaca_eval's `df_gamed.csv` for the
+    `make_generator(model)` / `make_generator(cfg.judge)`. `cfg.judge_mode`: "text" (the annotator's protocol, as
+    alpaca_eval runs it) or "logprobs" (module docstring). `cfg.lc_data`: alpaca_eval's `df_gamed.csv` for the
     `length_controlled_v1` LC win rate (`read_lc_data`).
     """
     from zephyr.generation import make_generator
-    from zephyr.judge.client import check_logprobs_judge
 
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be at least 1, got {limit}")
-    if judge_mode not in JUDGE_MODES:
-        raise ConfigError(f"judge_mode: {judge_mode!r} is not one of {', '.join(JUDGE_MODES)}")
     if annotators_dir is None:
         from zephyr.models import assets
 
         annotators_dir = assets.fetch("alpaca-eval-templates")
-    spec = ae.load_annotator(annotators_dir, annotator)
+    spec = ae.load_annotator(annotators_dir, cfg.annotator)
     check_annotator(spec)
-    if judge_mode == "logprobs":
+    if cfg.judge_mode == "logprobs":
         ae.forced_answer(spec)  # an annotator it cannot read fails now
-    every_item = read_instructions(instructions)
-    lc = read_lc_data(lc_data, len(every_item), instructions) if lc_data is not None else None
-    items = every_item[:limit]
+    every_item = read_instructions(cfg.instructions)
+    lc = read_lc_data(cfg.lc_data, len(every_item), cfg.instructions) if cfg.lc_data is not None else None
+    items = every_item[: cfg.limit]
     out = Path(out)
     check_output_dir(out)  # before any model loads: an unwritable or full folder fails now
 
-    if judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
-        judge_generator = judge_generator or make_generator(judge)
-        check_logprobs_judge(judge_generator, judge)
-    outputs = _answer(model_generator or make_generator(model), model, items, max_new_tokens, out)
-    client = _judge_client(spec, judge_generator or make_generator(judge), judge, judge_mode, out)
-    records = judge_items(spec, items, outputs, client, seed, mode=judge_mode)
+    if cfg.judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
+        judge_generator = judge_generator or make_generator(cfg.judge)
+        check_logprobs_judge(judge_generator, cfg.judge)
+    outputs = _answer(model_generator or make_generator(model), model, items, cfg.max_new_tokens, out)
+    client = _judge_client(spec, judge_generator or make_generator(cfg.judge), cfg.judge, cfg.judge_mode, out)
+    records = judge_items(spec, items, outputs, client, ae.DEFAULT_SEED, mode=cfg.judge_mode)
     write_jsonl(out / "annotations.jsonl", records)
 
     annotations = [
@@ -370,11 +361,11 @@ def run_alpaca_eval(
     ]
     results = {
         "model": model,
-        "judge": judge,
+        "judge": cfg.judge,
         "annotator": spec.name,
-        "judge_mode": judge_mode,
-        "instructions": str(instructions),
-        "lc_data": None if lc_data is None else str(lc_data),
+        "judge_mode": cfg.judge_mode,
+        "instructions": str(cfg.instructions),
+        "lc_data": None if cfg.lc_data is None else str(cfg.lc_data),
         "n_items": len(items),
         **ae.summarize(annotations, **(lc or {})),
         "judge_usage": client.usage(),
@@ -399,10 +390,10 @@ def _answer(
     return [c.text for c in completions]
 
 
-def _judge_client(spec: ae.Annotator, generator: Generator, judge: str, judge_mode: str, out: Path):
+def _judge_client(
+    spec: ae.Annotator, generator: Generator, judge: str, judge_mode: str, out: Path
+) -> JudgeClient:
     """The judge with the annotator's sampling settings, auditing into `out/judge_audit.jsonl`."""
-    from zephyr.judge.client import JudgeClient
-
     audit = out / "judge_audit.jsonl"
     audit.unlink(missing_ok=True)  # the client appends; one run's calls only
     kwargs = spec.completions_kwargs

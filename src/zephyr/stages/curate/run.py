@@ -29,10 +29,13 @@ from typing import Any
 from zephyr import io
 from zephyr.core.config import CurateConfig, save_resolved
 from zephyr.core.errors import ConfigError, DataError
+from zephyr.stages import stage
 from zephyr.stages.curate import filters
 from zephyr.stages.curate.filters import EvalPrompt, FilterResult, NgramIndex
 
 EVAL_ASSETS = {"mt-bench": "question.jsonl"}  # asset name -> its file of eval prompts
+# the stage table declares the outputs
+TRAIN, TEST, REPORT = (stage("curate").output(part) for part in ("train", "test", "summary"))
 
 
 @dataclass
@@ -199,13 +202,13 @@ def run_curate(cfg: CurateConfig) -> CurateResult:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    io.write_jsonl(out / "train.jsonl", train)
-    io.write_jsonl(out / "test.jsonl", test)
+    io.write_jsonl(out / TRAIN, train)
+    io.write_jsonl(out / TEST, test)
     io.write_jsonl(out / "removed.jsonl", ledger.removed)
     save_resolved(cfg, out)
     result = CurateResult(out, read.total, len(read.bad), ledger.steps, len(train), len(test), hits)
     # Written last and atomically: its presence means the outputs are complete.
-    report = out / "curation_report.json"
+    report = out / REPORT
     io.write_text(
         report, json.dumps(_report(cfg, read, result, eval_prompts), indent=2, ensure_ascii=False) + "\n"
     )
@@ -238,7 +241,7 @@ def _report(
                 for pid, ids in sorted(result.contamination.items())
             },
         },
-        "outputs": ["train.jsonl", "test.jsonl", "removed.jsonl", "resolved_config.yaml"],
+        "outputs": [TRAIN, TEST, "removed.jsonl", "resolved_config.yaml"],
     }
 
 

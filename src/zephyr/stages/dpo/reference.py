@@ -28,14 +28,17 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zephyr.core.errors import ZephyrError
 from zephyr.training import logps as logps_mod
-from zephyr.training.logps import LogpsTable, TokenizedPair
+from zephyr.training.logps import LogpsTable, PairBatch, TokenizedPair
 from zephyr.training.losses import PairLogps
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +198,7 @@ def sharded_logps(
     pairs: Sequence[TokenizedPair],
     *,
     batch_size: int,
-    accelerator: Any,
+    accelerator: Accelerator,
     prefix_sharing: bool = False,
 ) -> LogpsTable:
     """`compute_logps` with the pairs dealt round-robin to the processes and the results gathered.
@@ -236,7 +239,7 @@ def sharded_logps(
 
 def adapters_disabled(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """A peft model with its adapters off (= the base model, the LoRA run's reference); else no-op."""
-    from zephyr.training.forward import unwrap_model
+    from zephyr.scoring.forward import unwrap_model
 
     inner = unwrap_model(model)
     if not hasattr(inner, "peft_config"):
@@ -248,7 +251,7 @@ def adapters_disabled(model: torch.nn.Module) -> contextlib.AbstractContextManag
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
-    from zephyr.training.forward import unwrap_model
+    from zephyr.scoring.forward import unwrap_model
 
     return hasattr(unwrap_model(model), "peft_config")
 
@@ -266,7 +269,7 @@ def precompute(
     key: CacheKey,
     cache_dir: Path,
     reference_model: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]],
-    accelerator: Any,
+    accelerator: Accelerator,
     batch_size: int,
     prefix_sharing: bool = False,
 ) -> PrecomputeResult:
@@ -305,89 +308,53 @@ def precompute(
 # What the DPO step asks of a reference
 
 
-class Reference(Protocol):
+@dataclass
+class Reference:
+    """The reference log-probs of the DPO step, by `mode`: "precomputed" (`tables` per split, read by (split,
+    index) when a micro-batch is collated), "online" (`model`, frozen, run without grad on every
+    micro-batch; None: the policy with its LoRA adapters disabled) or "none" (reference-free losses).
+    Not `ready` until `DPOTask.prepare` made it so: using it before is a programming error, said clearly."""
+
     mode: str
+    tables: Mapping[str, LogpsTable] | None = None
+    model: torch.nn.Module | None = None
+    ready: bool = False
 
-    def fields(self, split_indices: Sequence[tuple[str, int]]) -> dict[str, Any]:
-        """Tensors the collator adds to a micro-batch (CPU)."""
-        ...
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            self.model.eval().requires_grad_(False)
 
-    def logps(self, policy_model: torch.nn.Module, batch: Mapping[str, Any]) -> PairLogps | None:
-        """The reference's per-pair log-probs for a micro-batch (None: reference-free)."""
-        ...
-
-
-class NoReference:
-    mode = "none"
-
-    def fields(self, split_indices: Sequence[tuple[str, int]]) -> dict[str, Any]:
-        return {}
-
-    def logps(self, policy_model: torch.nn.Module, batch: Mapping[str, Any]) -> PairLogps | None:
-        return None
-
-
-class PrecomputedReference:
-    """Reads a micro-batch's reference log-probs from the precomputed tables, by (split, index)."""
-
-    mode = "precomputed"
-
-    def __init__(self, tables: Mapping[str, LogpsTable]):
-        self.tables = dict(tables)
-
-    def fields(self, split_indices: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    def select(self, split_indices: Sequence[tuple[str, int]]) -> PairLogps | None:
+        """The precomputed log-probs of a micro-batch's pairs (CPU), for the collator; None in other modes."""
+        self._check_ready()
+        if self.tables is None:
+            return None
         rows = [self.tables[split].select([index]) for split, index in split_indices]
-        return {
-            "ref_chosen_logps": torch.cat([r.chosen for r in rows]),
-            "ref_rejected_logps": torch.cat([r.rejected for r in rows]),
-            "ref_chosen_tokens": torch.cat([r.chosen_tokens for r in rows]),
-            "ref_rejected_tokens": torch.cat([r.rejected_tokens for r in rows]),
-        }
-
-    def logps(self, policy_model: torch.nn.Module, batch: Mapping[str, Any]) -> PairLogps | None:
         return PairLogps(
-            batch["ref_chosen_logps"],
-            batch["ref_rejected_logps"],
-            batch["ref_chosen_tokens"],
-            batch["ref_rejected_tokens"],
+            torch.cat([r.chosen for r in rows]),
+            torch.cat([r.rejected for r in rows]),
+            torch.cat([r.chosen_tokens for r in rows]),
+            torch.cat([r.rejected_tokens for r in rows]),
         )
 
-
-class OnlineReference:
-    """A frozen model (or the policy with adapters disabled) run without grad on every micro-batch."""
-
-    mode = "online"
-
-    def __init__(self, model: torch.nn.Module | None):
-        self.model = model  # None: the policy with its LoRA adapters disabled
-        if model is not None:
-            model.eval()
-            model.requires_grad_(False)
-
-    def fields(self, split_indices: Sequence[tuple[str, int]]) -> dict[str, Any]:
-        return {}
-
-    def logps(self, policy_model: torch.nn.Module, batch: Mapping[str, Any]) -> PairLogps | None:
+    def logps(self, policy_model: torch.nn.Module, batch: PairBatch) -> PairLogps | None:
+        """The reference's per-pair log-probs for a micro-batch (None: reference-free)."""
+        self._check_ready()
+        if self.mode == "precomputed" and batch.reference is None:
+            raise RuntimeError("a micro-batch without its precomputed reference: collate it with `select`")
+        if self.mode != "online":
+            return batch.reference
         with torch.no_grad():
             if self.model is not None:
                 return logps_mod.pair_logps(self.model, batch)
             with adapters_disabled(policy_model):
                 return logps_mod.pair_logps(policy_model, batch)
 
-
-class UnpreparedReference:
-    """The placeholder before `DPOTask.prepare`: using it is a programming error, said clearly."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def fields(self, split_indices: Sequence[tuple[str, int]]) -> dict[str, Any]:
-        raise RuntimeError(
-            f"reference '{self.mode}' is not prepared: call task.prepare(model, accelerator) first"
-        )
-
-    def logps(self, policy_model: torch.nn.Module, batch: Mapping[str, Any]) -> PairLogps | None:
-        return self.fields([])  # raises
+    def _check_ready(self) -> None:
+        if not self.ready:
+            raise RuntimeError(
+                f"reference '{self.mode}' is not prepared: call task.prepare(model, accelerator) first"
+            )
 
 
 def ensure_cache_dir(path: Path) -> Path:

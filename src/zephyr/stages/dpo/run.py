@@ -18,25 +18,37 @@ logps/rejected (the policy's summed answer log-probs); the loop adds loss, lr, g
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zephyr.core.config import DPOConfig
+from zephyr.stages import stage
 from zephyr.stages.dpo import reference as ref_mod
-from zephyr.training.logps import PairStats, TokenizedPair, pack_pairs, pair_logps, tokenize_pairs
+from zephyr.training.logps import (
+    PairBatch,
+    PairStats,
+    TokenizedPair,
+    pack_pairs,
+    pair_logps,
+    tokenize_pairs,
+)
 from zephyr.training.losses import LossParams, PairLogps, PreferenceLossFn, get_preference_loss
 from zephyr.training.task import StepOutput
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 logger = logging.getLogger(__name__)
 
-DATA_REPORT = "dpo_data.json"
+DATA_REPORT = stage("dpo").output("data")  # the stage table declares the outputs
 # The reference pass holds no activations for backward: it can take batches this many times larger.
 REFERENCE_BATCH_FACTOR = 4
 
@@ -69,7 +81,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def preference_step(
     model: torch.nn.Module,
-    batch: dict[str, Any],
+    batch: PairBatch,
     reference: ref_mod.Reference,
     loss_fn: PreferenceLossFn,
     params: LossParams,
@@ -116,7 +128,7 @@ class DPOTask:
     ):
         from zephyr import io
         from zephyr.models.load import load_tokenizer
-        from zephyr.training.attention import register_packed_attention
+        from zephyr.scoring.attention import register_packed_attention
 
         self.cfg = cfg
         self.resume = resume
@@ -143,9 +155,8 @@ class DPOTask:
         self.stats = PairStats(bad=bad)
         self._train = self._tokenize("train", train_records, source)
         self._eval = self._tokenize("eval", eval_records, eval_source)
-        self.reference: ref_mod.Reference = (
-            ref_mod.NoReference() if cfg.reference == "none" else ref_mod.UnpreparedReference(cfg.reference)
-        )
+        # nothing to prepare without a reference; the others are made ready by `prepare`
+        self.reference = ref_mod.Reference(cfg.reference, ready=cfg.reference == "none")
         self.reference_status: dict[str, str] = {}  # split -> "cached" | "computed" (precomputed only)
 
     def _tokenize(self, split: str, records: list[dict], source: str) -> list[PairExample]:
@@ -178,19 +189,20 @@ class DPOTask:
     def eval_examples(self) -> Sequence[PairExample]:
         return self._eval
 
-    def collate(self, examples: list[PairExample]) -> dict[str, Any]:
+    def collate(self, examples: list[PairExample]) -> PairBatch:
         batch = pack_pairs([e.pair for e in examples], prefix_sharing=self.prefix_sharing)
-        batch.update(self.reference.fields([(e.split, e.index) for e in examples]))
-        return batch
+        return dataclasses.replace(
+            batch, reference=self.reference.select([(e.split, e.index) for e in examples])
+        )
 
-    def units(self, batch: dict[str, Any]) -> int:
-        return int(batch["num_pairs"])
+    def units(self, batch: PairBatch) -> int:
+        return batch.num_pairs
 
-    def tokens(self, batch: dict[str, Any]) -> int:
+    def tokens(self, batch: PairBatch) -> int:
         """prompt + chosen plus prompt + rejected tokens, shared or not."""
-        return int(batch["num_tokens"])
+        return batch.num_tokens
 
-    def prepare(self, model: torch.nn.Module, accelerator: Any) -> None:
+    def prepare(self, model: torch.nn.Module, accelerator: Accelerator) -> None:
         """Dropout off; the reference made ready (the precomputed pass runs here, or is read from cache).
 
         The loop calls this before it restores a checkpoint, so `model` holds the initial weights; a resumed
@@ -205,12 +217,12 @@ class DPOTask:
         if accelerator.is_main_process:
             self._write_data_report()
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
+    def loss(self, model: torch.nn.Module, batch: PairBatch) -> StepOutput:
         return preference_step(model, batch, self.reference, self.loss_fn, self.params)
 
     # --- references ---------------------------------------------------------------------------------------
 
-    def _load_reference(self, accelerator: Any) -> torch.nn.Module:
+    def _load_reference(self, accelerator: Accelerator) -> torch.nn.Module:
         from zephyr.models.load import load_model
         from zephyr.training.prepare import weights_dtype
 
@@ -229,13 +241,15 @@ class DPOTask:
         disable_dropout(model)
         return model.to(accelerator.device).eval().requires_grad_(False)
 
-    def _online_reference(self, model: torch.nn.Module, accelerator: Any) -> ref_mod.OnlineReference:
+    def _online_reference(self, model: torch.nn.Module, accelerator: Accelerator) -> ref_mod.Reference:
         if self.cfg.ref_model is None and ref_mod.is_peft_model(model):
-            return ref_mod.OnlineReference(None)
-        return ref_mod.OnlineReference(self._load_reference(accelerator))
+            return ref_mod.Reference("online", ready=True)  # the policy with its adapters disabled
+        return ref_mod.Reference("online", model=self._load_reference(accelerator), ready=True)
 
     @contextlib.contextmanager
-    def _reference_for_pass(self, model: torch.nn.Module, accelerator: Any) -> Iterator[torch.nn.Module]:
+    def _reference_for_pass(
+        self, model: torch.nn.Module, accelerator: Accelerator
+    ) -> Iterator[torch.nn.Module]:
         if self.cfg.ref_model is None and (not self.resume or ref_mod.is_peft_model(model)):
             with ref_mod.adapters_disabled(model):
                 yield model
@@ -249,10 +263,10 @@ class DPOTask:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _weights_fingerprint(self, model: torch.nn.Module, accelerator: Any) -> str:
+    def _weights_fingerprint(self, model: torch.nn.Module, accelerator: Accelerator) -> str:
         """The reference weights' fingerprint: of its files, hashed once on the main process (every rank
         reading 14 GB would be slow), else of its tensors."""
-        from zephyr.training.forward import unwrap_model
+        from zephyr.scoring.forward import unwrap_model
 
         folder = self._reference_folder()
         if folder.is_dir() and any(folder.glob("*.safetensors")):
@@ -278,9 +292,7 @@ class DPOTask:
 
         return Path(resolve_model_path(self.cfg.ref_model or self.cfg.model))
 
-    def _precomputed_reference(
-        self, model: torch.nn.Module, accelerator: Any
-    ) -> ref_mod.PrecomputedReference:
+    def _precomputed_reference(self, model: torch.nn.Module, accelerator: Accelerator) -> ref_mod.Reference:
         splits = {"train": [e.pair for e in self._train], "eval": [e.pair for e in self._eval]}
         cache_dir = ref_mod.ensure_cache_dir(self.cache_dir)
         key = ref_mod.CacheKey(
@@ -304,7 +316,7 @@ class DPOTask:
         )
         self.reference_status = result.status
         self._cache_files = {name: str(path) for name, path in result.files.items()}
-        return ref_mod.PrecomputedReference(result.tables)
+        return ref_mod.Reference("precomputed", tables=result.tables, ready=True)
 
     def _write_data_report(self) -> None:
         out = Path(self.cfg.output_dir)
@@ -330,7 +342,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False):
     return train(DPOTask(cfg, resume=resume), cfg, resume=resume)
 
 
-def _precision(accelerator: Any, cfg: DPOConfig) -> str:
+def _precision(accelerator: Accelerator, cfg: DPOConfig) -> str:
     """The reference cache key's precision: the run's autocast, and the weights' dtype when not fp32."""
     mixed = str(getattr(accelerator, "mixed_precision", "no"))
     return mixed if cfg.master_weights == "fp32" else f"{mixed}, bf16 weights"

@@ -13,8 +13,8 @@ Rating modes (`JudgeConfig.mode`):
 - `text`: the judge writes its answer; ratings are read with `parse_ratings` (one aspect per call) or
   `parse_aspect_ratings` (all aspects in one call), rationales with `parse_rationales`.
 - `logprobs`: the rating is the expected value under the judge's distribution over the rating tokens
-  (`expected_rating`), read where the answer format puts the rating. With a generator that has
-  `next_token_logprobs` (local models) the answer is forced up to that point, skipping the rationale:
+  (`expected_rating`), read where the answer format puts the rating. With a generator that is a
+  `LogprobScorer` (local models) the answer is forced up to that point, skipping the rationale:
   `Output 2\\nRating: ` (one aspect per call) or `Output 2\\nHonesty: ` (all aspects); every rating digit is
   scored, so every completion gets a rating. Other generators (HTTP) write the whole answer with
   `top_logprobs`, and the distribution is read at the token where each rating line's number starts; a
@@ -53,9 +53,10 @@ from typing import Any, NamedTuple
 
 from zephyr.core.config import JudgeConfig
 from zephyr.core.errors import ConfigError
-from zephyr.generation.base import MAX_TOP_LOGPROBS, Generator, SamplingParams, TokenLogprob
+from zephyr.generation.base import MAX_TOP_LOGPROBS, Generator, LogprobScorer, SamplingParams, TokenLogprob
 from zephyr.judge import parsing
-from zephyr.judge.client import JUDGE_CALL_FAILED, JudgeAnswer, JudgeClient, JudgeReply, JudgeRequest, Rating
+from zephyr.judge.client import JUDGE_CALL_FAILED, JudgeAnswer, JudgeClient, JudgeReply, JudgeRequest
+from zephyr.judge.rating import Rating
 from zephyr.stages.feedback import prompts, ultrafeedback
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,14 +73,13 @@ class JudgeItem(NamedTuple):
 
 @dataclass(frozen=True)
 class Reading:
-    """One rating: of `completion` on `aspect` in repeat `repeat`, shown at `position` (0 = Output 1)."""
+    """One `rating` of `completion` on `aspect` in repeat `repeat`, shown at `position` (0 = Output 1)."""
 
     completion: int
     aspect: str
     repeat: int
     position: int
-    value: float | None
-    reason: str | None
+    rating: Rating
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Judge:
             generator = make_generator(config.model.model)
         self.preset = self.templates if isinstance(self.templates, ultrafeedback.Templates) else None
         self.attempts = ultrafeedback.ATTEMPTS if self.preset is not None else 1
-        self.forced = config.mode == "logprobs" and hasattr(generator, "next_token_logprobs")
+        self.forced = config.mode == "logprobs" and isinstance(generator, LogprobScorer)
         wants_logprobs = config.mode == "logprobs" and not self.forced
         params = SamplingParams(
             max_tokens=config.model.max_tokens,
@@ -294,16 +294,7 @@ class Judge:
         for call, reply in calls:
             repeat = reply.request.meta["repeat"]
             for slot, rating in zip(reply.request.slots, reply.ratings, strict=True):
-                readings.append(
-                    Reading(
-                        slot["completion"],
-                        slot["aspect"],
-                        repeat,
-                        slot["position"],
-                        rating.value,
-                        rating.reason,
-                    )
-                )
+                readings.append(Reading(slot["completion"], slot["aspect"], repeat, slot["position"], rating))
             if self.config.mode == "text" and reply.answer.text:
                 by_position = self._rationales(reply, call)
                 for position, text in enumerate(by_position):
@@ -340,10 +331,10 @@ def _medians(
     values: dict[tuple[int, str], list[float]] = {}
     failures: dict[tuple[int, str], list[str]] = {}
     for r in sorted(readings, key=lambda r: r.repeat):
-        if r.value is not None:
-            values.setdefault((r.completion, r.aspect), []).append(r.value)
+        if r.rating.value is not None:
+            values.setdefault((r.completion, r.aspect), []).append(r.rating.value)
         else:
-            failures.setdefault((r.completion, r.aspect), []).append(r.reason or parsing.NO_RATING)
+            failures.setdefault((r.completion, r.aspect), []).append(r.rating.reason or parsing.NO_RATING)
     ratings: list[dict[str, float | None]] = []
     reasons: list[dict[str, str | None]] = []
     for c in range(n):
@@ -369,9 +360,9 @@ def _text_parser(n: int, aspects: list[str] | None, scale: int) -> Callable[[Jud
     def parse(answer: JudgeAnswer) -> list[Rating]:
         text = answer.text or ""
         if aspects is None:
-            return [Rating.of(r) for r in parsing.parse_ratings(text, n, scale)]
+            return parsing.parse_ratings(text, n, scale)
         by_position = parsing.parse_aspect_ratings(text, n, aspects, scale)
-        return [Rating.of(by_position[p][a]) for p in range(n) for a in aspects]
+        return [by_position[p][a] for p in range(n) for a in aspects]
 
     return parse
 
@@ -381,15 +372,15 @@ def _ultrafeedback_parser(n: int, aspect: str) -> Callable[[JudgeAnswer], list[R
 
     def parse(answer: JudgeAnswer) -> list[Rating]:
         try:
-            return [Rating.of(a.rating) for a in ultrafeedback.parse_answer(answer.text or "", n, aspect)]
+            return [a.rating for a in ultrafeedback.parse_answer(answer.text or "", n, aspect)]
         except ultrafeedback.FormatError:
-            return [Rating(None, parsing.FORMAT_ERROR)] * n
+            return [Rating(None, ultrafeedback.FORMAT_ERROR)] * n
 
     return parse
 
 
 def _format_error(reply: JudgeReply) -> bool:
-    return reply.answer.ok and any(r.reason == parsing.FORMAT_ERROR for r in reply.ratings)
+    return reply.answer.ok and any(r.reason == ultrafeedback.FORMAT_ERROR for r in reply.ratings)
 
 
 def _retry(request: JudgeRequest, attempt: int) -> JudgeRequest:
@@ -411,7 +402,7 @@ def _forced_parser(slots: int, scale: int) -> Callable[[JudgeAnswer], list[Ratin
         for s in range(slots):
             top = tops[s * step]
             after_one = tops[s * step + 1] if step == 2 else None
-            ratings.append(Rating.of(parsing.expected_rating(top, scale, after_one=after_one)))
+            ratings.append(parsing.expected_rating(top, scale, after_one=after_one))
         return ratings
 
     return parse
@@ -453,7 +444,7 @@ def _rating_at(tokens: list[TokenLogprob], index: int, scale: int) -> Rating:
         after_one = {t["token"]: t["logprob"] for t in following["top_logprobs"]}
         after_one.setdefault(following["token"], following["logprob"])
     evidence = {"token_index": index, "top_logprobs": top} | ({"after_one": after_one} if after_one else {})
-    return Rating.of(parsing.expected_rating(top, scale, after_one=after_one), evidence)
+    return dataclasses.replace(parsing.expected_rating(top, scale, after_one=after_one), evidence=evidence)
 
 
 _HEADER = re.compile(r"^[ \t#*>_-]*" + prompts.OUTPUT_LABEL + r"\s*#?\s*(\d+)\b", re.I | re.M)

@@ -47,15 +47,16 @@ from zephyr.core.config import FeedbackConfig, GeneratorConfig, save_resolved
 from zephyr.core.errors import ConfigError, DataError, ZephyrError
 from zephyr.data.schema import Problem, validate_conversation, validate_pair
 from zephyr.generation.base import Completion, Generator, SamplingParams, parse_spec
-from zephyr.judge.parsing import ParsedRating
+from zephyr.judge.rating import Rating
+from zephyr.stages import stage
 from zephyr.stages.feedback import binarize, stats, ultrafeedback
 from zephyr.stages.feedback.judge import Judge, JudgeItem, JudgeResult, check_judge_config, judge_id
 
 logger = logging.getLogger(__name__)
 
-RATED = "rated.jsonl"
-PAIRS = "pairs.jsonl"
-PAIRS_TEST = "pairs_test.jsonl"
+# the stage table declares the outputs
+RATED, PAIRS, PAIRS_TEST = (stage("feedback").output(part) for part in ("rated", "pairs", "test"))
+STATS, RATINGS_PLOT = stage("feedback").output("summary"), stage("feedback").output("ratings_plot")
 AUDIT = "judge_audit.jsonl"
 EMPTY_RESPONSE = "empty response"
 
@@ -337,8 +338,8 @@ def rated_record(
                     "aspect": r.aspect,
                     "repeat": r.repeat,
                     "position": r.position,
-                    "value": r.value,
-                    "reason": r.reason,
+                    "value": r.rating.value,
+                    "reason": r.rating.reason,
                 }
                 for r in result.readings
                 if r.completion == c
@@ -562,7 +563,7 @@ def feedback_stats(
         for completion in record["completions"]:
             by_aspect: dict[str, list[tuple[int, float | None]]] = {}
             for j in completion.get("judgments", []):
-                parsed.append(ParsedRating(j["value"], j["reason"]))
+                parsed.append(Rating(j["value"], j["reason"]))
                 positions.append((j["position"], j["value"]))
                 by_aspect.setdefault(j["aspect"], []).append((j["repeat"], j["value"]))
             repeats += [[v for _, v in sorted(values)] for values in by_aspect.values()]
@@ -586,14 +587,14 @@ def feedback_stats(
 
 def _write_stats(out: Path, summary: dict[str, Any]) -> None:
     text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-    tmp = out / ".feedback_stats.json.tmp"
+    tmp = out / f".{STATS}.tmp"
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / "feedback_stats.json")
+    os.replace(tmp, out / STATS)
     (out / "feedback_stats.md").write_text(stats.render_markdown(summary) + _extra_markdown(summary), "utf-8")
     try:
-        (out / "ratings.png").write_bytes(stats.histograms_png(summary["histograms"]))
+        (out / RATINGS_PLOT).write_bytes(stats.histograms_png(summary["histograms"]))
     except ImportError as exc:
-        logger.warning("ratings.png not written: %s", exc)
+        logger.warning("%s not written: %s", RATINGS_PLOT, exc)
 
 
 def _extra_markdown(summary: Mapping[str, Any]) -> str:

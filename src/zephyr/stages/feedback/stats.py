@@ -19,8 +19,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
-from zephyr.judge.parsing import REASONS, ParsedRating
+from zephyr.judge import parsing
+from zephyr.judge.rating import Rating
+from zephyr.stages.feedback import ultrafeedback
 from zephyr.stages.feedback.binarize import BinarizeStats
+
+# Every reason a feedback rating can fail for, listed (zeros included) in the statistics.
+REASONS = parsing.REASONS + ultrafeedback.REASONS
 
 _EPS = 1e-9
 
@@ -98,7 +103,7 @@ def tie_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 # The judge
 
 
-def parse_failures(parsed: Iterable[ParsedRating]) -> dict[str, Any]:
+def parse_failures(parsed: Iterable[Rating]) -> dict[str, Any]:
     """Ratings read, and failures per reason (every reason of the vocabulary listed, zeros included)."""
     failed = dict.fromkeys(REASONS, 0)
     total = ok = 0
@@ -183,7 +188,7 @@ def summarize(
     records: Sequence[Mapping[str, Any]],
     scale: int,
     *,
-    parsed: Iterable[ParsedRating] | None = None,
+    parsed: Iterable[Rating] | None = None,
     repeats: Iterable[Sequence[float | None]] | None = None,
     positions: Iterable[tuple[int, float | None]] | None = None,
     pairs: Sequence[Mapping[str, Any]] | None = None,

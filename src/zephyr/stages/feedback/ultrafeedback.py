@@ -43,7 +43,7 @@ from typing import Any
 
 from zephyr.core.errors import ConfigError
 from zephyr.data.schema import Problem, json_type
-from zephyr.judge.parsing import NOT_APPLICABLE, ParsedRating
+from zephyr.judge.rating import Rating
 from zephyr.stages.feedback.binarize import mean_rating
 
 ASSET = "ultrafeedback-templates"
@@ -55,6 +55,11 @@ SCALE = 5
 ATTEMPTS = 10  # annotate_preference.py: an answer in the wrong format is asked again, 10 answers at most
 NA = "N/A"
 MISSING = "missing annotation"  # a raw record without this aspect's annotation (UltraFeedback gave up)
+# Rating reasons of this protocol: an answer not in its format after every retry, and a rating the judge
+# declared not applicable ("N/A", not a failure: left out of the mean).
+FORMAT_ERROR = "format error"
+NOT_APPLICABLE = "not applicable"
+REASONS = (FORMAT_ERROR, NOT_APPLICABLE)
 IMPORTED_JUDGE = "gpt-4|openbmb/UltraFeedback"  # the judge id of imported records
 
 _SYSTEM_SOURCE = "ultrafeedback.py"
@@ -136,7 +141,7 @@ def build_messages(
 class Annotation:
     """One text's block of an answer: the rating, its rationale, and for typed aspects the types read."""
 
-    rating: ParsedRating
+    rating: Rating
     rationale: str
     types: tuple[str, ...] | None = None
 
@@ -170,16 +175,16 @@ def parse_answer(text: str, n: int, aspect: str) -> list[Annotation]:
     return annotations
 
 
-def _rating(field: str, k: int, *, allow_na: bool) -> ParsedRating:
+def _rating(field: str, k: int, *, allow_na: bool) -> Rating:
     if allow_na and field == NA:
-        return ParsedRating(None, NOT_APPLICABLE)
+        return Rating(None, NOT_APPLICABLE)
     numbers = _NUMBER.findall(field)
     if not numbers:
         raise FormatError(f"text {k}: rating {field!r} is not a number")
     value = int(numbers[0])
     if not 1 <= value <= SCALE:
         raise FormatError(f"text {k}: rating {value} is outside 1-{SCALE}")
-    return ParsedRating(float(value))
+    return Rating(float(value))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,15 +33,16 @@ from zephyr import io
 from zephyr.core.config import GenerateConfig, GeneratorConfig, save_resolved, to_dict
 from zephyr.core.errors import ConfigError, DataError
 from zephyr.data.schema import validate_conversation
+from zephyr.generation import make_generator
 from zephyr.generation.base import (
     Completion,
     Generator,
     Request,
     RequestGenerator,
     SamplingParams,
-    make_generator,
     parse_spec,
 )
+from zephyr.stages import stage
 from zephyr.stages.generate.strategies import (
     Seed,
     check_seed,
@@ -58,9 +59,9 @@ from zephyr.stages.generate.strategies import (
     user_simulator_view,
 )
 
-DIALOGUES = "dialogues.jsonl"
+DIALOGUES = stage("generate").output("dialogues")  # the stage table declares the outputs
 FAILURES = "failures.jsonl"
-SUMMARY = "summary.json"
+SUMMARY = stage("generate").output("summary")
 # The simulator sometimes goes on to write the assistant's reply itself; stop it there.
 _SIMULATOR_STOP = ("\nAssistant:", "\nAI:")
 

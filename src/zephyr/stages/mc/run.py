@@ -13,13 +13,14 @@ What is scored is exactly what lm-eval's `hf` model scores for a `multiple_choic
 - log p(continuation | context) = the sum of the continuation tokens' log-softmax, in float32.
 
 What makes it faster: lm-eval runs the context once per choice (and computes a log-softmax over the whole
-vocabulary at every position). Here an item is one row `[context][choice 1][choice 2]…` whose attention
-mask lets each choice see the context and itself only, with positions that continue the context in every
-choice, so the context runs once for all choices. The LM head and log-softmax run only where a
-continuation token is predicted. Rows are sorted by length so that batches carry little padding; a batch is
-never larger than lm-eval's batch of `batch_size` requests (at most `batch_size` rows, and no more padded
-tokens), so it holds several times more items. A choice whose request would be truncated gets a row of its
-own with lm-eval's window, so results stay identical.
+vocabulary at every position). Here an item's context and its choices are one group of
+`zephyr.scoring.continuations`: the context runs once for all choices, each choice attends to the context and
+to itself only, with positions that continue the context, and the LM head and log-softmax run only where a
+continuation token is predicted. Groups are packed without padding, longest first, and a batch is never
+larger than lm-eval's batch of `batch_size` requests (at most `batch_size` items, and no more tokens than
+`batch_size` of its longest request), so it holds several times more items. A choice whose request would be
+truncated gets a group of its own with lm-eval's window, so results stay identical. lm-eval's `is_greedy`
+(whether each continuation token is the argmax) is not computed: no multiple-choice metric reads it.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from zephyr.core.errors import ConfigError, DataError, ZephyrError
+from zephyr.core.config import McEvalConfig
+from zephyr.core.errors import ConfigError, DataError
+from zephyr.core.specs import is_hub_spec
 from zephyr.stages.mc import metrics
 from zephyr.stages.mc.presets import Preset, get_preset, hub_records, mmlu_description
 
@@ -48,8 +50,6 @@ FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default fewshot_delimiter: after each fe
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when neither the config nor the tokenizer names a length
 _TOKENIZER_INFINITY = int(1e30)  # transformers' "no limit" model_max_length
-# Post-head logit transforms of some architectures that scoring on hidden states would skip.
-_UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,20 +203,12 @@ def model_max_length(config: Any, tokenizer: Any) -> int:
 
 @dataclass(frozen=True)
 class Row:
+    """Choices of one item scored over the same context window: a group of the scoring primitive."""
+
     item: int
     choices: tuple[int, ...]
     context: tuple[int, ...]
     continuations: tuple[tuple[int, ...], ...]
-
-    @property
-    def length(self) -> int:
-        # The last token of a continuation is only predicted, never fed.
-        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
-
-    @property
-    def longest_request(self) -> int:
-        """Tokens lm-eval would feed for the longest of these choices: context + choice − 1."""
-        return len(self.context) + max(len(c) for c in self.continuations) - 1
 
 
 def request_window(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple[int, ...]:
@@ -252,126 +244,8 @@ def plan_rows(item: int, pairs: Sequence[Pair], max_length: int) -> list[Row]:
     ]
 
 
-def batch_rows(rows: Sequence[Row], batch_size: int) -> list[list[Row]]:
-    """Rows longest first (little padding; memory peaks at the start), in batches no larger than an
-    lm-eval batch of `batch_size` requests: at most `batch_size` rows, and a padded size (rows × the
-    longest row) of at most `batch_size` × the batch's longest request (context + choice)."""
-    batches: list[list[Row]] = []
-    current: list[Row] = []
-    width = longest_request = 0
-    for row in sorted(rows, key=lambda r: -r.length):
-        width = max(width, row.length)
-        longest_request = max(longest_request, row.longest_request)
-        if current and (
-            len(current) + 1 > batch_size or (len(current) + 1) * width > batch_size * longest_request
-        ):
-            batches.append(current)
-            current = []
-            width, longest_request = row.length, row.longest_request
-        current.append(row)
-    if current:
-        batches.append(current)
-    return batches
-
-
-@dataclass
-class PackedBatch:
-    """Rows as model inputs. `segments` marks the context (0), choice j of the row (j + 1) and padding
-    (−1); each target is (row, position that predicts it, token id, request it belongs to)."""
-
-    input_ids: torch.Tensor  # [B, T]
-    position_ids: torch.Tensor  # [B, T]
-    segments: torch.Tensor  # [B, T]
-    target_rows: torch.Tensor  # [N]
-    target_positions: torch.Tensor  # [N]
-    target_ids: torch.Tensor  # [N]
-    target_requests: torch.Tensor  # [N], index into `requests`
-    requests: list[tuple[int, int]]  # (item, choice)
-
-
-def pack_rows(rows: Sequence[Row], pad_id: int = 0) -> PackedBatch:
-    width = max(row.length for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)
-    targets: list[tuple[int, int, int, int]] = []
-    requests: list[tuple[int, int]] = []
-    for b, row in enumerate(rows):
-        n_context = len(row.context)
-        ids[b, :n_context] = torch.tensor(row.context)
-        positions[b, :n_context] = torch.arange(n_context)
-        segments[b, :n_context] = 0
-        start = n_context
-        for slot, (choice, continuation) in enumerate(zip(row.choices, row.continuations, strict=True)):
-            fed = continuation[:-1]
-            end = start + len(fed)
-            ids[b, start:end] = torch.tensor(fed, dtype=torch.long)
-            positions[b, start:end] = torch.arange(n_context, n_context + len(fed))
-            segments[b, start:end] = slot + 1
-            # Token t of the continuation is predicted at the context's last position (t = 0), else at
-            # the position where token t − 1 was fed.
-            predictors = [n_context - 1, *range(start, end)]
-            targets += [(b, p, tok, len(requests)) for p, tok in zip(predictors, continuation, strict=True)]
-            requests.append((row.item, choice))
-            start = end
-    rows_t, pos_t, tok_t, req_t = (
-        torch.tensor(column, dtype=torch.long) for column in zip(*targets, strict=True)
-    )
-    return PackedBatch(ids, positions, segments, rows_t, pos_t, tok_t, req_t, requests)
-
-
-def shared_context_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] bool, True where query t may attend to key s: causal, and a key is either context or
-    in the query's own choice. A padding position attends to itself only (no row is all masked)."""
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    query, key = segments[:, :, None], segments[:, None, :]
-    allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))
-    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
-    return allowed[:, None]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Scoring
-
-
-def _check_head(model: Any) -> None:
-    config = model.config
-    transforms = [
-        name for name in _UNSUPPORTED_LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)
-    ]
-    if transforms:
-        raise ZephyrError(
-            f"{type(model).__name__}: its logits are transformed after the head ({', '.join(transforms)}), "
-            "which multiple-choice scoring does not reproduce"
-        )
-
-
-def batch_loglikelihoods(model: Any, batch: PackedBatch) -> torch.Tensor:
-    """log p(continuation | context) of every request of the batch, [len(batch.requests)] float32 (CPU)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    allowed = shared_context_mask(batch.segments.to(device))
-    # An additive float mask works with every attention implementation (eager adds it; SDPA takes it).
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min
-    )
-    hidden = model.get_decoder()(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=mask,
-        position_ids=batch.position_ids.to(device),
-        use_cache=False,
-    )[0]
-    # The head and log-softmax only where a continuation token is predicted, each position once.
-    flat = batch.target_rows.to(device) * hidden.shape[1] + batch.target_positions.to(device)
-    positions, inverse = torch.unique(flat, return_inverse=True)
-    logits = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions]).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    logprobs = F.log_softmax(logits, dim=-1)[inverse, batch.target_ids.to(device)]
-    totals = torch.zeros(len(batch.requests), dtype=torch.float32, device=device)
-    return totals.index_add_(0, batch.target_requests.to(device), logprobs).cpu()
 
 
 def score_items(
@@ -386,7 +260,8 @@ def score_items(
     """Log-likelihood of each choice of each item (`items[i]` = the encoded requests of item i's choices)."""
     from tqdm.auto import tqdm
 
-    _check_head(model)
+    from zephyr.scoring.continuations import score_groups
+
     rows: list[Row] = []
     for i, pairs in enumerate(items):
         try:
@@ -394,21 +269,20 @@ def score_items(
         except DataError as exc:
             name = item_names[i] if item_names is not None else i
             raise DataError(f"item {name!r}: {exc}") from None
-    lls: list[list[float]] = [[float("nan")] * len(pairs) for pairs in items]
     rows_left = Counter(row.item for row in rows)
-    with (
-        torch.inference_mode(),
-        tqdm(total=len(items), desc="Scoring items", unit="item", disable=not progress) as bar,
-    ):
-        for rows_of_batch in batch_rows(rows, batch_size):
-            batch = pack_rows(rows_of_batch)
-            for (item, choice), value in zip(
-                batch.requests, batch_loglikelihoods(model, batch).tolist(), strict=True
-            ):
-                lls[item][choice] = value
-            for row in rows_of_batch:
-                rows_left[row.item] -= 1
-                bar.update(int(rows_left[row.item] == 0))
+    with tqdm(total=len(items), desc="Scoring items", unit="item", disable=not progress) as bar:
+
+        def done(indices: list[int]) -> None:
+            for i in indices:
+                rows_left[rows[i].item] -= 1
+                bar.update(int(rows_left[rows[i].item] == 0))
+
+        groups = [(row.context, row.continuations) for row in rows]
+        sums = score_groups(model, groups, batch_size=batch_size, on_batch=done).sums.tolist()
+    lls: list[list[float]] = [[float("nan")] * len(pairs) for pairs in items]
+    requests = ((row.item, choice) for row in rows for choice in row.choices)
+    for (item, choice), value in zip(requests, sums, strict=True):
+        lls[item][choice] = value
     return lls
 
 
@@ -472,7 +346,7 @@ def _file_task(data: str | None, fewshot_data: str | None, k: int, limit: int | 
     if fewshot_data is not None:
         pool = _read_mc(fewshot_data) if k else []
         exclude_self = (
-            Path(fewshot_data).resolve() == Path(data).resolve() if not data.startswith("hf:") else False
+            Path(fewshot_data).resolve() == Path(data).resolve() if not is_hub_spec(data) else False
         )
     else:
         # No separate pool: examples come from the evaluated file itself (all of it, not only the first
@@ -608,20 +482,12 @@ def write_outputs(out: str | Path, results: dict[str, Any], lines: Sequence[dict
 # The command
 
 
-def _check_args(batch_size: int, num_fewshot: int | None, limit: int | None) -> None:
-    if batch_size < 1:
-        raise ConfigError(f"eval mc: batch_size must be at least 1, got {batch_size}")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ConfigError(f"eval mc: num_fewshot must be 0 or more, got {num_fewshot}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"eval mc: limit must be at least 1, got {limit}")
-
-
 def _load_model(spec: str, device: str | None) -> tuple[Any, Any]:
     from zephyr.models.load import load_model, load_tokenizer
+    from zephyr.scoring.attention import register_packed_attention
 
     tokenizer = load_tokenizer(spec)
-    model = load_model(spec, dtype=torch.float32).eval()
+    model = load_model(spec, dtype=torch.float32, attn_implementation=register_packed_attention()).eval()
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model, tokenizer
 
@@ -643,32 +509,23 @@ def _run_info(task: McTask, model: str, pairs: Sequence[Sequence[Pair]], truncat
     }
 
 
-def run_mc(
-    *,
-    model: str,
-    data: str | None = None,
-    out: str | Path,
-    fewshot_data: str | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 16,
-    limit: int | None = None,
-    preset: str | None = None,
-    max_length: int | None = None,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Score every item of `data` (or of a preset's dataset) with `model`; write results.json, items.jsonl
+def run_mc(cfg: McEvalConfig, model: str, out: str | Path, *, device: str | None = None) -> dict[str, Any]:
+    """Score every item of `cfg.data` (or of a preset's dataset) with `model`; write results.json, items.jsonl
     and results.md into `out`; return the results. `num_fewshot` None: the preset's (0 without one);
     `max_length` None: the model's (as lm-eval resolves it)."""
-    _check_args(batch_size, num_fewshot, limit)
     from zephyr.io import check_output_dir
 
     check_output_dir(out)  # before the model loads: an unwritable or full folder fails now
     task = load_task(
-        data=data, fewshot_data=fewshot_data, num_fewshot=num_fewshot, limit=limit, preset=preset
+        data=cfg.data,
+        fewshot_data=cfg.fewshot_data,
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        preset=cfg.preset,
     )
     contexts = build_contexts(task)  # before the model loads: few-shot problems surface at once
     lm, tokenizer = _load_model(model, device)
-    max_length = max_length or model_max_length(lm.config, tokenizer)
+    max_length = cfg.max_length or model_max_length(lm.config, tokenizer)
     encoder = LmEvalTokenization(tokenizer)
     pairs = [encoder.encode_choices(ctx, r["choices"]) for ctx, r in zip(contexts, task.records, strict=True)]
     truncated = sum(is_truncated(pair, max_length) for item in pairs for pair in item)
@@ -676,14 +533,14 @@ def run_mc(
         logger.warning("%d requests exceed max_length %d: truncated from the left", truncated, max_length)
     started = time.perf_counter()
     ids = [r["id"] for r in task.records]
-    lls = score_items(lm, pairs, batch_size=batch_size, max_length=max_length, item_names=ids)
+    lls = score_items(lm, pairs, batch_size=cfg.batch_size, max_length=max_length, item_names=ids)
     seconds = time.perf_counter() - started
     lines = item_results(task, lls)
     summary = summarize_items(task, lines)
     results = {
         **_run_info(task, model, pairs, truncated),
         "max_length": max_length,
-        "batch_size": batch_size,
+        "batch_size": cfg.batch_size,
         "seconds": round(seconds, 3),
         "items_per_second": round(len(lines) / seconds, 3) if seconds > 0 else None,
         "score": summary[task.metric],

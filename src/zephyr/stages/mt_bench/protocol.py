@@ -45,6 +45,7 @@ from typing import Any
 from zephyr.core.errors import DataError
 from zephyr.io import iter_rows
 from zephyr.judge import parsing
+from zephyr.judge.rating import Rating
 
 # FastChat llm_judge/common.py `temperature_config`: sampling temperature of the answering model per category.
 CATEGORY_TEMPERATURE: dict[str, float] = {
@@ -304,15 +305,16 @@ def judge_messages(
     return _messages(prompt, user_prompt), prompt.name
 
 
-def parse_score(text: str) -> tuple[float | None, str | None]:
-    """The judge's rating: the first `[[x]]`, else the first `[x]` (FastChat's rule); (None, reason) if none."""
+def parse_score(text: str) -> Rating:
+    """The judge's rating: the first `[[x]]`, else the first `[x]` (FastChat's rule); no value and the
+    reason if neither is there."""
     for pattern in _SCORE_PATTERNS:
         match = pattern.search(text)
         if match:
             # FastChat reads the number with ast.literal_eval (8 -> 8, 8.5 -> 8.5); float() agrees on every
             # match of the pattern and also reads "08", on which literal_eval raises.
-            return float(match.group(1)), None
-    return None, NO_SCORE
+            return Rating(float(match.group(1)))
+    return Rating(None, NO_SCORE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,30 +333,19 @@ LOW_RATING_MASS = "the rating tokens 1-10 hold under 1e-3 of the judge's probabi
 LOW_VERDICT_MASS = "the tokens A, B and C hold under 1e-3 of the judge's probability after '[['"
 
 
-@dataclass(frozen=True)
-class LogprobScore:
-    """A score read from next-token log-probabilities: `score` (None with the `reason` when the rating
-    tokens carry too little probability), `mass` their probability before renormalising, `distribution`
-    the renormalised probability of each rating 1..10."""
-
-    score: float | None
-    reason: str | None
-    mass: float
-    distribution: dict[int, float]
-
-
 def expected_score(
     top_logprobs: Mapping[str, float],
     after_one: Mapping[str, float] | None = None,
     min_mass: float = MIN_MASS,
-) -> LogprobScore:
+) -> Rating:
     """The expected rating 1..10 under the judge's next-token distribution after `RATING_PREFIX`.
 
     The distribution is restricted to the rating tokens and renormalised (`parsing.rating_distribution`).
     `after_one`, the distribution after `RATING_PREFIX + "1"`, splits the probability of "1" between 1 and
     10: 10 gets the share of "0", other digits (11-19) are dropped, the rest ("]]", "]", ...) stays with 1.
     When the rating tokens hold less than `min_mass` in all, the judge is not writing a rating there: no
-    score, `LOW_RATING_MASS`.
+    score, `LOW_RATING_MASS`. The evidence: `rating_mass`, the rating tokens' probability before
+    renormalising, and `distribution`, the renormalised probability of each rating ("1".."10").
     """
     mass = math.fsum(
         math.exp(logprob)
@@ -362,36 +353,27 @@ def expected_score(
         if parsing.rating_distribution({token: logprob}, 10)  # the token spells a rating 1..10
     )
     distribution = parsing.rating_distribution(top_logprobs, 10, after_one=after_one)
+    evidence = {"rating_mass": mass, "distribution": {str(v): p for v, p in distribution.items()}}
     if mass < min_mass or not distribution:
-        return LogprobScore(None, LOW_RATING_MASS, mass, distribution)
-    return LogprobScore(math.fsum(v * p for v, p in distribution.items()), None, mass, distribution)
+        return Rating(None, LOW_RATING_MASS, evidence)
+    return Rating(math.fsum(v * p for v, p in distribution.items()), None, evidence)
 
 
-@dataclass(frozen=True)
-class LogprobVerdict:
-    """A pairwise verdict read from next-token log-probabilities after `VERDICT_PREFIX`: the likeliest of
-    "A", "B", "tie" (None with the `reason` when they carry too little probability), `mass` their
-    probability before renormalising, `probabilities` renormalised over the three."""
-
-    verdict: str | None
-    reason: str | None
-    mass: float
-    probabilities: dict[str, float]
-
-
-def likeliest_verdict(top_logprobs: Mapping[str, float], min_mass: float = MIN_MASS) -> LogprobVerdict:
+def likeliest_verdict(top_logprobs: Mapping[str, float], min_mass: float = MIN_MASS) -> Rating:
     """The verdict the judge most likely writes after "[[": the argmax of P("A"), P("B"), P("C") (ties go
-    to the first of A, B, C). Each game of a pair is decided this way, then combined as in text mode
-    (`combine_verdicts`)."""
+    to the first of A, B, C), as a pairwise rating (`A_SHARE`). Each game of a pair is decided this way,
+    then combined as in text mode (`combine_verdicts`). The evidence: `verdict_mass`, the three tokens'
+    probability before renormalising, and `probabilities`, renormalised over "A", "B", "tie"."""
     p = {
         verdict: math.exp(top_logprobs[token]) if token in top_logprobs else 0.0
         for token, verdict in VERDICT_TOKENS.items()
     }
     mass = math.fsum(p.values())
     if mass < min_mass:
-        return LogprobVerdict(None, LOW_VERDICT_MASS, mass, {})
+        return Rating(None, LOW_VERDICT_MASS, {"verdict_mass": mass, "probabilities": {}})
     probabilities = {verdict: value / mass for verdict, value in p.items()}
-    return LogprobVerdict(max(probabilities, key=probabilities.__getitem__), None, mass, probabilities)
+    verdict = max(probabilities, key=probabilities.__getitem__)
+    return Rating(A_SHARE[verdict], None, {"verdict_mass": mass, "probabilities": probabilities})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,13 +464,24 @@ def pairwise_messages(
     return _messages(prompt, user_prompt), prompt.name
 
 
-def parse_verdict(text: str) -> tuple[str | None, str | None]:
+# A pairwise verdict as a rating: Assistant A's share of the game (the value the judge audit records).
+A_SHARE = {"A": 1.0, "tie": 0.5, "B": 0.0}
+_VERDICT_OF = {share: verdict for verdict, share in A_SHARE.items()}
+
+
+def parse_verdict(text: str) -> Rating:
     """ "A", "B" or "tie" from `[[A]]` / `[[B]]` / `[[C]]`, checked in that order anywhere in the text (as
-    FastChat, so an answer that quotes the format before its verdict reads as A); (None, reason) if none."""
+    FastChat, so an answer that quotes the format before its verdict reads as A), as a pairwise rating
+    (`A_SHARE`); no value and the reason if none."""
     for token, verdict in (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie")):
         if token in text:
-            return verdict, None
-    return None, NO_VERDICT
+            return Rating(A_SHARE[verdict])
+    return Rating(None, NO_VERDICT)
+
+
+def verdict_of(rating: Rating) -> str | None:
+    """The verdict ("A", "B", "tie") a pairwise rating stands for; None when it has no value."""
+    return None if rating.value is None else _VERDICT_OF[rating.value]
 
 
 def combine_verdicts(first: str | None, swapped: str | None) -> str | None:

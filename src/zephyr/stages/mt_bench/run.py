@@ -20,7 +20,7 @@ A and then the baseline as A, in one batched judge call. `pairwise.jsonl` holds 
 calls' exact messages, raw answers and verdicts), `results.json` the wins, losses and ties of the model
 with FastChat's win rates overall, per turn and per category (`mt_bench.aggregate_pairwise`).
 
-`judge_mode="logprobs"` (a local judge: a generator with `next_token_logprobs`) reads the judge's
+`judge_mode="logprobs"` (a local judge: a generator that is a `LogprobScorer`) reads the judge's
 probabilities instead of its written answer, for small judges that rarely write the `[[rating]]` format.
 The judge prompt is the same; the answer is forced to `Rating: [[` (and `Rating: [[1`, which tells 10 from
 1) and the score is the expected rating over the tokens 1..10 (`mt_bench.expected_score`); pairwise, each
@@ -44,9 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zephyr.core.errors import ConfigError, DataError
+from zephyr.core.config import MtBenchEvalConfig
+from zephyr.core.errors import DataError
 from zephyr.generation import Completion, Generator, SamplingParams, make_generator
 from zephyr.io import check_output_dir, iter_rows, write_jsonl, write_text
+from zephyr.judge.client import (
+    JUDGE_CALL_FAILED,
+    JudgeAnswer,
+    JudgeClient,
+    JudgeReply,
+    JudgeRequest,
+    audit_record,
+    check_logprobs_judge,
+)
+from zephyr.judge.rating import Rating
 from zephyr.stages.mt_bench import protocol as mt_bench
 from zephyr.stages.mt_bench.protocol import Judgment, PairJudgment, Question
 from zephyr.stages.mt_bench.report import plot_categories, results_markdown
@@ -56,7 +67,6 @@ GREEDY_BELOW = 1e-4
 # Sampled categories get a fixed seed so that a run can be repeated.
 ANSWER_SEED = 0
 ANSWER_FAILED = "the model's answer could not be generated"
-JUDGE_MODES = ("text", "logprobs")
 
 
 @dataclass
@@ -77,36 +87,28 @@ class Answer:
 
 
 def run_mt_bench(
+    cfg: MtBenchEvalConfig,
     model: str,
-    judge: str,
     out: str | os.PathLike,
-    questions: str | os.PathLike | None = None,
-    limit: int | None = None,
-    max_new_tokens: int = 1024,
-    judge_max_tokens: int = 2048,
-    baseline: str | None = None,
     *,
-    judge_mode: str = "text",
     model_generator: Generator | None = None,
     judge_generator: Generator | None = None,
     baseline_generator: Generator | None = None,
 ) -> dict[str, Any]:
     """Run MT-Bench (module docstring) and return the results (also written to `out/results.json`).
 
-    `model`, `judge` and a `baseline` that is not a file are model specs (`make_generator`);
+    `model`, `cfg.judge` and a `cfg.baseline` that is not a file are model specs (`make_generator`);
     `model_generator` / `judge_generator` / `baseline_generator`, when given, are used instead of loading
-    them. One spec named twice loads one model. `baseline` switches to pairwise mode: a model spec, or an
-    answers.jsonl of an earlier run (or FastChat's `model_answer/NAME.jsonl`). `judge_mode`: "text" (the
+    them. One spec named twice loads one model. `cfg.baseline` switches to pairwise mode: a model spec, or an
+    answers.jsonl of an earlier run (or FastChat's `model_answer/NAME.jsonl`). `cfg.judge_mode`: "text" (the
     judge writes its answer, FastChat's protocol) or "logprobs" (module docstring).
     """
-    if judge_mode not in JUDGE_MODES:
-        raise ConfigError(f"judge_mode: {judge_mode!r} is not one of {', '.join(JUDGE_MODES)}")
     folder = _asset_folder()
-    question_list = mt_bench.load_questions(questions or folder / "question.jsonl")
-    if limit is not None:
-        question_list = question_list[:limit]
+    question_list = mt_bench.load_questions(cfg.questions or folder / "question.jsonl")
+    if cfg.limit is not None:
+        question_list = question_list[: cfg.limit]
     if not question_list:
-        raise DataError(f"{questions or folder / 'question.jsonl'}: no questions")
+        raise DataError(f"{cfg.questions or folder / 'question.jsonl'}: no questions")
     judge_prompts = mt_bench.load_judge_prompts(folder / "judge_prompts.jsonl")
     references = mt_bench.load_references(folder / "reference_answer" / "gpt-4.jsonl")
     out = Path(out)
@@ -114,46 +116,57 @@ def run_mt_bench(
     loaded = _Generators()
     for spec, generator in (
         (model, model_generator),
-        (judge, judge_generator),
-        (baseline, baseline_generator),
+        (cfg.judge, judge_generator),
+        (cfg.baseline, baseline_generator),
     ):
         loaded.given(spec, generator)
-    if judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
-        from zephyr.judge.client import check_logprobs_judge
+    if cfg.judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
+        check_logprobs_judge(loaded.get(cfg.judge, judge_generator), cfg.judge)
 
-        check_logprobs_judge(loaded.get(judge, judge_generator), judge)
-
-    answers = _answers(out / "answers.jsonl", question_list, model, max_new_tokens, loaded, model_generator)
-    judge_params = SamplingParams(max_tokens=judge_max_tokens, temperature=0.0)  # FastChat: judge at 0
-    if baseline is None:
+    answers = _answers(
+        out / "answers.jsonl", question_list, model, cfg.max_new_tokens, loaded, model_generator
+    )
+    judge_params = SamplingParams(max_tokens=cfg.judge_max_tokens, temperature=0.0)  # FastChat: judge at 0
+    if cfg.baseline is None:
         records = judge_answers(
-            loaded.get(judge, judge_generator),
+            loaded.get(cfg.judge, judge_generator),
             judge_params,
             question_list,
             answers,
             judge_prompts,
             references,
-            mode=judge_mode,
+            mode=cfg.judge_mode,
         )
         _write_jsonl(out / "judgments.jsonl", records)
         scores = mt_bench.aggregate([Judgment.from_record(r) for r in records], question_list)
-        results = {"mode": "single", "model": model, "judge": judge, "judge_mode": judge_mode, **scores}
+        results = {
+            "mode": "single",
+            "model": model,
+            "judge": cfg.judge,
+            "judge_mode": cfg.judge_mode,
+            **scores,
+        }
     else:
         base_path = out / "baseline_answers.jsonl"
         base = _baseline_answers(
-            baseline, question_list, base_path, max_new_tokens, loaded, baseline_generator
+            cfg.baseline, question_list, base_path, cfg.max_new_tokens, loaded, baseline_generator
         )
         records = judge_pairs(
-            loaded.get(judge, judge_generator), judge_params, question_list, answers, base, judge_prompts,
-            references, mode=judge_mode,
+            loaded.get(cfg.judge, judge_generator), judge_params, question_list, answers, base, judge_prompts,
+            references, mode=cfg.judge_mode,
         )  # fmt: skip
         _write_jsonl(out / "pairwise.jsonl", records)
         scores = mt_bench.aggregate_pairwise([pair_judgment(r) for r in records], question_list)
-        results = {"mode": "pairwise", "model": model, "baseline": baseline, "baseline_model": base[0].model}
-        results |= {"judge": judge, "judge_mode": judge_mode, **scores}
+        results = {
+            "mode": "pairwise",
+            "model": model,
+            "baseline": cfg.baseline,
+            "baseline_model": base[0].model,
+        }
+        results |= {"judge": cfg.judge, "judge_mode": cfg.judge_mode, **scores}
     write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_text(out / "results.md", results_markdown(results))
-    if baseline is None:  # the radar shows 0-10 scores; pairwise results have win rates
+    if cfg.baseline is None:  # the radar shows 0-10 scores; pairwise results have win rates
         plot_categories(results, out / "categories.png")
     return results
 
@@ -363,8 +376,6 @@ def judge_answers(
     `mt_bench.expected_score`; the record has `answer_prefixes`, `top_logprobs` (one dict per prefix) and
     the rating's `evidence` (mass of the rating tokens, distribution over 1..10) in place of a raw answer.
     """
-    from zephyr.judge.client import JudgeRequest, audit_record
-
     logprobs = mode == "logprobs"
     client = _judge_client(generator, params, "mt-bench-single", logprobs, mt_bench.RATING_CANDIDATES)
     requests, records = [], []
@@ -404,49 +415,33 @@ def judge_answers(
     return records
 
 
-def _text_score(answer: Any) -> list[Any]:
-    from zephyr.judge.client import Rating
-
-    return [Rating(*mt_bench.parse_score(answer.text))]
+def _text_score(answer: JudgeAnswer) -> list[Rating]:
+    return [mt_bench.parse_score(answer.text or "")]
 
 
-def _logprob_score(answer: Any) -> list[Any]:
+def _logprob_score(answer: JudgeAnswer) -> list[Rating]:
     """The expected score from the top log-probs after each of `mt_bench.RATING_PREFIXES`."""
-    from zephyr.judge.client import JUDGE_CALL_FAILED, Rating
-
     tops = answer.next_tokens or []
     if len(tops) != len(mt_bench.RATING_PREFIXES):
         return [Rating(None, JUDGE_CALL_FAILED)]
-    scored = mt_bench.expected_score(tops[0], after_one=tops[1])
-    distribution = {str(rating): p for rating, p in scored.distribution.items()}
-    return [Rating(scored.score, scored.reason, {"rating_mass": scored.mass, "distribution": distribution})]
+    return [mt_bench.expected_score(tops[0], after_one=tops[1])]
 
 
 # FastChat's two games of a pair: g1 shows the model as Assistant A, g2 the baseline.
 GAMES = ("g1", "g2")
-# A verdict as Assistant A's share of the game (the audit log's rating value), and back.
-_A_SHARE = {"A": 1.0, "tie": 0.5, "B": 0.0}
-_VERDICT_OF = {share: verdict for verdict, share in _A_SHARE.items()}
 BASELINE_FAILED = "the baseline's answer could not be generated"
 
 
-def _verdict_rating(text: str | None) -> list[Any]:
-    from zephyr.judge.client import Rating
-
-    verdict, reason = mt_bench.parse_verdict(text or "")
-    return [Rating(None if verdict is None else _A_SHARE[verdict], reason)]
+def _verdict_rating(answer: JudgeAnswer) -> list[Rating]:
+    return [mt_bench.parse_verdict(answer.text or "")]
 
 
-def _logprob_verdict(answer: Any) -> list[Any]:
+def _logprob_verdict(answer: JudgeAnswer) -> list[Rating]:
     """The likeliest verdict after `mt_bench.VERDICT_PREFIX`, with the probabilities as evidence."""
-    from zephyr.judge.client import JUDGE_CALL_FAILED, Rating
-
     tops = answer.next_tokens or []
     if len(tops) != 1:
         return [Rating(None, JUDGE_CALL_FAILED)]
-    read = mt_bench.likeliest_verdict(tops[0])
-    evidence = {"verdict_mass": read.mass, "probabilities": read.probabilities}
-    return [Rating(None if read.verdict is None else _A_SHARE[read.verdict], read.reason, evidence)]
+    return [mt_bench.likeliest_verdict(tops[0])]
 
 
 def judge_pairs(
@@ -468,8 +463,6 @@ def judge_pairs(
     `reason`). `mode` "logprobs": each game's answer is forced to `mt_bench.VERDICT_PREFIX` and its verdict
     is `mt_bench.likeliest_verdict`; the games hold `answer_prefixes`, `top_logprobs` and the `evidence`.
     """
-    from zephyr.judge.client import JudgeRequest
-
     logprobs = mode == "logprobs"
     client = _judge_client(generator, params, "mt-bench-pairwise", logprobs, tuple(mt_bench.VERDICT_TOKENS))
     requests, records = [], []
@@ -505,7 +498,7 @@ def judge_pairs(
                     JudgeRequest(
                         f"{question.question_id}/{turn}/{game}",
                         pair[game][0],
-                        parse=_logprob_verdict if logprobs else lambda reply: _verdict_rating(reply.text),
+                        parse=_logprob_verdict if logprobs else _verdict_rating,
                         slots=(meta | {"game": game},),
                         prefixes=(mt_bench.VERDICT_PREFIX,) if logprobs else (),
                     )
@@ -525,11 +518,14 @@ def _failed_answer(model_answer: Answer, base_answer: Answer, turn: int) -> str 
     return None
 
 
-def _add_games(record: dict[str, Any], replies: Sequence[Any]) -> None:
-    games, reasons = [], []
+def _add_games(record: dict[str, Any], replies: Sequence[JudgeReply]) -> None:
+    games: list[dict[str, Any]] = []
+    verdicts: list[str | None] = []
+    reasons: list[str] = []
     for number, (game, reply) in enumerate(zip(GAMES, replies, strict=True), start=1):
         [rating] = reply.ratings
-        verdict = _VERDICT_OF.get(rating.value)  # type: ignore[arg-type]
+        verdict = mt_bench.verdict_of(rating)
+        verdicts.append(verdict)
         if rating.reason:
             reasons.append(f"{game}: {rating.reason}")
         forced = (
@@ -554,7 +550,7 @@ def _add_games(record: dict[str, Any], replies: Sequence[Any]) -> None:
                 "completion_tokens": reply.answer.completion_tokens,
             }
         )
-    first, swapped = games[0]["verdict"], games[1]["verdict"]
+    first, swapped = verdicts
     record |= {
         "games": games,
         "g1_winner": games[0]["winner"],
@@ -579,10 +575,8 @@ def pair_judgment(record: Mapping[str, Any]) -> PairJudgment:
 
 def _judge_client(
     generator: Generator, params: SamplingParams, mode: str, logprobs: bool, candidates: tuple[str, ...]
-) -> Any:
+) -> JudgeClient:
     """The judge client of one MT-Bench mode; in logprobs mode its id says so and it scores `candidates`."""
-    from zephyr.judge.client import JudgeClient
-
     mode = f"{mode}-logprobs" if logprobs else mode
     return JudgeClient(
         generator,

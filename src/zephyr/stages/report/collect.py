@@ -14,24 +14,31 @@ from typing import Any
 
 import yaml
 
-from zephyr.core.config import STAGES, ReportConfig, build
+from zephyr.core.config import ReportConfig, build
 from zephyr.core.errors import ConfigError, DataError
+from zephyr.core.specs import STAGE_REF
+from zephyr.stages import Stage, evaluations, pipeline_stages, present_stages, stage
 from zephyr.stages.report.comparison import comparison_table
 from zephyr.stages.report.references import PAPER_ZEPHYR_7B_BETA, ReferenceRow, parse_references
 from zephyr.stages.report.values import _get, _mapping, _number
 
 REPORT_VERSION = 1
+# The file names below are the stage table's (`zephyr.stages.STAGES`), where each stage declares its outputs.
+_TRAINED = [s.name for s in pipeline_stages() if s.trains and s.plan == "section"]  # sft, dpo
 # The run's own models, in the order a reader compares them; ablations follow in recipe order.
-RUN_MODELS = ("base", "sft", "dpo")
+RUN_MODELS = ("base", *_TRAINED)
 MODEL_LABELS = {"base": "base", "sft": "SFT only", "dpo": "full"}
-# The files a stage must leave for the report to show it; their absence is listed in `missing`.
+# The files a stage must leave for the report to show it (its summary); their absence is listed in `missing`.
 EXPECTED_FILES = {
-    "generate": "generate/summary.json",
-    "curate": "curate/curation_report.json",
-    "feedback": "feedback/feedback_stats.json",
+    s.name: f"{s.name}/{s.outputs['summary']}" for s in pipeline_stages() if "summary" in s.outputs
 }
-IMAGES = {"feedback_ratings": "feedback/ratings.png"}  # files of the run embedded in the HTML page
-_EVAL_FOLDERS = {"mt_bench": "mt-bench", "alpaca_eval": "alpaca-eval"}
+# files of the run embedded in the HTML page
+IMAGES = {"feedback_ratings": f"feedback/{stage('feedback').output('ratings_plot')}"}
+_MC = stage("mc")
+# the evaluations made once per model (MT-Bench, AlpacaEval): their folders under eval/MODEL/
+_EVAL_FOLDERS = {e.name: str(e.command) for e in evaluations() if e is not _MC}
+_RESULTS = _MC.output("results")  # every evaluation's results.json
+_SAMPLES = stage("eval").output("samples")
 
 
 def collect_report(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -201,21 +208,20 @@ def _plan(recipe: dict[str, Any] | None, manifest_stages: Mapping[str, Any], run
     }
     if recipe:
         # as `pipeline.stage_names`: run.stages, else every stage the recipe has a section for
-        present = {s: recipe.get(s) is not None for s in STAGES}
-        present["ablations"] = bool(ablations) and present["dpo"]
-        stages = _strings(run_section.get("stages")) or [s for s in STAGES if present[s]]
+        present = present_stages(lambda name: recipe.get(name) is not None, bool(ablations))
+        stages = _strings(run_section.get("stages")) or present
     else:
         stages = list(dict.fromkeys(sid.split("/")[0] for sid in manifest_stages))
     eval_section = _mapping(recipe.get("eval"))
     expected = []
     if "eval" in stages:
         expected.append("base")
-    expected += [m for m in ("sft", "dpo") if m in stages]
+    expected += [m for m in _TRAINED if m in stages]
     if "ablations" in stages:
         expected += list(ablations)
     found = [sid.split("/")[1] for sid in manifest_stages if sid.count("/") >= 1]
     found += [name for folder in ("eval", "ablations") for name in _subdirs(run / folder)]
-    found += [m for m in ("sft", "dpo") if (run / m / "metrics.jsonl").is_file()]
+    found += [m for m in _TRAINED if (run / m / stage(m).output("metrics")).is_file()]
     return _Plan(
         stages=stages,
         models=_ordered_models([*expected, *found], list(ablations)),
@@ -255,7 +261,7 @@ def _describe_model(name: str, ablation: Mapping[str, Any] | None) -> dict[str, 
 def _model_source(name: str, recipe: Mapping[str, Any] | None) -> str | None:
     """Where a model comes from: the base model's spec, else its checkpoint folder in the run."""
     if name != "base":
-        return f"{_training_folder(name)}/final"
+        return f"{_training_folder(name)}/{_training_stage(name).output('model')}"
     recipe = recipe or {}
     candidates = [
         _get(recipe, "run", "base_model"),
@@ -263,11 +269,16 @@ def _model_source(name: str, recipe: Mapping[str, Any] | None) -> str | None:
         _get(recipe, "dpo", "model"),
     ]
     # "stage:NAME" points at another stage's output, not at the base model
-    return next((c for c in candidates if isinstance(c, str) and not c.startswith("stage:")), None)
+    return next((c for c in candidates if isinstance(c, str) and not c.startswith(STAGE_REF)), None)
+
+
+def _training_stage(model: str) -> Stage:
+    """The stage that trains a model of the run: its own (sft, dpo), else the ablations."""
+    return stage(model if model in _TRAINED else "ablations")
 
 
 def _training_folder(model: str) -> str:
-    return model if model in ("sft", "dpo") else f"ablations/{model}"
+    return model if model in _TRAINED else f"{stage('ablations').name}/{model}"
 
 
 def _collect_training(reader: _Reader, plan: _Plan) -> dict[str, Any]:
@@ -277,7 +288,8 @@ def _collect_training(reader: _Reader, plan: _Plan) -> dict[str, Any]:
             continue
         folder = _training_folder(model)
         lines = reader.jsonl(
-            f"{folder}/metrics.jsonl", reader.why(folder) if model in plan.expected else None
+            f"{folder}/{_training_stage(model).output('metrics')}",
+            reader.why(folder) if model in plan.expected else None,
         )
         if lines:
             kind = "sft" if model == "sft" else "dpo"
@@ -316,19 +328,20 @@ def _columns(lines: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
 def _collect_evals(reader: _Reader, model: str, plan: _Plan) -> dict[str, Any]:
     folder = f"eval/{model}"
     expected = "eval" in plan.stages and model in plan.expected
-    found_mc = [d.removeprefix("mc-") for d in _subdirs(reader.run / folder) if d.startswith("mc-")]
+    prefix = f"{_MC.command}-"
+    found_mc = [d.removeprefix(prefix) for d in _subdirs(reader.run / folder) if d.startswith(prefix)]
     result: dict[str, Any] = {}
     mc = {}
     for name in dict.fromkeys([*plan.mc_sets, *found_mc]):
-        sub = f"mc-{name}"
+        sub = f"{prefix}{name}"
         why = reader.why(f"{folder}/{sub}", folder) if expected and name in plan.mc_sets else None
-        if (data := reader.json(f"{folder}/{sub}/results.json", why)) is not None:
+        if (data := reader.json(f"{folder}/{sub}/{_RESULTS}", why)) is not None:
             mc[name] = data
     if mc:
         result["mc"] = mc
     for key, sub in _EVAL_FOLDERS.items():
         why = reader.why(f"{folder}/{sub}", folder) if expected and key in plan.evals else None
-        if (data := reader.json(f"{folder}/{sub}/results.json", why)) is not None:
+        if (data := reader.json(f"{folder}/{sub}/{_RESULTS}", why)) is not None:
             result[key] = data
     return result
 
@@ -360,7 +373,7 @@ def _collect_samples(reader: _Reader, plan: _Plan) -> list[dict[str, Any]]:
     for model in plan.models:
         expected = plan.sample_prompts and model in plan.expected
         why = reader.why(f"eval/{model}/samples", f"eval/{model}") if expected else None
-        for line in reader.jsonl(f"eval/{model}/samples.jsonl", why):
+        for line in reader.jsonl(f"eval/{model}/{_SAMPLES}", why):
             if isinstance(line.get("prompt"), str):
                 answers.setdefault(line["prompt"], {})[model] = str(line.get("answer", ""))
     prompts = list(dict.fromkeys([*plan.sample_prompts, *answers]))
@@ -369,16 +382,17 @@ def _collect_samples(reader: _Reader, plan: _Plan) -> list[dict[str, Any]]:
 
 def _collect_data(reader: _Reader, plan: _Plan) -> dict[str, Any]:
     data: dict[str, Any] = {}
-    for stage, rel in EXPECTED_FILES.items():
-        value = reader.json(rel, reader.why(stage) if stage in plan.stages else None)
+    for name, rel in EXPECTED_FILES.items():
+        value = reader.json(rel, reader.why(name) if name in plan.stages else None)
         if value is not None:
-            data[stage] = value
+            data[name] = value
     dpo_data = {}
     for model in plan.models:
-        if model in ("base", "sft"):
+        if model == "base" or "data" not in _training_stage(model).outputs:  # dpo_data.json: DPO runs only
             continue
         folder = _training_folder(model)
-        value = reader.json(f"{folder}/dpo_data.json", reader.why(folder) if model in plan.expected else None)
+        rel = f"{folder}/{_training_stage(model).output('data')}"
+        value = reader.json(rel, reader.why(folder) if model in plan.expected else None)
         if value is not None:
             dpo_data[model] = value
     if dpo_data:

@@ -13,16 +13,22 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zephyr.stages.mc.presets import OPEN_LLM_V1, PRESETS, open_llm_average
 from zephyr.stages.report.values import _get, _mapping, _number
 
-if TYPE_CHECKING:
-    from zephyr.stages.report.references import ReferenceRow
-
 PERCENT = 100.0  # multiple-choice results are fractions; the table shows them in percent
 OPEN_LLM_AVERAGE = "open_llm/average"
+
+
+@dataclass(frozen=True)
+class ReferenceRow:
+    """A row of published numbers beside the run's models (built in, or read by `references`)."""
+
+    label: str
+    source: str
+    values: Mapping[str, float]  # reference key -> number (multiple choice in percent)
 
 
 @dataclass(frozen=True)

@@ -16,22 +16,12 @@ column key of the table (`mt_bench/overall`, `alpaca_eval/win_rate`, `mc/SET/MET
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from zephyr.core.errors import DataError
-from zephyr.stages.report.comparison import PERCENT_KEYS, is_reference_key, reference_keys
-
-
-@dataclass(frozen=True)
-class ReferenceRow:
-    label: str
-    source: str
-    values: Mapping[str, float]  # reference key -> number (multiple choice in percent)
-
+from zephyr.stages.report.comparison import PERCENT_KEYS, ReferenceRow, is_reference_key, reference_keys
 
 # Zephyr-7B-β as published: MT-Bench (GPT-4 judge), AlpacaEval v1 (win rate against text-davinci-003,
 # GPT-4 annotator) and the Open LLM Leaderboard v1 tasks (ARC-25 acc_norm, HellaSwag-10 acc_norm, MMLU-5

@@ -20,14 +20,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zephyr.core.config import SFTConfig
-from zephyr.data.packing import IGNORE_INDEX, Document, collate_packed, collate_padded, pack_bfd
+from zephyr.data.packing import (
+    IGNORE_INDEX,
+    Document,
+    PackedBatch,
+    PaddedBatch,
+    collate_packed,
+    collate_padded,
+    pack_bfd,
+)
 from zephyr.training.loop import TrainResult, train
 from zephyr.training.task import StepOutput
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+SFTBatch = PackedBatch | PaddedBatch
 
 # ---------------------------------------------------------------------------------------------------------
 # Documents (pure)
@@ -84,8 +97,8 @@ def packing_efficiency(bins: Sequence[Sequence[Document]], max_length: int) -> f
     return tokens / (len(bins) * max_length) if bins else 0.0
 
 
-def count_targets(batch: dict[str, Any]) -> int:
-    return int((batch["labels"] != IGNORE_INDEX).sum())
+def count_targets(batch: SFTBatch) -> int:
+    return int((batch.labels != IGNORE_INDEX).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,7 +148,7 @@ class SFTTask:
         train_docs, self.stats = fit_documents(render(train_records), cfg.max_length)
         eval_docs, self.eval_stats = fit_documents(render(eval_records), cfg.max_length)
         if cfg.packing:
-            from zephyr.training.attention import register_packed_attention
+            from zephyr.scoring.attention import register_packed_attention
 
             self.attn_implementation: str | None = register_packed_attention()
             self._train: list[Any] = pack_documents(train_docs, cfg.max_length)
@@ -172,25 +185,25 @@ class SFTTask:
     def eval_examples(self) -> Sequence[Any]:
         return self._eval
 
-    def collate(self, examples: list[Any]) -> dict[str, Any]:
+    def collate(self, examples: list[Any]) -> SFTBatch:
         if self.cfg.packing:
             # several bins run as one row: attention stays inside each document, so this equals one row per bin
-            return dict(collate_packed([doc for group in examples for doc in group], pad_id=self.pad_id))
-        return dict(collate_padded(examples, pad_id=self.pad_id))
+            return collate_packed([doc for group in examples for doc in group], pad_id=self.pad_id)
+        return collate_padded(examples, pad_id=self.pad_id)
 
-    def units(self, batch: dict[str, Any]) -> int:
+    def units(self, batch: SFTBatch) -> int:
         return count_targets(batch)
 
-    def tokens(self, batch: dict[str, Any]) -> int:
-        if "attention_mask" in batch:
-            return int(batch["attention_mask"].sum())
-        return int(batch["input_ids"].numel())
+    def tokens(self, batch: SFTBatch) -> int:
+        if isinstance(batch, PaddedBatch):
+            return int(batch.attention_mask.sum())
+        return int(batch.input_ids.numel())
 
-    def prepare(self, model: torch.nn.Module, accelerator: Any) -> None:
+    def prepare(self, model: torch.nn.Module, accelerator: Accelerator) -> None:
         return None
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
-        from zephyr.training.forward import token_logps
+    def loss(self, model: torch.nn.Module, batch: SFTBatch) -> StepOutput:
+        from zephyr.scoring.forward import token_logps
 
         return StepOutput(loss_sum=-token_logps(model, batch).sum())
 

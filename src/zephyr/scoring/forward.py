@@ -1,8 +1,9 @@
 """Log-probabilities of target tokens, with the LM head applied only to those tokens, in chunks.
 
-A batch comes from `zephyr.data.packing`: packed (one row, `cu_seqlens`, per-document `position_ids`),
-packed with shared prefixes (also `cu_seqlens_k` and `kv_index`, for "zephyr_packed" attention only) or
-padded (`attention_mask`), with `labels[t]` the target predicted at position t, −100 where there is none.
+A batch comes from `zephyr.data.packing`: a `PackedBatch` (one row, `cu_seqlens`, per-document
+`position_ids`; with `shared` keys for shared prefixes, "zephyr_packed" attention only) or a `PaddedBatch`
+(`attention_mask`), with `labels[t]` the target predicted at position t, −100 where there is none. Its type
+chooses the attention inputs (`model_inputs`).
 
 The model is called through its own `__call__` (so DDP, FSDP2 and DeepSpeed wrappers run their hooks) with
 `logits_to_keep` empty, so its forward projects no position at all; a forward hook on the decoder takes
@@ -14,7 +15,7 @@ backward instead of kept: memory holds one chunk of [rows × vocab] logits, neve
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,29 +23,38 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from zephyr.data.packing import IGNORE_INDEX
+from zephyr.core.errors import ZephyrError
+from zephyr.data.packing import IGNORE_INDEX, PackedBatch, PaddedBatch
+
+Batch = PackedBatch | PaddedBatch
+# A transformers causal LM (a PreTrainedModel): its decoder, head and config are read by name, which
+# torch's Module typing cannot follow.
+CausalLM = Any
 
 # Post-head logit transforms of some architectures that the chunked head does not reproduce.
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
 
 
-def token_logps(model: torch.nn.Module, batch: Mapping[str, Any], *, chunk_size: int = 1024) -> torch.Tensor:
+def token_logps(
+    model: torch.nn.Module, batch: Batch, *, hidden: torch.Tensor | None = None, chunk_size: int = 1024
+) -> torch.Tensor:
     """Log-prob of every target (labels != −100) under `model`, [n_targets] float32, in row-major order.
 
     `model` is a causal LM or a wrapper of one (`.module`). Packed batches pass their boundaries to
     attention as `cu_seq_lens_q/k` and `max_length_q/k` (the "zephyr_packed" and flash implementations use
     them; "sdpa" and "eager" rebuild them from `position_ids`), so no document attends to another.
+    `hidden`: the batch's final hidden states [B, T, H] when already taken (`decoder_hidden_states`).
     """
-    causal_lm = unwrap_model(model)
-    hidden = decoder_hidden_states(model, batch)
-    labels = batch["labels"].to(hidden.device)
+    if hidden is None:
+        hidden = decoder_hidden_states(model, batch)
+    labels = batch.labels.to(hidden.device)
     targets = labels != IGNORE_INDEX
-    return target_logps(causal_lm, hidden[targets], labels[targets], chunk_size=chunk_size)
+    return target_logps(unwrap_model(model), hidden[targets], labels[targets], chunk_size=chunk_size)
 
 
-def target_doc_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+def target_doc_ids(batch: Batch) -> torch.Tensor:
     """Document index of each target, in the order `token_logps` returns them (the segments of `sequence_logps`)."""
-    return batch["doc_ids"][batch["labels"] != IGNORE_INDEX]
+    return batch.doc_ids[batch.labels != IGNORE_INDEX]
 
 
 def sequence_logps(
@@ -58,7 +68,7 @@ def sequence_logps(
     return sums, counts
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> CausalLM:
     """The causal LM inside DDP / DeepSpeed / compile wrappers."""
     while True:
         inner = next(
@@ -74,40 +84,36 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def model_inputs(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+def model_inputs(batch: Batch, device: torch.device) -> dict[str, Any]:
     """Forward kwargs of a packed or padded batch (labels stay out: the model computes no loss)."""
     inputs: dict[str, Any] = {
-        "input_ids": batch["input_ids"].to(device),
-        "position_ids": batch["position_ids"].to(device),
+        "input_ids": batch.input_ids.to(device),
+        "position_ids": batch.position_ids.to(device),
     }
-    if "kv_index" in batch:  # shared prefixes: only "zephyr_packed" attention reads the key index
+    if isinstance(batch, PaddedBatch):
+        inputs["attention_mask"] = batch.attention_mask.to(device)
+        return inputs
+    cu_seqlens = batch.cu_seqlens.to(device=device, dtype=torch.int32)
+    inputs.update(
+        attention_mask=None,
+        cu_seq_lens_q=cu_seqlens,
+        cu_seq_lens_k=cu_seqlens,
+        max_length_q=batch.max_seqlen,
+        max_length_k=batch.max_seqlen,
+    )
+    if batch.shared is not None:  # shared prefixes: only "zephyr_packed" attention reads the key index
         inputs.update(
-            attention_mask=None,
-            cu_seq_lens_q=batch["cu_seqlens"].to(device=device, dtype=torch.int32),
-            cu_seq_lens_k=batch["cu_seqlens_k"].to(device=device, dtype=torch.int32),
-            max_length_q=int(batch["max_seqlen"]),
-            max_length_k=int(batch["max_seqlen_k"]),
-            shared_kv_index=batch["kv_index"].to(device),
+            cu_seq_lens_k=batch.shared.cu_seqlens_k.to(device=device, dtype=torch.int32),
+            max_length_k=batch.shared.max_seqlen_k,
+            shared_kv_index=batch.shared.kv_index.to(device),
         )
-    elif "cu_seqlens" in batch:
-        cu_seqlens = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
-        max_seqlen = int(batch["max_seqlen"])
-        inputs.update(
-            attention_mask=None,
-            cu_seq_lens_q=cu_seqlens,
-            cu_seq_lens_k=cu_seqlens,
-            max_length_q=max_seqlen,
-            max_length_k=max_seqlen,
-        )
-    else:
-        inputs["attention_mask"] = batch["attention_mask"].to(device)
     return inputs
 
 
-def decoder_hidden_states(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+def decoder_hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Final hidden states [B, T, H] of the decoder body, taken during a forward that projects nothing."""
     causal_lm = unwrap_model(model)
-    if "kv_index" in batch:
+    if isinstance(batch, PackedBatch) and batch.shared is not None:
         _check_shared_prefix_attention(causal_lm)
     device = causal_lm.get_input_embeddings().weight.device
     captured: list[torch.Tensor] = []
@@ -126,8 +132,8 @@ def decoder_hidden_states(model: torch.nn.Module, batch: Mapping[str, Any]) -> t
     return captured[0]
 
 
-def _check_shared_prefix_attention(causal_lm: torch.nn.Module) -> None:
-    from zephyr.training.attention import ATTN_IMPLEMENTATION
+def _check_shared_prefix_attention(causal_lm: CausalLM) -> None:
+    from zephyr.scoring.attention import ATTN_IMPLEMENTATION
 
     implementation = getattr(causal_lm.config, "_attn_implementation", None)
     if implementation != ATTN_IMPLEMENTATION:
@@ -139,18 +145,15 @@ def _check_shared_prefix_attention(causal_lm: torch.nn.Module) -> None:
 
 
 def target_logps(
-    causal_lm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024
+    causal_lm: CausalLM, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024
 ) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for rows of final hidden states [N, H] → [N] float32, chunk by chunk."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    project = head_projection(causal_lm)
-    softcap = _final_logit_softcapping(causal_lm)
+    head = head_logits(causal_lm)
 
     def chunk_logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = project(h).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = head(h)
         return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
     grad = torch.is_grad_enabled()
@@ -161,7 +164,7 @@ def target_logps(
     return torch.cat(pieces)
 
 
-def _chunk_count(causal_lm: torch.nn.Module, rows: int, chunk_size: int, device: torch.device) -> int:
+def _chunk_count(causal_lm: CausalLM, rows: int, chunk_size: int, device: torch.device) -> int:
     """Chunks for `rows` targets, at least one (an empty batch still yields a graph). Under DeepSpeed ZeRO-3
     every call of the head gathers its partitioned weight, a collective that each process must join as often
     as the others: there every process runs as many chunks as the one with the most (the rest empty)."""
@@ -177,7 +180,26 @@ def _zero3_partitioned(weight: torch.Tensor) -> bool:
     return hasattr(weight, "ds_id")  # DeepSpeed ZeRO-3 tags the parameters it partitions
 
 
-def head_projection(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def vocabulary_logps(causal_lm: CausalLM, hidden: torch.Tensor) -> torch.Tensor:
+    """log p(every token | hidden[i]) for a few rows of final hidden states [N, H] → [N, V] float32 (what
+    comes next at requested positions, not the targets' log-probs: one row per position)."""
+    return torch.log_softmax(head_logits(causal_lm)(hidden), dim=-1)
+
+
+def head_logits(causal_lm: CausalLM) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden [N, H] → float32 logits [N, V], as the model's own head makes them (final softcapping
+    included; a model that transforms its logits otherwise is refused)."""
+    project = head_projection(causal_lm)
+    softcap = _final_logit_softcapping(causal_lm)
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        out = project(h).float()
+        return torch.tanh(out / softcap) * softcap if softcap else out
+
+    return logits
+
+
+def head_projection(causal_lm: CausalLM) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden [N, H] → logits [N, V] through the model's output embeddings."""
     head = causal_lm.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -196,11 +218,12 @@ def head_projection(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor], torc
     return lambda h: F.linear(h.to(weight.dtype), weight, bias)
 
 
-def _final_logit_softcapping(causal_lm: torch.nn.Module) -> float | None:
+def _final_logit_softcapping(causal_lm: CausalLM) -> float | None:
     config = causal_lm.config.get_text_config()
     for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
         if getattr(config, name, None) not in (None, 1, 1.0):
-            raise ValueError(
-                f"{type(causal_lm).__name__} scales its logits ({name}); chunked log-probs do not"
+            raise ZephyrError(
+                f"{type(causal_lm).__name__} scales its logits after the head ({name}), which zephyr's "
+                "scoring (the head on scored positions only) does not reproduce"
             )
     return getattr(config, "final_logit_softcapping", None)

@@ -8,8 +8,10 @@ flash-attention path, as forward kwargs that reach every attention call: `cu_seq
 `position_ids` (a position that does not continue the previous one starts a new document).
 
 Kernels: on CUDA with `torch.nn.attention.varlen` (torch ≥ 2.10) the flash varlen kernel, causal via
-`window_size=(-1, 0)`; elsewhere one dense SDPA call under a block-diagonal causal boolean mask, which is
-exact and is what the tests compare the kernel against. Batches with a padding mask, and decoding with a
+`window_size=(-1, 0)`; elsewhere the dense path, exact, which is what the tests compare the kernel against:
+the row's independent blocks (a document; a prefix with its continuations) side by side, right-padded to
+the longest, in one SDPA call under a boolean mask of what each query sees (`segment_blocks`), so its cost
+grows with the blocks' lengths, not the row's. Batches with a padding mask, and decoding with a
 cache, take transformers' SDPA path unchanged. The kernel takes half precision only: under autocast, query,
 keys and values are cast to the autocast dtype first (with fp32 weights the rotary embedding hands over an
 fp32 query and key, which SDPA would have cast the same way). Each path is logged once per process, a CUDA
@@ -25,16 +27,22 @@ process against the repeated heads); otherwise each KV head is repeated for its 
 
 Shared prefixes (`zephyr.data.packing.collate_shared_prefix`): the forward kwarg `shared_kv_index` (long
 [keys]) lists, segment by segment, the row positions whose keys and values each query segment attends to, and
-`cu_seq_lens_k` / `max_length_k` describe those key segments. Every layer gathers its keys and values by that
-index; a query segment shorter than its keys is aligned to their end (query i of a segment with Lq queries and
-Lk keys sees keys 0..Lk − Lq + i), which is the flash kernels' own causal convention when query and key
-lengths differ, so the varlen kernel takes the gathered keys as they are, and the dense path builds that mask.
+`cu_seq_lens_k` / `max_length_k` describe those key segments. A query segment shorter than its keys is
+aligned to their end (query i of a segment with Lq queries and Lk keys sees keys 0..Lk − Lq + i), which is the
+flash kernels' own causal convention when query and key lengths differ: every layer gathers its keys and
+values by that index for the varlen kernel, and the dense path builds the same mask over the row positions
+(each key once, however many continuations see it).
+
+`packed_attention(model)` switches a model to "zephyr_packed" for a while (the scoring of a model loaded
+with another attention); with a cache or a padding mask the implementation is transformers' SDPA anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +63,20 @@ def register_packed_attention() -> str:
     AttentionInterface.register(ATTN_IMPLEMENTATION, packed_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, packed_attention_mask)
     return ATTN_IMPLEMENTATION
+
+
+@contextlib.contextmanager
+def packed_attention(causal_lm: Any) -> Iterator[None]:
+    """`causal_lm` on "zephyr_packed" attention inside the block, on its own attention again after it."""
+    before = causal_lm.config._attn_implementation
+    if before == ATTN_IMPLEMENTATION:
+        yield
+        return
+    causal_lm.set_attn_implementation(register_packed_attention())
+    try:
+        yield
+    finally:
+        causal_lm.set_attn_implementation(before)
 
 
 def packed_attention_mask(
@@ -112,7 +134,7 @@ def packed_attention_forward(
     dtype, why = varlen_dtype(query)
     if segments is None:
         dtype, why = None, "no segment boundaries (cu_seq_lens_q) given"
-    if dtype is not None:
+    if segments is not None and dtype is not None:
         if dropout:
             raise ValueError("the varlen attention kernel has no dropout; set attention_dropout to 0")
         _note_path(query, "varlen", why)
@@ -128,20 +150,13 @@ def packed_attention_forward(
             kv_index=segments.kv_index,
             window=window,
         )
-    elif segments is not None and segments.kv_index is not None:
+    elif segments is not None:
         _note_path(query, "dense", why, missed_kernel=True)
-        out = dense_shared_attention(query, key, value, segments, dropout, scaling, window=window)
+        out = dense_block_attention(query, key, value, segments, dropout, scaling, window=window)
     else:
-        _note_path(query, "dense", why, missed_kernel=segments is not None)
+        _note_path(query, "dense", why)
         out = dense_causal_attention(
-            query,
-            key,
-            value,
-            None if segments is None else segments.cu_q,
-            kwargs.get("position_ids"),
-            dropout,
-            scaling,
-            window=window,
+            query, key, value, kwargs.get("position_ids"), dropout, scaling, window=window
         )
     return out, None
 
@@ -157,7 +172,8 @@ def attention_paths() -> list[tuple[str, str]]:
 
 def _note_path(query: torch.Tensor, path: str, why: str, *, missed_kernel: bool = False) -> None:
     """Log each path once per process: a packed CUDA row that missed the varlen kernel as a warning (the
-    dense path costs a [T, T] mask and a host sync per layer), anything else as information. Not while
+    dense path pads its blocks, builds their mask and syncs with the host in every layer), anything else as
+    information. Not while
     compiling (a compiled layer takes the path its eager calls took)."""
     if torch.compiler.is_compiling() or (path, why) in _PATHS:
         return
@@ -363,28 +379,55 @@ def varlen_causal_attention(
     return out.unsqueeze(0)
 
 
-def shared_causal_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """[1, 1, T_q, T_k] boolean mask of segments whose queries are aligned to the end of their keys.
+@dataclass(frozen=True)
+class Blocks:
+    """A packed row regrouped for one dense attention call: its independent blocks side by side, each
+    right-padded to the longest. A block is a run of segments whose keys lie inside it: a document, or a
+    prefix with its continuations (a shared-prefix segment's keys reach back into its prefix's segment)."""
 
-    Query i of a segment with Lq queries and Lk keys sees key j of the same segment when j ≤ i + (Lk − Lq)
-    (and, with a sliding `window`, j > i + (Lk − Lq) − window); with equal lengths this is
-    `block_causal_mask`.
-    """
-    cu_q, cu_k = cu_q.long(), cu_k.long()
+    index: torch.Tensor  # long [blocks, width]: row position of each slot (a padding slot repeats a row)
+    mask: torch.Tensor  # bool [blocks, 1, width, width]: the key slots each query slot sees
+    slots: torch.Tensor  # long [T]: flat slot (block × width + place) of each row position
+
+
+def segment_blocks(segments: Segments, total: int, window: int | None = None) -> Blocks:
+    """The blocks of a packed row of `total` tokens and what each query sees in them: the keys of its own
+    segment (`segments.kv_index`, or the segment itself), causally with queries aligned to the end of their
+    keys, within a sliding `window` when given (key places counted among the segment's keys, as the varlen
+    kernel counts them). A padding slot sees only itself, so no softmax row is empty."""
+    cu_q, cu_k = segments.cu_q.long(), segments.cu_k.long()
+    device = cu_q.device
+    arange = torch.arange(total, device=device)
+    n = cu_q.numel() - 1
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
-    seg_q = torch.arange(len_q.numel(), device=cu_q.device).repeat_interleave(len_q)
-    seg_k = torch.arange(len_k.numel(), device=cu_k.device).repeat_interleave(len_k)
-    # each position measured from the end of its segment: query i ↔ key j when j − Lk ≤ i − Lq
-    from_end_q = torch.arange(seg_q.numel(), device=cu_q.device) - cu_q[1:][seg_q]
-    from_end_k = torch.arange(seg_k.numel(), device=cu_k.device) - cu_k[1:][seg_k]
-    behind = from_end_q[:, None] - from_end_k[None, :]  # how far the key lies before the query
-    mask = (seg_q[:, None] == seg_k[None, :]) & (behind >= 0)
+    keys = int(cu_k[-1])
+    key_rows = arange if segments.kv_index is None else segments.kv_index.to(device).long()
+    key_seg = torch.arange(n, device=device).repeat_interleave(len_k, output_size=keys)
+    key_place = torch.arange(keys, device=device) - cu_k[:-1][key_seg]
+    # A block starts at a segment that no segment from it on reaches before (through its keys).
+    reach = cu_q[:-1].scatter_reduce(0, key_seg, key_rows, reduce="amin")
+    first = reach.flip(0).cummin(0).values.flip(0) >= cu_q[:-1]
+    seg_block = first.long().cumsum(0) - 1
+    starts = cu_q[:-1][first]
+    width = int((torch.cat([starts[1:], starts.new_tensor([total])]) - starts).max())
+    # each segment's key place of every slot of its block (−1: not one of its keys)
+    table = torch.full((n, width), -1, dtype=torch.long, device=device)
+    table[key_seg, key_rows - starts[seg_block[key_seg]]] = key_place
+    row_seg = torch.arange(n, device=device).repeat_interleave(len_q, output_size=total)
+    row_block = seg_block[row_seg]
+    row_place = arange - starts[row_block]
+    query_place = (arange - cu_q[:-1][row_seg] + (len_k - len_q)[row_seg])[:, None]
+    seen = table[row_seg]  # [T, width]
+    allowed = (seen >= 0) & (seen <= query_place)
     if window is not None:
-        mask &= behind < window
-    return mask[None, None]
+        allowed &= seen > query_place - window
+    mask = torch.eye(width, dtype=torch.bool, device=device).repeat(starts.numel(), 1, 1)
+    mask[row_block, row_place] = allowed
+    index = (starts[:, None] + torch.arange(width, device=device)).clamp(max=total - 1)
+    return Blocks(index, mask[:, None], row_block * width + row_place)
 
 
-def dense_shared_attention(
+def dense_block_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -394,15 +437,51 @@ def dense_shared_attention(
     *,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Exact shared-prefix attention: keys gathered by `segments.kv_index`, one SDPA call under
-    `shared_causal_mask`. Returns [1, T, H, D]."""
-    assert segments.kv_index is not None
-    index = segments.kv_index.to(query.device)
+    """Exact attention over one packed row (`segment_blocks`): one SDPA call over its blocks. Returns
+    [1, T, H, D]."""
+    t = query.shape[2]
+    if segments.cu_q.numel() == 2 and segments.kv_index is None and (window is None or window >= t):
+        return _causal_attention(query, key, value, dropout, scaling)  # one document: no mask to build
+    blocks = _layer_blocks(segments, t, window)
     groups = query.shape[1] // key.shape[1]
-    key = repeat_kv_heads(key.index_select(2, index), groups)
-    value = repeat_kv_heads(value.index_select(2, index), groups)
-    mask = shared_causal_mask(segments.cu_q.to(query.device), segments.cu_k.to(query.device), window)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+
+    def by_block(x: torch.Tensor) -> torch.Tensor:  # [1, H, T, D] → [blocks, H, width, D]
+        return x[0][:, blocks.index].transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(
+        by_block(query),
+        repeat_kv_heads(by_block(key), groups),
+        repeat_kv_heads(by_block(value), groups),
+        attn_mask=blocks.mask,
+        dropout_p=dropout,
+        scale=scaling,
+    )
+    return out.transpose(1, 2).flatten(0, 1)[blocks.slots][None]
+
+
+# The blocks of the last row seen: every layer of a forward gets the same boundary tensors and builds the same
+# blocks (a sliding window aside), so they are built once per forward instead of once per layer.
+_LAST_BLOCKS: list[tuple[tuple[Any, ...], Blocks]] = []
+
+
+def _layer_blocks(segments: Segments, total: int, window: int | None) -> Blocks:
+    key = (segments.cu_q, segments.cu_k, segments.kv_index, total, window)
+    if _LAST_BLOCKS:
+        (seen, blocks) = _LAST_BLOCKS[0]
+        if all(a is b or (isinstance(a, int) and a == b) for a, b in zip(seen, key, strict=True)):
+            return blocks
+    blocks = segment_blocks(segments, total, window)
+    if not torch.compiler.is_compiling():
+        _LAST_BLOCKS[:] = [(key, blocks)]  # holds the boundary tensors: their identities stay unique
+    return blocks
+
+
+def _causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None
+) -> torch.Tensor:
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv_heads(key, groups), repeat_kv_heads(value, groups)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling)
     return out.transpose(1, 2).contiguous()
 
 
@@ -417,15 +496,6 @@ def block_causal_mask(segment_ids: torch.Tensor, window: int | None = None) -> t
     return (same & causal)[:, None]
 
 
-def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """int [segments + 1] boundaries → [1, total] segment index of each token."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    ids = torch.arange(lengths.numel(), device=cu_seqlens.device).repeat_interleave(
-        lengths, output_size=total
-    )
-    return ids[None]
-
-
 def segment_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     """[B, T] positions → [B, T] segment ids: a new segment wherever a position does not continue (p ≠ prev + 1)."""
     starts = torch.ones_like(position_ids, dtype=torch.long)
@@ -437,36 +507,27 @@ def dense_causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     dropout: float,
     scaling: float | None,
     *,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Exact packed attention with one SDPA call and a block-diagonal causal mask (within a sliding `window`,
+    """Rows without segment boundaries (a model called with positions only): documents read off
+    `position_ids`, one SDPA call under a block-diagonal causal mask per row (within a sliding `window`,
     when given). Returns [B, T, H, D]."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv_heads(key, groups), repeat_kv_heads(value, groups)
     t = query.shape[2]
     if window is not None and window >= t:
         window = None  # no key falls out of it
-    if cu_seqlens is not None:
-        segments = segment_ids_from_cu_seqlens(cu_seqlens.to(query.device), t)
-    elif position_ids is not None:
+    segments = None
+    if position_ids is not None:
         segments = segment_ids_from_positions(position_ids.to(query.device).expand(query.shape[0], -1))
-    else:
-        segments = None
     if window is None and (segments is None or bool((segments == segments[:, :1]).all())):
-        # one document per row: the plain causal kernel, no mask to build
-        out = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling
-        )
-    else:
-        if segments is None:
-            segments = torch.zeros((query.shape[0], t), dtype=torch.long, device=query.device)
-        mask = block_causal_mask(segments, window)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-        )
+        return _causal_attention(query, key, value, dropout, scaling)  # one document per row
+    if segments is None:
+        segments = torch.zeros((query.shape[0], t), dtype=torch.long, device=query.device)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv_heads(key, groups), repeat_kv_heads(value, groups)
+    mask = block_causal_mask(segments, window)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous()
