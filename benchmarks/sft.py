@@ -116,7 +116,7 @@ class BenchTask:
 
 def run_zephyr(args, engine: str) -> measure.Result:
     from zephyr.scoring.attention import register_packed_attention
-    from zephyr.stages.sft.run import pack_documents
+    from zephyr.stages.sft.data import pack_documents
 
     settings = ENGINES[engine]
     docs, lengths = make_documents(args)

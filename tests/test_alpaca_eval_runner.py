@@ -23,6 +23,7 @@ from zephyr.generation import Completion
 from zephyr.judge.client import JUDGE_CALL_FAILED
 from zephyr.models import assets
 from zephyr.stages.alpaca_eval import protocol as ae
+from zephyr.stages.alpaca_eval import run as alpaca_eval_run
 from zephyr.stages.alpaca_eval.protocol import is_switched
 from zephyr.stages.alpaca_eval.run import read_instructions, run_alpaca_eval
 
@@ -196,10 +197,8 @@ def test_bad_instruction_lines_name_file_and_line(tmp_path):
 
 
 def test_cli_runs_with_the_generators_it_makes(tmp_path, monkeypatch):
-    import zephyr.generation
-
     made = {"m": FakeModel(), "j": FakeJudge()}
-    monkeypatch.setattr(zephyr.generation, "make_generator", lambda spec, **kw: made[spec])
+    monkeypatch.setattr(alpaca_eval_run, "make_generator", lambda spec, **kw: made[spec])
     argv = ["eval", "alpaca-eval", "--model", "m", "--judge", "j", "--out", str(tmp_path)]
     assert main([*argv, "--instructions", str(DATA), "--limit", "5"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -211,8 +210,6 @@ def test_cli_runs_with_the_generators_it_makes(tmp_path, monkeypatch):
 def test_cli_hub_unreachable_exits_2_with_a_clear_message(tmp_path, monkeypatch, capsys):
     import datasets
 
-    import zephyr.generation
-
     def offline(*args, **kwargs):
         raise ConnectionError("hub unreachable")
 
@@ -220,7 +217,7 @@ def test_cli_hub_unreachable_exits_2_with_a_clear_message(tmp_path, monkeypatch,
         raise AssertionError("no model should load before the instructions are read")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr(zephyr.generation, "make_generator", no_model)
+    monkeypatch.setattr(alpaca_eval_run, "make_generator", no_model)
     assets.fetch("alpaca-eval-templates")
     code = main(["eval", "alpaca-eval", "--model", "m", "--judge", "j", "--out", str(tmp_path)])
     assert code == 2

@@ -259,3 +259,56 @@ def test_show_record_pairs_and_color(smol_tok):
     assert "\x1b[32mHi!<|im_end|>\x1b[0m" in out
     assert "\x1b[32mNo.<|im_end|>\x1b[0m" in out
     assert "[[" not in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masks from character spans, and conversations in one batch
+
+
+def test_span_mask_by_hand():
+    import numpy as np
+
+    # a zero-width BOS, then tokens [0,3) [3,5) a zero-width token at 5, [5,9) [9,12); the spans overlap and
+    # merge into [4,10): [3,5) and [9,12) overlap it partly, the zero-width token at 5 sits inside it
+    offsets = np.array([(0, 0), (0, 3), (3, 5), (5, 5), (5, 9), (9, 12)])
+    assert chat.span_mask(offsets, [(5, 10), (4, 6)]).tolist() == [0, 0, 1, 1, 1, 1]
+    # a zero-width token at a span's start is inside it, a token ending at its start is not
+    offsets = np.array([(0, 2), (2, 2), (2, 4), (4, 6)])
+    assert chat.span_mask(offsets, [(2, 3)]).tolist() == [0, 1, 1, 0]
+    assert chat.span_mask(offsets, []).tolist() == [0, 0, 0, 0]
+
+
+def test_span_mask_equals_the_overlap_rule_token_by_token():
+    import random
+
+    import numpy as np
+
+    def overlaps(start, end, spans):  # the rule as render_conversation states it, one token at a time
+        if start == end:
+            return any(s <= start < e for s, e in spans)
+        return any(start < e and end > s for s, e in spans)
+
+    rng = random.Random(0)
+    for _ in range(300):
+        cuts = sorted(rng.randint(0, 40) for _ in range(rng.randint(0, 12)))
+        offsets = [(a, b) for a, b in zip([0, *cuts], [*cuts, 40], strict=True)]
+        spans = [tuple(sorted((rng.randint(0, 40), rng.randint(0, 40)))) for _ in range(rng.randint(0, 4))]
+        spans = [(s, e) for s, e in spans if e > s]
+        expected = [int(overlaps(a, b, spans)) for a, b in offsets]
+        assert chat.span_mask(np.array(offsets).reshape(-1, 2), spans).tolist() == expected, (offsets, spans)
+
+
+def test_a_batch_of_conversations_encodes_as_each_alone(zephyr_tok, smol_tok):
+    conversations = [
+        CONVERSATION,
+        CONVERSATION[1:3],
+        [{"role": "user", "content": "héllo 👋 "}, {"role": "assistant", "content": " ça va\n"}],
+    ]
+    for tokenizer in (zephyr_tok, smol_tok):
+        eot, _ = chat.end_of_turn(tokenizer)
+        batch = chat.encode_conversations(
+            tokenizer, [chat.assistant_spans(tokenizer, c, eot) for c in conversations]
+        )
+        for (ids, mask), messages in zip(batch, conversations, strict=True):
+            alone = render_conversation(tokenizer, messages)
+            assert (ids.tolist(), mask.tolist()) == (alone.input_ids, alone.loss_mask)

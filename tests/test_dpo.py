@@ -26,7 +26,7 @@ from zephyr.core.config import DPOConfig
 from zephyr.core.errors import DataError
 from zephyr.stages.dpo.run import DATA_REPORT, DPOTask, PairExample, disable_dropout
 from zephyr.training import logps as logps_mod
-from zephyr.training.logps import TokenizedPair
+from zephyr.training.pairs import TokenizedPair
 
 LN2 = math.log(2)
 PAIRS_FILE = "recipes/data/tiny_pairs.jsonl"

@@ -13,6 +13,7 @@ from zephyr.stages.feedback.prompts import (
     ASPECTS,
     answer_format,
     aspect_label,
+    balanced_order,
     build_judge_messages,
     level_labels,
     load_templates,
@@ -210,3 +211,14 @@ def test_bad_arguments(tmp_path):
         load_templates(aspects=["Helpfulness"])
     with pytest.raises(ConfigError, match="repeat"):
         load_templates(aspects=["honesty", "honesty"])
+
+
+def test_balanced_orders_pair_each_order_with_its_reverse_and_rotate():
+    base = [2, 0, 3, 1]
+    assert [balanced_order(base, r, 2) for r in range(2)] == [[2, 0, 3, 1], [1, 3, 0, 2]]
+    four = [balanced_order(base, r, 4) for r in range(4)]
+    assert four == [[2, 0, 3, 1], [1, 3, 0, 2], [3, 1, 2, 0], [0, 2, 1, 3]]  # rotated by 4 // 2 = 2
+    for completion in range(4):  # every completion at every position once
+        assert sorted(order.index(completion) for order in four) == [0, 1, 2, 3]
+    assert balanced_order([0, 1, 2], 1, 2) == [2, 1, 0]
+    assert balanced_order([], 3, 4) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from rounding import step_zero_tolerance
 from test_judge import ScriptedJudge, formatted_answer, quality
 from zephyr import io
-from zephyr.core.config import FeedbackConfig, GeneratorConfig, JudgeConfig, load_recipe
+from zephyr.core.config import FeedbackConfig, GeneratorConfig, JudgeConfig, Price, build, load_recipe
 from zephyr.core.errors import ConfigError, DataError
 from zephyr.generation import Completion, Usage
 from zephyr.judge import parsing
@@ -220,21 +221,24 @@ def test_a_run_writes_rated_records_pairs_stats_and_the_audit(tmp_path):
 
 
 def test_a_rerun_resumes_and_never_regenerates_finished_prompts(tmp_path):
+    """Killed while a generator works: the completions of its finished calls are kept, nothing is rated yet.
+    Killed while the judge works: the rated records of its finished chunks are kept. Each rerun asks only
+    what is missing, and a rerun of a finished run asks nothing."""
     prompts = write_prompts(tmp_path / "prompts.jsonl", 6)
     gens, judge, factory = fakes()
     calls = {"n": 0}
 
     def crashing(gcfg):
         generator = factory(gcfg)
-        if gcfg.label != "gen-a":
+        if gcfg.label != "gen-c":
             return generator
 
         class Dies:
-            model_id = "fake:gen-a"
+            model_id = "fake:gen-c"
 
             def generate(self, conversations, params):
                 calls["n"] += 1
-                if calls["n"] == 3:  # the third chunk
+                if calls["n"] == 3:  # the third call of gen-c (its chunks of 2 prompts)
                     raise Crash("killed")
                 return generator.generate(conversations, params)
 
@@ -245,13 +249,40 @@ def test_a_rerun_resumes_and_never_regenerates_finished_prompts(tmp_path):
     with pytest.raises(Crash):
         run_feedback(cfg, generator_factory=crashing)
     rated_path = Path(cfg.output_dir) / "rated.jsonl"
-    assert [r["prompt_id"] for r in io.read_jsonl_resumable(rated_path)] == ["p0", "p1", "p2", "p3"]
+    assert io.read_jsonl_resumable(rated_path) == [] and not judge.calls  # the judge runs after
+    # model-major: gen-a and gen-b answered all 6, gen-c 4 before it died, gen-d nothing yet
+    assert [len(gens[n].seen) for n in QUALITY] == [6, 6, 4, 0]
+
+    gens, judge, factory = fakes()
+    judged = {"n": 0}
+
+    def judge_dies(gcfg):
+        if gcfg.label != "judge":
+            return factory(gcfg)
+        inner = factory(gcfg)
+
+        class Dies:
+            model_id = inner.model_id
+
+            def generate(self, conversations, params):
+                judged["n"] += 1
+                if judged["n"] == 2:  # the judge's second chunk (one call per chunk: one repeat)
+                    raise Crash("killed")
+                return inner.generate(conversations, params)
+
+        return Dies()
+
+    with pytest.raises(Crash):
+        run_feedback(cfg, generator_factory=judge_dies)
+    # only what was missing was generated: gen-c's last 2 prompts and all of gen-d's
+    assert [len(gens[n].seen) for n in QUALITY] == [0, 0, 2, 6]
+    assert sorted(conv[-1]["content"] for conv in gens["gen-c"].seen) == ["question 4?", "question 5?"]
+    assert [r["prompt_id"] for r in io.read_jsonl_resumable(rated_path)] == ["p0", "p1"]
 
     gens, judge, factory = fakes()
     result = run_feedback(cfg, generator_factory=factory)
-    assert sorted(conv[-1]["content"] for conv in gens["gen-c"].seen) == ["question 4?", "question 5?"]
-    assert all(len(g.seen) == 2 for g in gens.values())
-    assert (result.already_rated, result.newly_rated) == (4, 2)
+    assert all(not g.seen for g in gens.values())  # every completion came from the stage's answers
+    assert (result.already_rated, result.newly_rated) == (2, 4)
     assert [r["prompt_id"] for r in io.read_jsonl_resumable(rated_path)] == [f"p{i}" for i in range(6)]
     assert len(io.read_records(Path(cfg.output_dir) / "pairs.jsonl", "pairs").records) == 6
 
@@ -302,6 +333,88 @@ def test_generation_failures_are_recorded_and_unanswered_prompts_retried(tmp_pat
     assert (result.newly_rated, result.failed_prompts) == (1, 0)
 
 
+class Resident:
+    """Counts the local models alive at once: `load` on build, `close` on release (as the local backends)."""
+
+    def __init__(self):
+        self.alive: set[str] = set()
+        self.peak = 0
+        self.events: list[tuple[str, str]] = []
+
+    def loaded(self, name: str) -> None:
+        self.alive.add(name)
+        self.peak = max(self.peak, len(self.alive))
+        self.events.append(("load", name))
+
+    def closed(self, name: str) -> None:
+        self.alive.discard(name)
+        self.events.append(("close", name))
+
+
+def test_a_pool_of_four_local_generators_keeps_one_model_resident(tmp_path):
+    """Model-major: each local model loads once, answers all of its prompts, and is released before the next
+    loads; the judge loads after the last one is released. Peak: one model."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 6)
+    gens, judge, _ = fakes()
+    resident = Resident()
+
+    class Local:
+        def __init__(self, name, inner):
+            self.name, self.inner = name, inner
+            self.model_id = inner.model_id
+            self.usage = inner.usage
+            resident.loaded(name)
+
+        def generate(self, conversations, params):
+            assert self.name in resident.alive, f"{self.name} used after close()"
+            return self.inner.generate(conversations, params)
+
+        def close(self):
+            resident.closed(self.name)
+
+    def factory(gcfg):
+        return Local(gcfg.label, judge if gcfg.label == "judge" else gens[gcfg.label])
+
+    generators = [GeneratorConfig(model=f"model-{name}", name=name) for name in QUALITY]
+    cfg = config(tmp_path, prompts, generators=generators, completions_per_prompt=3, chunk_prompts=2)
+    result = run_feedback(cfg, generator_factory=factory)
+    assert resident.peak == 1
+    names = [*QUALITY, "judge"]
+    assert resident.events == [(event, n) for n in names for event in ("load", "close")]
+    # every generator answered all of its prompts while loaded: 6 prompts x 3 draws = 18 completions
+    assert sum(len(g.seen) for g in gens.values()) == 18 and result.newly_rated == 6
+
+
+def test_http_generators_run_at_the_same_time(tmp_path):
+    """HTTP generators hold no weights: they all run at once (each waits here until the other has started)."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    gens, judge, _ = fakes()
+    both = threading.Barrier(2, timeout=20)
+
+    class Remote:
+        def __init__(self, inner):
+            self.inner, self.model_id, self.usage = inner, inner.model_id, inner.usage
+
+        def generate(self, conversations, params):
+            both.wait()  # a BrokenBarrierError here: the other HTTP generator was not running
+            return self.inner.generate(conversations, params)
+
+    def factory(gcfg):
+        if gcfg.label == "judge":
+            return judge
+        return Remote(gens[gcfg.label]) if gcfg.model.startswith("openai:") else gens[gcfg.label]
+
+    generators = [
+        GeneratorConfig(model="openai:a@http://127.0.0.1:9/v1", name="gen-a"),
+        GeneratorConfig(model="openai:b@http://127.0.0.1:9/v1", name="gen-b"),
+        GeneratorConfig(model="model-c", name="gen-c"),
+        GeneratorConfig(model="model-d", name="gen-d"),
+    ]
+    cfg = config(tmp_path, prompts, generators=generators, completions_per_prompt=4)
+    assert run_feedback(cfg, generator_factory=factory).newly_rated == 2
+    assert [len(gens[n].seen) for n in QUALITY] == [2, 2, 2, 2]
+
+
 def test_config_mistakes_fail_before_anything_runs(tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
     with pytest.raises(ConfigError, match="pool of generators is empty"):
@@ -336,6 +449,7 @@ class FeedbackServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), FeedbackHandler)
         self.lock = threading.Lock()
         self.judge_calls = 0
+        self.generator_calls = 0
         self.garbage: dict[str, int] = {"chatter": 0, "range": 0, "empty": 0}
         # Bounded: stops by itself even if the test never shuts it down.
         self.watchdog = threading.Timer(lifetime, self.shutdown)
@@ -373,6 +487,8 @@ class FeedbackHandler(BaseHTTPRequestHandler):
         ):
             content = self.server.judge_answer(messages)
         else:
+            with self.server.lock:
+                self.server.generator_calls += 1
             content = f"{body['model']} says {messages[-1]['content']} q={QUALITY[body['model']]}"
         reply = {
             "id": hashlib.sha256(content.encode()).hexdigest()[:8],
@@ -444,6 +560,81 @@ def test_an_http_judge_that_answers_garbage_30_percent_of_the_time(tmp_path, ser
     # A rerun sends nothing: every prompt is rated.
     before = server.judge_calls
     assert run_feedback(cfg).newly_rated == 0 and server.judge_calls == before
+
+
+def test_paid_calls_are_never_repeated(tmp_path, server, monkeypatch):
+    """HTTP answers go to the run's request cache (beside the stage folders): a stage redone from scratch
+    (its folder cleared, as `zephyr run --from feedback` does) or a changed downstream setting asks the
+    server nothing again; `cache: false` asks again."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 6)
+    generators = [GeneratorConfig(model=f"openai:{name}@{server.url}", name=name) for name in QUALITY]
+    judge = JudgeConfig(
+        model=GeneratorConfig(model=f"openai:judge@{server.url}", name="judge", temperature=0.0), repeats=2
+    )
+    run = tmp_path / "run"
+    cfg = config(tmp_path, prompts, generators=generators, judge=judge, output_dir=str(run / "feedback"))
+    first = run_feedback(cfg)
+    calls = (server.generator_calls, server.judge_calls)
+    assert calls == (6 * 3, 6 * 2)  # 3 completions per prompt; one judge call per repeat
+    rated = (run / "feedback" / "rated.jsonl").read_text()
+
+    shutil.rmtree(run / "feedback")
+    again = run_feedback(cfg)
+    assert (server.generator_calls, server.judge_calls) == calls
+    assert (run / "feedback" / "rated.jsonl").read_text() == rated
+    assert again.stats["this_run"]["judge"]["backend"]["cache_hits"] == 12
+    assert again.stats["this_run"]["judge"]["backend"]["prompt_tokens"] == 0  # nothing paid this time
+    assert again.stats["usage"] == first.stats["usage"]  # what the data cost, cached answers included
+
+    lowest = config(
+        tmp_path,
+        prompts,
+        generators=generators,
+        judge=judge,
+        output_dir=str(run / "feedback-lowest"),
+        rejected="lowest",
+    )
+    run_feedback(lowest)
+    assert (server.generator_calls, server.judge_calls) == calls
+
+    uncached = [GeneratorConfig(model=g.model, name=g.name, cache=False) for g in generators]
+    fresh = config(
+        tmp_path, prompts, generators=uncached, judge=judge, output_dir=str(run / "feedback-fresh")
+    )
+    run_feedback(fresh)
+    assert (server.generator_calls, server.judge_calls) == (calls[0] * 2, calls[1])
+
+
+def test_token_usage_and_cost_per_model(tmp_path, server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    generators = [GeneratorConfig(model=f"openai:{name}@{server.url}", name=name) for name in QUALITY]
+    judge = JudgeConfig(
+        model=GeneratorConfig(model=f"openai:judge@{server.url}", name="judge", temperature=0.0)
+    )
+    prices = {"gen-a": Price(prompt=2.0, completion=8.0), f"openai:judge@{server.url}": Price(prompt=1.0)}
+    cfg = config(
+        tmp_path, prompts, generators=generators, judge=judge, completions_per_prompt=4, prices=prices
+    )
+    usage = run_feedback(cfg).stats["usage"]
+    # every answer of the server: 100 prompt tokens, 10 completion tokens
+    assert usage["generators"]["gen-a"] == {"completions": 2, "prompt_tokens": 200, "completion_tokens": 20,
+                                            "cost": (200 * 2.0 + 20 * 8.0) / 1e6}  # fmt: skip
+    assert usage["generators"]["gen-b"]["cost"] is None
+    assert usage["judge"] == {
+        "judge": {"calls": 2, "prompt_tokens": 200, "completion_tokens": 20, "cost": 200 / 1e6}
+    }
+    assert usage["total_cost"] == (200 * 2.0 + 20 * 8.0) / 1e6 + 200 / 1e6
+    text = (Path(cfg.output_dir) / "feedback_stats.md").read_text()
+    assert "| gen-a | generator | 2 | 200 | 20 | 0.001 |" in text
+    section = {
+        "generators": [{"model": "m", "name": "gen-a"}, {"model": "n"}],
+        "completions_per_prompt": 2,
+        "prices": {"gen-z": {"prompt": 1.0}},
+    }
+    with pytest.raises(ConfigError, match=r"feedback.prices.gen-z: names no generator"):
+        build(FeedbackConfig, section, "feedback")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,15 +13,19 @@ from zephyr.judge.rating import Rating
 from zephyr.stages.feedback.binarize import BinarizeStats, binarize_all
 from zephyr.stages.feedback.stats import (
     agreement,
+    chosen_position,
+    cost,
     histograms_png,
     model_means,
     pair_stats,
     parse_failures,
     position_bias,
+    position_effect,
     rating_histograms,
     render_markdown,
     summarize,
     tie_counts,
+    token_usage,
 )
 
 
@@ -121,6 +125,81 @@ def test_position_bias():
     }
 
 
+def judged(model, kept, readings, prompt_tokens=0, completion_tokens=0):
+    """A completion rated on aspect "h": `readings` are (repeat, position, value)."""
+    return {
+        "model": model,
+        "response": model,
+        "ratings": {"h": kept},
+        "judgments": [
+            {"aspect": "h", "repeat": r, "position": p, "value": v, "reason": None} for r, p, v in readings
+        ],
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+# Two repeats, the second in reverse order. Prompt 1: x at position 0 then 1 (ratings 2, 4: kept 3), y at
+# 1 then 0 (5, 3: kept 4). Prompt 2: u never rated; v at position 2 both times (1, 1); w at 0 (2, 2).
+JUDGED = [
+    {"prompt_id": "p1", "completions": [judged("x", 3.0, [(0, 0, 2.0), (1, 1, 4.0)]),
+                                        judged("y", 4.0, [(0, 1, 5.0), (1, 0, 3.0)])]},
+    {"prompt_id": "p2", "completions": [judged("u", None, [(0, 1, None), (1, 1, None)]),
+                                        judged("v", 1.0, [(0, 2, 1.0), (1, 2, 1.0)]),
+                                        judged("w", 2.0, [(0, 0, 2.0), (1, 0, 2.0)])]},
+]  # fmt: skip
+
+
+def test_position_effect_before_and_after_the_repeats():
+    effect = position_effect(JUDGED)
+    # first repeat by position: 0 -> x 2, w 2; 1 -> y 5; 2 -> v 1. Kept ratings by that position: 0 -> 3, 2;
+    # 1 -> 4; 2 -> 1.
+    assert effect["first"] == {"0": 2.0, "1": 5.0, "2": 1.0}
+    assert effect["final"] == {"0": 2.5, "1": 4.0, "2": 1.0}
+    assert effect["first_spread"] == 4.0 and effect["final_spread"] == 3.0
+    assert effect["removed"] == 0.25  # 1 - 3/4
+    one_repeat = [{"completions": [judged("x", 2.0, [(0, 0, 2.0)]), judged("y", 5.0, [(0, 1, 5.0)])]}]
+    assert position_effect(one_repeat)["removed"] == 0.0
+
+
+def test_where_the_chosen_answer_was_shown():
+    pairs = [{"prompt_id": "p1", "chosen_model": "y"}, {"prompt_id": "p2", "chosen_model": "v"}]
+    # y: positions 1, 0 of 2 (first 1/2, last 1/2); v: positions 2, 2 of 3 (first 0, last 1)
+    assert chosen_position(JUDGED, pairs) == {
+        "pairs": 2,
+        "shown_first": 0.25,
+        "shown_last": 0.75,
+        "expected": pytest.approx((1 / 2 + 1 / 3) / 2),
+    }
+
+
+def test_token_usage_and_cost():
+    records = [
+        {"judge": "J|0a1b", "judge_usage": {"calls": 2, "prompt_tokens": 900, "completion_tokens": 40},
+         "completions": [judged("x", 1.0, [], 100, 30), judged("y", 1.0, [], 120, 50)]},
+        {"judge": "J|0a1b", "judge_usage": {"calls": 2, "prompt_tokens": 700, "completion_tokens": 60},
+         "completions": [judged("x", 1.0, [], 80, 10)]},
+    ]  # fmt: skip
+    usage = token_usage(
+        records, {"x": {"prompt": 2.0, "completion": 10.0}, "J": {"prompt": 1.0, "completion": 4.0}}
+    )
+    assert usage["generators"] == {
+        "x": {
+            "completions": 2,
+            "prompt_tokens": 180,
+            "completion_tokens": 40,
+            "cost": (180 * 2 + 40 * 10) / 1e6,
+        },
+        "y": {"completions": 1, "prompt_tokens": 120, "completion_tokens": 50, "cost": None},
+    }
+    assert usage["judge"] == {
+        "J": {"calls": 4, "prompt_tokens": 1600, "completion_tokens": 100, "cost": (1600 + 100 * 4) / 1e6}
+    }
+    assert usage["total_cost"] == pytest.approx((760 + 2000) / 1e6)
+    assert token_usage(records)["total_cost"] is None
+    assert cost({"prompt_tokens": 10**6, "completion_tokens": 0}, {"completion": 3.0}) == 0.0
+
+
 def test_pair_stats():
     pairs = [
         {"score_chosen": 4.5, "score_rejected": 2.0, "chosen_model": "a", "rejected_model": "b"},
@@ -166,7 +245,7 @@ def test_summarize_is_json_and_leaves_out_what_is_not_given():
     }
     assert summary["pairs"]["mean_margin"] == 2.5
     bare = summarize(RECORDS, 5)
-    assert set(bare) == {"scale", "histograms", "models", "ties"}
+    assert set(bare) == {"scale", "histograms", "models", "ties", "usage"}  # usage: from the records
 
 
 def test_markdown():

@@ -448,6 +448,73 @@ def test_shipped_seeds_and_recipes():
     assert read_seeds(REPO / default.seeds)  # the config's default seed file exists
 
 
+class Swapped(FakeRequestGenerator):
+    """A local model of the schedule: built on load, `close()`d on release; counts the models alive."""
+
+    def __init__(self, name, tracker, crash_on_load=None):
+        super().__init__()
+        self.name, self.tracker = name, tracker
+        tracker["loads"].append(name)
+        if crash_on_load is not None and len(tracker["loads"]) == crash_on_load:
+            raise KeyboardInterrupt  # killed while this model loads
+        tracker["alive"] += 1
+        tracker["peak"] = max(tracker["peak"], tracker["alive"])
+        self.model_id = name
+
+    def generate_requests(self, requests):
+        assert not self.tracker["closed"].get(id(self)), f"{self.name} used after close()"
+        self.tracker["answered"][self.name] += len(requests)
+        return super().generate_requests(requests)
+
+    def close(self):
+        self.tracker["alive"] -= 1
+        self.tracker["closed"][id(self)] = True
+
+
+def test_two_local_models_take_turns_one_resident_at_a_time(tmp_path, monkeypatch):
+    """Teacher and user simulator are two local models: every dialogue advances a turn with one model, which
+    is then released before the other loads; a run killed between turns replays the answered turns."""
+    import zephyr.stages.generate.run as generate_run
+
+    def schedule(crash_on_load=None):
+        tracker = {
+            "loads": [],
+            "alive": 0,
+            "peak": 0,
+            "closed": {},
+            "answered": {"teacher": 0, "simulator": 0},
+        }
+        build = lambda gcfg: Swapped(gcfg.model, tracker, crash_on_load)  # noqa: E731
+        monkeypatch.setattr(generate_run, "builder", lambda out: build)
+        return tracker
+
+    two = {
+        "teacher": GeneratorConfig(model="teacher", batch_size=2),
+        "user_simulator": GeneratorConfig(model="simulator"),
+    }
+    tracker = schedule()
+    cfg = make_cfg(tmp_path, **two)
+    run_generate(cfg)
+    turns = max(r["target_turns"] for r in read_out(cfg))
+    assert tracker["peak"] == 1
+    assert tracker["loads"] == ["teacher", "simulator"] * (turns - 1) + ["teacher"]  # once per turn each
+    # the same dialogues as one model on both sides in chunks of 2 (sampling seeds are per dialogue and step)
+    one = make_cfg(tmp_path, output_dir=str(tmp_path / "one"))
+    run_generate(one, teacher=FakeRequestGenerator())
+    dialogues = {r["prompt_id"]: r["messages"] for r in read_out(one)}
+    assert {r["prompt_id"]: r["messages"] for r in read_out(cfg)} == dialogues
+
+    killed = make_cfg(tmp_path, output_dir=str(tmp_path / "killed"), **two)
+    schedule(crash_on_load=4)  # teacher, simulator, teacher, then killed as the simulator loads again
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(killed)
+    tracker = schedule()
+    run_generate(killed)
+    # the first two turns of every dialogue come from the stored answers: no model call for them
+    assert tracker["answered"]["teacher"] == sum(max(r["target_turns"] - 2, 0) for r in read_out(killed))
+    assert {r["prompt_id"]: r["messages"] for r in read_out(killed)} == dialogues
+
+
 def test_per_request_backends_get_a_sampling_seed_per_dialogue_and_step(tmp_path):
     cfg = make_cfg(tmp_path, output_dir=str(tmp_path / "chunks-of-2"))
     fake = FakeRequestGenerator()

@@ -6,6 +6,7 @@ SmolLM2-135M-Instruct asset.
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -292,6 +293,39 @@ def test_bad_requests_fail_alone(tokenizer):
     assert edge.finish_reason == "length" and edge.prompt_tokens + edge.completion_tokens == 40
     assert short.check_request(long_prompt, SamplingParams()) is not None
     assert short.check_request(PROMPTS[0], SamplingParams()) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Release
+
+
+def test_close_releases_the_model_and_the_closed_generator_refuses_work(tokenizer):
+    model = make_tiny_llama(len(tokenizer), seed=3)
+    alive = weakref.ref(model)
+    with LocalGenerator(model, tokenizer, model_id="tiny", batch_size=2) as generator:
+        del model  # the generator holds the only reference now
+        [out] = generator.generate([PROMPTS[0]], SamplingParams(max_tokens=2, temperature=1.0, seed=0))
+        assert out.completion_tokens == 2
+        generator.prefix_logprobs([PROMPTS[1]], ["A", "B"], 2)
+    assert alive() is None  # no reference left anywhere: its memory is back
+    with pytest.raises(ZephyrError, match="'tiny' was closed"):
+        generator.generate([PROMPTS[0]], SamplingParams(max_tokens=2))
+    for use in (lambda: generator.next_token_logprobs([PROMPTS[0]]), lambda: generator.tokenizer):
+        with pytest.raises(ZephyrError, match="closed"):
+            use()
+    generator.close()  # closing twice is fine
+
+
+@pytest.mark.gpu
+def test_close_gives_the_gpu_memory_back(tokenizer):
+    torch.cuda.empty_cache()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    generator = LocalGenerator(make_tiny_llama(len(tokenizer)).to("cuda"), tokenizer)
+    generator.generate(PROMPTS, SamplingParams(max_tokens=4))
+    assert torch.cuda.memory_allocated() > allocated
+    generator.close()
+    assert torch.cuda.memory_allocated() == allocated
+    assert torch.cuda.memory_reserved() <= reserved  # the cache emptied: the blocks are the driver's again
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def zephyr_logps(model_dir, out) -> list[dict]:
 def cpu_fp32_logps(model_dir) -> list[dict]:
     from zephyr.models.load import load_model, load_tokenizer
     from zephyr.scoring.attention import register_packed_attention
-    from zephyr.training.logps import compute_logps, read_pairs
+    from zephyr.training.logps import compute_logps
+    from zephyr.training.pairs import read_pairs
 
     tokenizer = load_tokenizer(str(model_dir), chat_template="auto")
     pairs, _ = read_pairs(tokenizer, PAIRS, max_length=None, max_prompt_length=None, on_bad_record="error")

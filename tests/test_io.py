@@ -621,3 +621,45 @@ def test_follow_umask_opens_owner_only_files_to_what_the_umask_grants(tmp_path):
     finally:
         os.umask(previous)
     assert [oct(p.stat().st_mode & 0o777) for p in files] == ["0o644", "0o644"]
+
+
+# --- sealed folders, streamed records --------------------------------------------------------------------
+
+
+def test_a_seal_names_the_first_damaged_file(tmp_path):
+    import zlib
+
+    folder = tmp_path / "sealed"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"abcd")
+    (folder / "sub" / "b.bin").write_bytes(b"xyz")
+    io.seal(folder)
+    seal = json.loads((folder / io.SEAL_FILE).read_text())
+    assert seal["files"] == {
+        "a.bin": {"bytes": 4, "crc32": f"{zlib.crc32(b'abcd'):08x}"},
+        "sub/b.bin": {"bytes": 3, "crc32": f"{zlib.crc32(b'xyz'):08x}"},
+    }
+    assert io.seal_problem(folder) is None
+    (folder / "sub" / "b.bin").write_bytes(b"xyw")  # same size, other bytes
+    assert io.seal_problem(folder, checksums=False) is None
+    problem = io.seal_problem(folder)
+    assert problem.startswith(f"{folder / 'sub' / 'b.bin'}: its bytes changed since it was sealed")
+    (folder / "a.bin").write_bytes(b"ab")
+    assert io.seal_problem(folder) == f"{folder / 'a.bin'}: 2 bytes, sealed with 4"
+    (folder / "a.bin").unlink()
+    assert io.seal_problem(folder) == f"{folder / 'a.bin'}: missing"
+    (folder / io.SEAL_FILE).unlink()
+    assert io.seal_problem(folder).endswith("missing (the folder was never completed)")
+
+
+def test_a_record_stream_yields_what_read_records_keeps(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    good = {"prompt_id": "a", "prompt": "hi", "messages": messages}
+    lines = [json.dumps(good), "{", json.dumps({**good, "prompt_id": "b"}), json.dumps(good)]
+    path.write_text("\n".join(lines) + "\n")
+    stream = io.RecordStream(path, "conversations", on_bad_record="skip")
+    assert [(line, r["prompt_id"]) for line, r in stream] == [(1, "a"), (3, "b")]
+    assert [(b.line, b.field) for b in stream.bad] == [(2, "record"), (4, "prompt_id")] and stream.total == 4
+    read = io.read_records(path, "conversations", on_bad_record="skip")
+    assert [r["prompt_id"] for r in read.records] == ["a", "b"] and read.total == 4

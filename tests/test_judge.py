@@ -23,7 +23,7 @@ from zephyr.judge import parsing
 from zephyr.judge.client import JUDGE_CALL_FAILED, JudgeClient, JudgeRequest, check_logprobs_judge
 from zephyr.judge.rating import Rating
 from zephyr.stages.feedback import prompts
-from zephyr.stages.feedback.judge import Judge, JudgeItem, check_judge_config, rating_offsets
+from zephyr.stages.feedback.judge import Judge, JudgeItem, check_judge_config, judge_id, rating_offsets
 from zephyr.stages.mt_bench.protocol import parse_score
 
 ASPECTS = ["instruction_following", "helpfulness", "honesty", "truthfulness"]
@@ -247,6 +247,28 @@ def test_repeats_use_new_orders_and_keep_the_median():
             for k in range(4)
         ]
         assert len({tuple(p) for p in positions_by_repeat}) > 1  # repeats see other orders
+
+
+def test_balanced_orders_show_every_completion_at_every_position():
+    """order: balanced with 4 repeats of 4 completions: each completion is shown once at each position, so a
+    judge that adds a bonus by position alone gives every completion the same bonus in the mean."""
+    bonus = [0, 1, 2, 3]  # the judge rates the answer at position p (0-based) p points higher
+
+    def answer(messages, params):
+        shown = re.findall(r"q=(\d+)", messages[-1]["content"])
+        return "\n".join(f"Output {p + 1}\nRating: {int(q) + bonus[p]}" for p, q in enumerate(shown))
+
+    items = items_of({"p1": [2, 4, 6, 3]})
+    config = judge_config(layout="per_aspect", aspects=["helpfulness"], repeats=4, order="balanced")
+    [result] = Judge(config, ScriptedJudge(answer), seed=0).rate(items)
+    for c in range(4):
+        mine = sorted((r.repeat, r.position) for r in result.readings if r.completion == c)
+        assert sorted(p for _, p in mine) == [0, 1, 2, 3]
+        assert mine[1][1] == 3 - mine[0][1]  # the second repeat is the reverse of the first
+        # median of q + 0..3 = q + 1.5: the same bonus for every completion
+        assert result.ratings[c]["helpfulness"] == [2, 4, 6, 3][c] + 1.5
+    shuffled = judge_config(layout="per_aspect", aspects=["helpfulness"], repeats=4)
+    assert judge_id(config, check_judge_config(config)) != judge_id(shuffled, check_judge_config(shuffled))
 
 
 def test_all_repeats_failing_gives_null_with_the_most_common_reason():

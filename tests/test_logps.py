@@ -13,16 +13,8 @@ from rounding import tolerance
 from zephyr.cli import main
 from zephyr.core.errors import DataError
 from zephyr.scoring.attention import register_packed_attention
-from zephyr.training.logps import (
-    TokenizedPair,
-    Truncation,
-    compute_logps,
-    pack_pairs,
-    pair_logps,
-    read_pairs,
-    tokenize_pairs,
-    truncate_pair,
-)
+from zephyr.training.logps import compute_logps, pack_pairs, pair_logps
+from zephyr.training.pairs import TokenizedPair, Truncation, read_pairs, tokenize_pairs, truncate_pair
 
 PAIRS_FILE = "recipes/data/tiny_pairs.jsonl"
 
@@ -139,7 +131,7 @@ def test_a_pair_without_room_for_its_answer_is_bad(smollm_tokenizer, tmp_path):
     )
     assert [p.prompt_id for p in pairs] == ["ok"]
     assert len(stats.bad) == 1 and "'huge'" in stats.bad[0] and "no room for the answer" in stats.bad[0]
-    with pytest.raises(DataError, match=r"p\.jsonl: prompt_id 'huge': prompt: \d+ tokens .* no room"):
+    with pytest.raises(DataError, match=r"p\.jsonl:2: prompt_id 'huge': prompt: \d+ tokens .* no room"):
         read_pairs(smollm_tokenizer, str(path), max_length=64, max_prompt_length=None, on_bad_record="error")
 
 

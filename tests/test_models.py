@@ -8,10 +8,10 @@ import pytest
 
 from zephyr.core.errors import ZephyrError
 from zephyr.data import chat
+from zephyr.data.chat import end_of_turn
 from zephyr.models import assets
 from zephyr.models.generation_config import configure_generation
 from zephyr.models.load import (
-    end_of_turn,
     load_model,
     load_tokenizer,
     resolve_model_path,

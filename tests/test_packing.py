@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from zephyr.data.packing import collate_packed, collate_padded, pack_bfd
+from zephyr.data.packing import collate_packed, collate_padded, pack_bfd, pack_bfd_arrays
 
 # --- pack_bfd --------------------------------------------------------------------------------------------
 
@@ -18,6 +18,17 @@ def test_pack_bfd_golden():
     #   #1 (3) → rooms 2, 3, 4: best fit is bin 1 (room 3 → 0)
     #   #3 (2) → rooms 2, 4: best fit is bin 0 (room 2 → 0)
     assert pack_bfd([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+
+
+def test_pack_bfd_arrays_golden():
+    import numpy as np
+
+    # the golden case above as arrays: bins [4, 3], [0, 1], [2] flattened in bin order, and where each starts
+    order, bounds = pack_bfd_arrays(np.array([5, 3, 4, 2, 6], dtype=np.int32), 8)
+    assert order.tolist() == [4, 3, 0, 1, 2] and bounds.tolist() == [0, 2, 4, 5]
+    assert order.dtype == bounds.dtype == np.int64
+    order, bounds = pack_bfd_arrays(np.zeros(0, dtype=np.int64), 8)
+    assert order.tolist() == [] and bounds.tolist() == [0]
 
 
 def test_pack_bfd_is_best_fit_not_first_fit():

@@ -26,7 +26,8 @@ from zephyr.scoring.attention import (
     register_packed_attention,
     segment_blocks,
 )
-from zephyr.training.logps import compute_logps, pack_pairs, pair_logps, tokenize_pairs
+from zephyr.training.logps import compute_logps, pack_pairs, pair_logps
+from zephyr.training.pairs import tokenize_pairs
 
 PAIRS_FILE = "recipes/data/tiny_pairs.jsonl"
 # single-turn prompts of several lengths, and multi-turn ones (lines 37-48 of the file are multi-turn)

@@ -3,6 +3,7 @@ that was never interrupted (same data order, optimizer state, schedule and RNG: 
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,3 +93,47 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, smollm_dir)
     assert [loss for _, loss in resumed_losses] == pytest.approx(
         losses, abs=tolerance(losses, roundings=rounds)
     )
+
+
+def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(tmp_path, tiny_model_dir, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    sft = {
+        "model": str(tiny_model_dir),
+        "train_data": str(TINY_CHAT),
+        "max_samples": 8,
+        "max_length": 96,
+        "per_device_batch_size": 1,
+        "max_steps": 6,
+        "learning_rate": 5e-3,
+        "warmup_ratio": 0.0,
+        "precision": "fp32",
+        "save_steps": 2,
+        "seed": 3,
+    }
+    recipe.write_text(yaml.safe_dump({"sft": sft}))
+    straight = tmp_path / "straight"
+    assert main(["sft", str(recipe), f"sft.output_dir={straight}"]) == 0
+    # what a crash after the checkpoint of step 4 leaves, then a damaged file in that checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    shutil.rmtree(run / "final")
+    weights = run / "checkpoint-4" / "training_state" / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as f:
+        f.truncate(size // 2)
+    capsys.readouterr()
+
+    assert main(["sft", str(recipe), f"sft.output_dir={run}", "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"checkpoint-4 is damaged ({weights}: {size // 2} bytes, sealed with {size})" in captured.err
+    assert "resuming from checkpoint-2, the newest intact checkpoint, instead of checkpoint-4" in captured.err
+    assert "resuming from " + str(run / "checkpoint-2") in captured.out
+    # continued from step 2: the steps after it are the uninterrupted run's (in process: the same rounding)
+    def curve(folder):
+        return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(folder / "metrics.jsonl")]
+
+    assert curve(run) == curve(straight) and len(curve(run)) == 6
+    expected = load_file(straight / "final" / "model.safetensors")
+    got = load_file(run / "final" / "model.safetensors")
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key

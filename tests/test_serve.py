@@ -234,6 +234,49 @@ def test_concurrent_requests_are_batched(server, tiny):
 # Pieces without sockets
 
 
+def test_the_model_is_known_by_its_served_name_and_its_path_never_leaves_the_server(tmp_path):
+    folder = tmp_path / "checkpoints" / "zephyr-dpo"
+    folder.mkdir(parents=True)
+
+    class Checkpoint:
+        model_id = str(folder)
+
+        def generate(self, conversations, params):
+            text = conversations[-1][-1]["content"]
+            if text == "fail":
+                return [Completion.failed(f"OSError: cannot read {folder}/model.safetensors")]
+            return [Completion(f"hello from {folder}", "stop", 3, 2)]
+
+    srv, _, url = start_server(Checkpoint())
+    try:
+        assert [m["id"] for m in httpx.get(f"{url}/models").json()["data"]] == ["zephyr-dpo"]
+        ok = httpx.post(f"{url}/chat/completions", json={"model": "zephyr-dpo", "messages": ask("hi")})
+        failed = httpx.post(f"{url}/chat/completions", json={"messages": ask("fail")})
+        other = httpx.post(f"{url}/chat/completions", json={"model": "gpt-4", "messages": ask("hi")})
+        streamed = httpx.post(f"{url}/chat/completions", json={"messages": ask("hi"), "stream": True})
+    finally:
+        srv.close()
+    assert ok.json()["model"] == "zephyr-dpo"
+    assert ok.json()["choices"][0]["message"]["content"] == "hello from zephyr-dpo"
+    assert failed.status_code == 500
+    assert (
+        failed.json()["error"]["message"]
+        == "generation failed: OSError: cannot read zephyr-dpo/model.safetensors"
+    )
+    assert other.status_code == 404 and "this server serves 'zephyr-dpo'" in other.json()["error"]["message"]
+    assert '"model": "zephyr-dpo"' in streamed.text
+    for response in (ok, failed, other, streamed):
+        assert str(tmp_path) not in response.text
+
+    srv, _, url = start_server(Checkpoint(), served_model_name="zephyr-7b")
+    try:
+        assert [m["id"] for m in httpx.get(f"{url}/models").json()["data"]] == ["zephyr-7b"]
+        named = httpx.post(f"{url}/chat/completions", json={"model": "zephyr-7b", "messages": ask("hi")})
+    finally:
+        srv.close()
+    assert named.json()["model"] == "zephyr-7b" and str(tmp_path) not in named.text
+
+
 def test_parse_chat_request_defaults_and_normalization():
     request = parse_chat_request(
         {

@@ -12,15 +12,14 @@ import torch
 from rounding import tolerance
 from zephyr.core.config import SFTConfig
 from zephyr.data.packing import collate_packed, collate_padded
-from zephyr.stages.sft.run import (
+from zephyr.stages.sft.data import (
     DocumentStats,
-    SFTTask,
     fit_documents,
     pack_documents,
     packing_efficiency,
-    run_sft,
     trained_mask,
 )
+from zephyr.stages.sft.run import SFTTask, run_sft
 from zephyr.training.tracking import read_metrics
 
 TINY_CHAT = Path(__file__).parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
@@ -36,17 +35,22 @@ def test_fit_documents_truncates_keeping_the_start_and_drops_untrained():
         ([4, 5, 6], [0, 1, 1]),  # fits
     ]
     docs, stats = fit_documents(rendered, max_length=5)
-    assert docs == [([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]), ([4, 5, 6], [0, 1, 1])]
+    assert [(ids.tolist(), mask.tolist()) for ids, mask in docs] == [
+        ([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]),
+        ([4, 5, 6], [0, 1, 1]),
+    ]
     assert stats == DocumentStats(conversations=4, truncated=2, dropped=2)
 
 
 def test_trained_mask_is_the_assistant_mask_or_every_token():
     assistant = [0, 0, 1, 1, 0, 0, 1]  # a user turn, an answer, a user turn, an answer
-    assert trained_mask(assistant, "assistant") == [0, 0, 1, 1, 0, 0, 1]
-    assert trained_mask(assistant, "all") == [1, 1, 1, 1, 1, 1, 1]
+    assert trained_mask(assistant, "assistant").tolist() == [0, 0, 1, 1, 0, 0, 1]
+    assert trained_mask(assistant, "all").tolist() == [1, 1, 1, 1, 1, 1, 1]
     # fitted, every token but the first is a target (nothing in its document precedes the first)
-    docs, _ = fit_documents([([5, 6, 7, 8, 9, 10, 11], trained_mask(assistant, "all"))], max_length=5)
-    assert docs == [([5, 6, 7, 8, 9], [1, 1, 1, 1, 1])]
+    ((ids, mask),), _ = fit_documents(
+        [([5, 6, 7, 8, 9, 10, 11], trained_mask(assistant, "all"))], max_length=5
+    )
+    assert (ids.tolist(), mask.tolist()) == ([5, 6, 7, 8, 9], [1, 1, 1, 1, 1])
 
 
 def test_packing_efficiency_by_hand():
@@ -54,7 +58,7 @@ def test_packing_efficiency_by_hand():
     bins = pack_documents(docs, max_length=8)
     # best-fit-decreasing: 5 → bin 0 (room 3), 4 → bin 1 (room 4), 3 → bin 0 (room 0), 2 → bin 1 (room 2)
     assert [[len(ids) for ids, _ in group] for group in bins] == [[5, 3], [4, 2]]
-    assert packing_efficiency(bins, 8) == pytest.approx(14 / 16)
+    assert packing_efficiency(14, len(bins), 8) == pytest.approx(14 / 16)
 
 
 # --- the loss ---------------------------------------------------------------------------------------------

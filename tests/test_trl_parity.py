@@ -23,7 +23,8 @@ from conftest import make_tiny_llama
 from rounding import preference_tolerance, tolerance
 from zephyr.core.config import DPOConfig, LogpsConfig
 from zephyr.data.chat import render_text
-from zephyr.training.logps import read_pairs, run_logps, split_pair
+from zephyr.stages.logps.run import run_logps
+from zephyr.training.pairs import read_pairs, split_pair
 
 pytest.importorskip("trl")
 

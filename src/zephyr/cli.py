@@ -1,9 +1,11 @@
 """The `zephyr` command: parses arguments and hands off to the stage modules.
 
 The stage commands, their help and the flags of `zephyr eval ...` and `zephyr logps` come from the stage
-table (`zephyr.stages.STAGES`) and the fields of each stage's config dataclass. Stage modules are imported
-when a command runs (the table names run functions by module), so that `zephyr check` and `zephyr --help`
-stay fast (no torch import) and a missing optional extra only matters to the command that needs it.
+table (`zephyr.stages.STAGES`) and the fields of each stage's config dataclass. This module imports at its
+top only what building the parser needs (configs, errors, the stage table); what a command needs beyond
+that (the pipeline, a stage's module, models, io, serve, chat) is imported when that command runs (the
+table names run functions by module), so that `zephyr check` and `zephyr --help` stay fast (no torch
+import) and a missing optional extra only matters to the command that needs it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from zephyr.core.config import EvalTarget, build, field_help
+from zephyr.core.config import EvalTarget, batch_plan, build, field_help, load_recipe, section
 from zephyr.core.errors import ConfigError, ZephyrError
 from zephyr.core.specs import STAGE_REF
 from zephyr.stages import STAGES, Stage, evaluations, pipeline_stages, stage
@@ -28,8 +30,6 @@ from zephyr.stages import STAGES, Stage, evaluations, pipeline_stages, stage
 @contextlib.contextmanager
 def _naming(recipe: str) -> Iterator[None]:
     """Config errors found past loading (a pipeline's stage references) still name the recipe file."""
-    from zephyr.core.errors import ConfigError
-
     try:
         yield
     except ConfigError as exc:
@@ -39,7 +39,6 @@ def _naming(recipe: str) -> Iterator[None]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from zephyr.core.config import load_recipe
     from zephyr.pipeline.run import build_plan, check_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -64,9 +63,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _batch_lines(recipe: Any, processes: int) -> list[str]:
     """Each training section's global batch split over `processes`; an indivisible one is a ConfigError."""
-    from zephyr.core.config import batch_plan
-    from zephyr.core.errors import ConfigError
-
     if processes < 1:
         raise ConfigError(f"--num-processes: must be at least 1, got {processes}")
     sections = [
@@ -107,18 +103,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _recipe_section(args: argparse.Namespace, name: str):
-    from zephyr.core.config import load_recipe, section
-
     cfg = section(load_recipe(args.recipe, args.overrides), name, args.recipe)
     _refuse_stage_refs(cfg, name, args.recipe)
     return cfg
 
 
 def _refuse_stage_refs(cfg: Any, name: str, recipe: str) -> None:
-    import dataclasses
-
-    from zephyr.core.errors import ConfigError
-
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, str) and value.startswith(STAGE_REF):
@@ -153,7 +143,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     target = _config_from_args(EvalTarget, args, label)
     cfg = _config_from_args(evaluation.config, args, label)
     results = evaluation.run_function()(cfg, target.model, target.out)
-    print(f"{headline(results)}results in {target.out}/results.json")
+    print(f"{headline(results)}results in {target.out}/{evaluation.output('results')}")
     return 0
 
 
@@ -230,13 +220,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         chat_template=args.chat_template,
         max_tokens_limit=args.max_tokens_limit,
+        served_model_name=args.served_model_name,
     )
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from zephyr.core.config import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     from zephyr.pipeline.run import run_pipeline
 
@@ -374,6 +363,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require this key (or set ZEPHYR_API_KEY)")
     p.add_argument("--chat-template", default="auto")
     p.add_argument("--max-tokens-limit", type=int, default=2048)
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's name for clients (default: the checkpoint folder's name); no local path is shown",
+    )
     p.set_defaults(handler=_cmd_serve)
 
 

@@ -10,6 +10,10 @@ every `/v1` request must carry `Authorization: Bearer KEY`. Bodies over 1 MiB ar
 `max_tokens` over the server's limit and malformed requests (400); errors are OpenAI-style JSON
 `{"error": {"message", "type", "param", "code"}}`.
 
+The model is known to clients by its served name (`served_model_name`; by default the checkpoint folder's
+name, or the asset's): `/v1/models`, the `model` of every response and every error name it, and a local path
+of the model never leaves the server (an error that would show it shows the served name instead).
+
 Standard library only (http.server): nothing else to install, and the server is small enough to read.
 """
 
@@ -28,16 +32,18 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from zephyr.core.errors import ZephyrError
+from zephyr.generation import make_generator, parse_spec
 from zephyr.generation.base import (
     MAX_TOP_LOGPROBS,
     Completion,
     Generator,
     Request,
     SamplingParams,
-    group_by_conversation,
+    run_requests,
 )
 
 MAX_BODY_BYTES = 1 << 20
@@ -242,6 +248,33 @@ def chunk_body(
     }
 
 
+def served_name(spec: str) -> str:
+    """The name clients know a model by: a local folder's name, an asset's name, else the spec's model id
+    (a hub id) as it is."""
+    model = parse_spec(spec).model
+    if model.startswith("asset:"):
+        return model.removeprefix("asset:")
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def private_paths(spec: str) -> list[str]:
+    """The strings that would show where the model lies on this machine (longest first)."""
+    model = parse_spec(spec).model
+    path = Path(model).expanduser()
+    if not path.exists():
+        return []
+    found = {model, str(path), str(path.resolve())}
+    return sorted((p for p in found if p not in ("", ".")), key=len, reverse=True)
+
+
+def redact(text: str, paths: Sequence[str], name: str) -> str:
+    """`text` with every path of `paths` replaced by the served name."""
+    for path in paths:
+        text = text.replace(path, name)
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The batching worker
 
@@ -258,25 +291,6 @@ class Job:
         self.done.set()
         if self.on_done is not None:
             self.on_done()
-
-
-def run_requests(generator: Generator, requests: Sequence[Request]) -> list[list[Completion]]:
-    """One batched call where the backend takes per-request parameters; else one call per parameter set."""
-    generate_requests = getattr(generator, "generate_requests", None)
-    if callable(generate_requests):
-        return generate_requests(requests)
-    results: list[list[Completion]] = [[] for _ in requests]
-    groups: dict[SamplingParams, list[int]] = {}
-    for i, request in enumerate(requests):
-        groups.setdefault(request.params, []).append(i)
-    for params, indices in groups.items():
-        flat = generator.generate([requests[i].messages for i in indices], params)
-        for i, choices in zip(indices, group_by_conversation(flat, params.n), strict=True):
-            results[i] = choices
-            for k, completion in enumerate(choices):
-                if requests[i].on_text is not None and completion.text:
-                    requests[i].on_text(k, completion.text)
-    return results
 
 
 class BatchWorker:
@@ -370,8 +384,11 @@ class ChatServer(ThreadingHTTPServer):
         max_tokens_limit: int,
         max_body_bytes: int,
         access_log: bool,
+        model_name: str,
     ):
         self.generator = generator
+        self.model_name = model_name
+        self.private = private_paths(generator.model_id)
         self.worker = worker
         self.api_key = api_key
         self.max_tokens_limit = max_tokens_limit
@@ -412,7 +429,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         elif path == "/v1/models":
             if self._authorized():
                 model = {
-                    "id": self.server.generator.model_id,
+                    "id": self.server.model_name,
                     "object": "model",
                     "created": 0,
                     "owned_by": "zephyr",
@@ -511,7 +528,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         except RecursionError as exc:  # `[[[[...`: the decoder recurses once per level
             raise RequestError(400, "the body is not valid JSON: nested too deeply") from exc
         request = parse_chat_request(
-            body, model_id=self.server.generator.model_id, max_tokens_limit=self.server.max_tokens_limit
+            body, model_id=self.server.model_name, max_tokens_limit=self.server.max_tokens_limit
         )
         check = getattr(self.server.generator, "check_request", None)
         problem = check(request.messages, request.params) if callable(check) else None
@@ -528,7 +545,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         if failed:
             self._send_json(500, error_body(f"generation failed: {failed[0].error}", "server_error"))
             return
-        body = completion_body(_request_id(), int(time.time()), self.server.generator.model_id, job.result)
+        body = completion_body(_request_id(), int(time.time()), self.server.model_name, job.result)
         self._send_json(200, body)
 
     def _stream(self, request: ChatRequest) -> None:
@@ -537,7 +554,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             Request(request.messages, request.params, on_text=lambda k, delta: events.put((k, delta))),
             on_done=lambda: events.put(None),
         )
-        request_id, created, model = _request_id(), int(time.time()), self.server.generator.model_id
+        request_id, created, model = _request_id(), int(time.time()), self.server.model_name
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return chunk_body(request_id, created, model, choices, **extra)
@@ -571,12 +588,18 @@ class ChatHandler(BaseHTTPRequestHandler):
             return  # the client left; its generation still finishes inside the batch
 
     def _event(self, payload: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        text = self._public(json.dumps(payload, ensure_ascii=False))
+        self.wfile.write(b"data: " + text.encode("utf-8") + b"\n\n")
+
+    def _public(self, text: str) -> str:
+        """What leaves the server: the model's local paths (also JSON-escaped) shown as its served name."""
+        paths = [*self.server.private, *(json.dumps(p)[1:-1] for p in self.server.private)]
+        return redact(text, paths, self.server.model_name)
 
     def _send_json(
         self, status: int, payload: Any, *, close: bool = False, headers: Mapping[str, str] | None = None
     ) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        data = self._public(json.dumps(payload, ensure_ascii=False)).encode("utf-8")
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -621,10 +644,12 @@ def start_server(
     max_batch_size: int = 64,
     max_wait_s: float = 0.01,
     access_log: bool = False,
+    served_model_name: str | None = None,
 ) -> tuple[ChatServer, threading.Thread, str]:
     """Serve `generator` from a background thread; returns the server, its thread and its base URL (…/v1).
 
-    Port 0 picks a free port. Stop with `server.close()`.
+    Port 0 picks a free port. Stop with `server.close()`. Clients know the model as `served_model_name`
+    (default: `served_name(generator.model_id)`).
     """
     if max_tokens_limit < 1:
         raise ZephyrError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
@@ -639,6 +664,7 @@ def start_server(
             max_tokens_limit=max_tokens_limit,
             max_body_bytes=max_body_bytes,
             access_log=access_log,
+            model_name=served_model_name or served_name(generator.model_id),
         )
     except OSError as exc:
         raise ZephyrError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
@@ -656,10 +682,9 @@ def serve(
     api_key: str | None = None,
     chat_template: str = "auto",
     max_tokens_limit: int = 2048,
+    served_model_name: str | None = None,
 ) -> None:
     """Load a model and serve it until SIGINT or SIGTERM. api_key None: `ZEPHYR_API_KEY` when set."""
-    from zephyr.generation import make_generator, parse_spec
-
     if parse_spec(model_spec).backend == "openai":
         raise ZephyrError(
             f"{model_spec!r}: zephyr serve serves local weights (a path, asset:NAME, vllm:PATH)"
@@ -668,13 +693,19 @@ def serve(
         api_key = os.environ.get("ZEPHYR_API_KEY") or None
     generator = make_generator(model_spec, chat_template=chat_template)
     server, thread, url = start_server(
-        generator, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, access_log=True
+        generator,
+        host,
+        port,
+        api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        access_log=True,
+        served_model_name=served_model_name,
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     if host not in _LOOPBACK and api_key is None:
         print(f"zephyr serve: warning: listening on {host} without an API key", file=sys.stderr)
-    print(f"zephyr serve: {generator.model_id} listening on {url}", flush=True)
+    print(f"zephyr serve: {generator.model_id} as {server.model_name!r} listening on {url}", flush=True)
     try:
         while not stop.wait(0.5) and thread.is_alive():
             pass

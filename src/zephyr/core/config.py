@@ -22,12 +22,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from zephyr.core.errors import ConfigError, ZephyrError
 from zephyr.core.specs import STAGE_REF, is_hub_spec, parse_hub_spec, parse_model_spec
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # ---------------------------------------------------------------------------------------------------------
 # Field constraints
@@ -325,6 +328,20 @@ class GeneratorConfig:
     timeout: float = bounded(120.0, gt=0)  # seconds per HTTP request
     max_retries: int = bounded(5, ge=0)
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never written anywhere
+    # HTTP backends: a client-side limit under the provider's (null: none); a Retry-After pauses every request
+    requests_per_minute: int | None = bounded(None, ge=1)
+    tokens_per_minute: int | None = bounded(None, ge=1)
+    # answers stored and reused for identical requests (model, messages, sampling): HTTP ones in the run's
+    # request cache (RUN/cache/requests.sqlite: a paid call is never repeated), local ones in the stage
+    # folder (a killed stage continues from them); false asks every request again
+    cache: bool = True
+    # local backends: the weights' dtype (auto: float32 on CPU, bfloat16 on CUDA; vLLM: the model's own)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # vLLM in this process (one engine alive at a time): GPUs per engine, share of each GPU's memory it
+    # takes, longest sequence (null: the model's own)
+    tensor_parallel_size: int = bounded(1, ge=1)
+    gpu_memory_utilization: float = bounded(0.9, gt=0, le=1)
+    max_model_len: int | None = bounded(None, ge=16)
 
     @property
     def label(self) -> str:
@@ -366,13 +383,17 @@ class JudgeConfig:
     )
     template_dir: str | None = spec_field("path", None)  # overrides the shipped rubric templates by file name
     repeats: int = bounded(1, ge=1)  # judgments per completion; the median is kept
+    # the completions' order in each repeat: shuffle (a new random order each repeat), or balanced (a random
+    # order, its reverse, then rotations of it and their reverses: 2 repeats cancel a bias that grows with the
+    # position; repeats = the completions shown (even) put each at every position once, cancelling any)
+    order: Literal["shuffle", "balanced"] = "shuffle"
     audit_log: bool = True  # every request and raw answer, one JSON line each
     # zephyr: zephyr's own rubric (templates/feedback); ultrafeedback: UltraFeedback's published annotation
     # protocol (its rubric text from the ultrafeedback-templates asset, answer format, parser and retries)
     preset: Literal["zephyr", "ultrafeedback"] = "zephyr"
 
     @staticmethod
-    def preset_defaults(data: dict) -> dict:
+    def preset_defaults(data: dict[str, Any]) -> dict[str, Any]:
         """What a preset sets where the recipe does not (`build` merges the recipe's own keys over it)."""
         if data.get("preset") != "ultrafeedback":
             return {}
@@ -399,6 +420,14 @@ class JudgeConfig:
 
 
 @dataclass
+class Price:
+    """What a model's tokens cost: USD per million prompt tokens and per million completion tokens."""
+
+    prompt: float = bounded(0.0, ge=0)
+    completion: float = bounded(0.0, ge=0)
+
+
+@dataclass
 class FeedbackConfig:
     """AI feedback: K completions per prompt from a pool of generators, rated by a judge, binarized."""
 
@@ -418,8 +447,11 @@ class FeedbackConfig:
     # overall_score (HuggingFaceH4/ultrafeedback_binarized; imported raw UltraFeedback records only)
     score: Literal["mean", "overall"] = "mean"
     eval_fraction: float = bounded(0.0, ge=0, le=0.5)  # held-out pairs (test_prefs)
-    # prompts generated and judged together, then written: larger batches, or less lost to an interruption
+    # prompts per generator call and per judge batch, written as each ends: larger batches, or less lost
+    # to an interruption
     chunk_prompts: int = bounded(64, ge=1)
+    # the cost in feedback_stats: a price per generator name (or model spec) and for the judge's name
+    prices: dict[str, Price] = field(default_factory=dict)
     seed: int = 42
 
     def validate(self, where: str) -> None:
@@ -433,6 +465,23 @@ class FeedbackConfig:
                 f"{where}.generators: {len(self.generators)} generators for "
                 f"completions_per_prompt {self.completions_per_prompt}; add generators or lower it"
             )
+        names = {n for g in [*self.generators, self.judge.model] for n in (g.label, g.model)}
+        for name in self.prices:
+            if name not in names:
+                raise ConfigError(
+                    f"{where}.prices.{name}: names no generator or judge (their names: "
+                    f"{', '.join(sorted(g.label for g in [*self.generators, self.judge.model]))})"
+                )
+
+    def price_table(self) -> dict[str, dict[str, float]]:
+        """USD per million prompt / completion tokens by generator or judge name (`prices` keyed by name,
+        else by model spec); models without a price are left out."""
+        table = {}
+        for g in [*self.generators, self.judge.model]:
+            price = self.prices.get(g.label) or self.prices.get(g.model)
+            if price is not None:
+                table[g.label] = {"prompt": price.prompt, "completion": price.completion}
+        return table
 
 
 @dataclass
@@ -605,6 +654,9 @@ class ReportConfig:
     paper_reference: bool = False  # the paper's published Zephyr-7B-β numbers (paper / model card) as a row
     # YAML/JSON files of rows: label, source, values
     references: list[str] = field(default_factory=list, metadata={"kind": "path"})
+    # the regression check: fixed factual prompts answered greedily by every model, and each trained model's
+    # drift on the held-out dSFT data (loads each model once when it changed; off: the report reads files only)
+    regression: bool = True
 
     def validate(self, where: str) -> None:
         for i, path in enumerate(self.references):
@@ -617,8 +669,8 @@ class RunConfig:
     """`zephyr run`: the stages of a pipeline recipe into one run folder (stage outputs are placed there)."""
 
     output_dir: str = "runs/pipeline"
-    # pipeline stages to run (names of `zephyr.stages.STAGES`, checked with the plan); null = every stage the
-    # recipe has a section for, in pipeline order
+    # pipeline stages to run (`pipeline_stage_names`); null = every stage the recipe has a section for, in
+    # pipeline order
     stages: list[str] | None = None
     # the model before dSFT, evaluated as "base"; null = sft.model
     base_model: str | None = spec_field("model", None)
@@ -628,6 +680,14 @@ class RunConfig:
     ablations: list[AblationConfig] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
+        known = pipeline_stage_names()
+        for i, name in enumerate(self.stages or []):
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(
+                    f"{where}.stages[{i}]: must be one of {', '.join(known)}, got {name!r}{extra}"
+                )
         names = [a.name for a in self.ablations]
         reserved = {"base", "sft", "dpo"} & set(names)
         if reserved:
@@ -659,6 +719,19 @@ class Recipe:
             raise ConfigError(f"{where}: run.ablations vary the dpo section; add `dpo:`")
         for i, ablation in enumerate(self.run.ablations):
             ablation_config(self.dpo, ablation, f"run.ablations[{i}]")
+
+
+def pipeline_stage_names() -> list[str]:
+    """The stages `zephyr run` can run (what `run.stages` may name), in pipeline order: the recipe's sections
+    but `run`, and after dpo the ablations (`run.ablations`, dpo trained again with changes).
+
+    Checked here so that a misspelt stage fails when the recipe loads, naming its line; derived from the
+    recipe schema, which names every section stage anyway, because the stage table
+    (`zephyr.stages.pipeline_stages`) sits above this module. tests/test_pipeline.py holds the two equal.
+    """
+    names = [f.name for f in dataclasses.fields(Recipe) if f.name != "run"]
+    names.insert(names.index("dpo") + 1, "ablations")
+    return names
 
 
 def ablation_config(dpo: DPOConfig, ablation: AblationConfig, where: str = "ablation") -> DPOConfig:
@@ -699,7 +772,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: must not be null")
     tp = inner
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -755,13 +828,17 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
     return ConfigError(f"unknown key '{full}' (valid keys: {', '.join(names)})")
 
 
-def build(cls: type, data: Any, prefix: str = "") -> Any:
+_Config = typing.TypeVar("_Config", bound="DataclassInstance")
+
+
+def build(cls: type[_Config], data: Any, prefix: str = "") -> _Config:
     """Build dataclass `cls` from a mapping of plain values, validating every key and value."""
     where = prefix or "recipe"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    if hasattr(cls, "preset_defaults"):  # values a chosen preset implies, under the mapping's own
-        data = _deep_merge(cls.preset_defaults(data), data)
+    preset_defaults = getattr(cls, "preset_defaults", None)
+    if preset_defaults is not None:  # values a chosen preset implies, under the mapping's own
+        data = _deep_merge(preset_defaults(data), data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -788,7 +865,7 @@ def _is_required(f: dataclasses.Field[Any]) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
         out[key] = (
@@ -799,13 +876,13 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _over_factory_default(f: dataclasses.Field, value: Any) -> Any:
+def _over_factory_default(f: dataclasses.Field[Any], value: Any) -> Any:
     """A partial mapping for a section whose default is built by a factory (e.g. a judge that samples at
     temperature 0) overrides that default's values, not the section class's own defaults."""
     if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
         return value
     default = f.default_factory()
-    if not dataclasses.is_dataclass(default) or default == type(default)():
+    if not dataclasses.is_dataclass(default) or isinstance(default, type) or default == type(default)():
         return value  # the class's own defaults: `build` applies them (and a preset's) itself
     return _deep_merge(dataclasses.asdict(default), value)
 
@@ -839,7 +916,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     return parsed
 
 
-def _merge(data: dict, path: list[str], value: Any) -> None:
+def _merge(data: dict[str, Any], path: list[str], value: Any) -> None:
     node = data
     for part in path[:-1]:
         if not isinstance(node.get(part), dict):
@@ -851,7 +928,7 @@ def _merge(data: dict, path: list[str], value: Any) -> None:
 KeyLines = dict[str, tuple[Path, int]]  # dotted key ("sft.lora.r", "run.ablations[0].name") -> (file, line)
 
 
-def _read_recipe_file(path: Path, seen: tuple[Path, ...]) -> tuple[dict, KeyLines]:
+def _read_recipe_file(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], KeyLines]:
     """A recipe's mapping, with the files it `include`s (relative to it) merged under its own sections, and
     where each key was written (for errors that name the line)."""
     try:
@@ -869,7 +946,7 @@ def _read_recipe_file(path: Path, seen: tuple[Path, ...]) -> tuple[dict, KeyLine
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
         raise ConfigError(f"{path}: include: expected a list of recipe files, got {includes!r}")
-    merged: dict = {}
+    merged: dict[str, Any] = {}
     lines: KeyLines = {}
     for name in includes:
         target = (path.parent / name).resolve()
@@ -996,7 +1073,7 @@ def _comment_of(node: ast.AnnAssign, comments: dict[int, str], lines: list[str])
     return " ".join(above)
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain values of a config, for saving next to outputs."""
     return dataclasses.asdict(cfg)
 

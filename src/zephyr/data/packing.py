@@ -30,48 +30,62 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 IGNORE_INDEX = -100
 
-Document = tuple[Sequence[int], Sequence[int]]  # (input_ids, loss_mask), equal lengths
+# (input_ids, loss_mask), equal lengths: lists, or numpy arrays (views of a memory-mapped token file)
+Document = tuple[Sequence[int] | npt.NDArray[Any], Sequence[int] | npt.NDArray[Any]]
+Index = npt.NDArray[np.int64]
 
 
-def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Best-fit-decreasing: document indices grouped into bins whose lengths sum to at most `max_length`.
+def pack_bfd(lengths: Sequence[int] | npt.NDArray[Any], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing as lists: bin b lists its document indices (`pack_bfd_arrays`)."""
+    order, bounds = pack_bfd_arrays(lengths, max_length)
+    return [order[a:b].tolist() for a, b in itertools.pairwise(bounds.tolist())]
+
+
+def pack_bfd_arrays(lengths: Sequence[int] | npt.NDArray[Any], max_length: int) -> tuple[Index, Index]:
+    """Best-fit-decreasing over lengths held in an array: document indices grouped into bins whose lengths
+    sum to at most `max_length`, as (documents in bin order, bin boundaries): bin b holds
+    `order[bounds[b]:bounds[b + 1]]`.
 
     Documents are placed longest first (equal lengths: lower index first), each into the open bin with the
     least room that still fits it (equal room: the bin opened first), else into a new bin. Bins come out
     in opening order, each listing its documents in placement order. A document longer than `max_length`
     raises ValueError: the caller truncates or drops it first.
 
-    Cost O(n log n + n·C) with C ≤ max_length distinct room values, not O(n · bins).
+    Cost O(n log n + n·C) with C ≤ max_length distinct room values, not O(n · bins); no Python object per
+    document survives the call.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
-    lengths = [int(n) for n in lengths]
-    for i, n in enumerate(lengths):
-        if not 1 <= n <= max_length:
-            raise ValueError(
-                f"document {i} has {n} tokens; packing needs 1..{max_length} (truncate or drop it first)"
-            )
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
+    sizes = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    bad = np.flatnonzero((sizes < 1) | (sizes > max_length))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"document {i} has {sizes[i]} tokens; packing needs 1..{max_length} (truncate or drop it first)"
+        )
+    placement = np.argsort(-sizes, kind="stable")  # longest first, ties by index
+    bin_of = np.empty(len(sizes), dtype=np.int64)  # bin of each document, in placement order
+    opened = 0
     rooms: list[int] = []  # sorted distinct room values that some open bin has (room > 0)
     bins_by_room: dict[int, list[int]] = {}  # room -> min-heap of bin indices with exactly that room
-    for i in order:
-        n = lengths[i]
+    for k_doc, n in enumerate(sizes[placement].tolist()):
         k = bisect_left(rooms, n)
         if k == len(rooms):
-            b, room = len(bins), max_length
-            bins.append([])
+            b, room = opened, max_length
+            opened += 1
         else:
             room = rooms[k]
             heap = bins_by_room[room]
             b = heapq.heappop(heap)
             if not heap:
                 del rooms[k], bins_by_room[room]
-        bins[b].append(i)
+        bin_of[k_doc] = b
         room -= n
         if room > 0:
             if room in bins_by_room:
@@ -79,7 +93,10 @@ def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
             else:
                 insort(rooms, room)
                 bins_by_room[room] = [b]
-    return bins
+    order = placement[np.argsort(bin_of, kind="stable")]  # grouped by bin, placement order inside
+    bounds = np.zeros(opened + 1, dtype=np.int64)
+    np.cumsum(np.bincount(bin_of, minlength=opened), out=bounds[1:])
+    return order, bounds
 
 
 _Moved = TypeVar("_Moved", bound="Movable")
@@ -134,15 +151,23 @@ class PaddedBatch(Movable):
 
 def next_token_labels(input_ids: Sequence[int], loss_mask: Sequence[int]) -> list[int]:
     """Targets of one document under the module's label convention."""
-    targets = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids[1:], loss_mask[1:], strict=True)]
-    return [*targets, IGNORE_INDEX]
+    labels: list[int] = _labels(np.asarray(input_ids, dtype=np.int64), np.asarray(loss_mask)).tolist()
+    return labels
+
+
+def _labels(input_ids: npt.NDArray[np.int64], loss_mask: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    if len(input_ids) != len(loss_mask):
+        raise ValueError(f"{len(input_ids)} input ids but {len(loss_mask)} loss-mask values")
+    labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = np.where(loss_mask[1:].astype(bool), input_ids[1:], IGNORE_INDEX)
+    return labels
 
 
 def _check_documents(docs: Sequence[Document]) -> None:
     if not docs:
         raise ValueError("no documents to collate")
     for d, (input_ids, loss_mask) in enumerate(docs):
-        if not input_ids:
+        if len(input_ids) == 0:
             raise ValueError(f"document {d} is empty")
         if len(input_ids) != len(loss_mask):
             raise ValueError(
@@ -150,8 +175,8 @@ def _check_documents(docs: Sequence[Document]) -> None:
             )
 
 
-def _row(values: list[int]) -> torch.Tensor:
-    return torch.tensor([values], dtype=torch.long)
+def _row(values: list[int] | npt.NDArray[np.int64]) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.int64)).reshape(1, -1)
 
 
 def collate_packed(docs: Sequence[Document], pad_to: int | None = None, pad_id: int = 0) -> PackedBatch:
@@ -162,35 +187,29 @@ def collate_packed(docs: Sequence[Document], pad_to: int | None = None, pad_id: 
     and no document attends to it.
     """
     _check_documents(docs)
-    ids: list[int] = []
-    positions: list[int] = []
-    labels: list[int] = []
-    doc_ids: list[int] = []
-    bounds = [0]
-    for d, (input_ids, loss_mask) in enumerate(docs):
-        n = len(input_ids)
-        ids.extend(input_ids)
-        positions.extend(range(n))
-        labels.extend(next_token_labels(input_ids, loss_mask))
-        doc_ids.extend([d] * n)
-        bounds.append(bounds[-1] + n)
+    arrays = [(np.asarray(ids, dtype=np.int64), np.asarray(mask)) for ids, mask in docs]
+    segments = [len(ids) for ids, _ in arrays]
+    ids = np.concatenate([ids for ids, _ in arrays])
+    labels = np.concatenate([_labels(ids, mask) for ids, mask in arrays])
+    doc_ids = np.repeat(np.arange(len(arrays), dtype=np.int64), segments)
     if pad_to is not None:
         pad = pad_to - len(ids)
         if pad < 0:
             raise ValueError(f"documents hold {len(ids)} tokens, more than pad_to={pad_to}")
         if pad:
-            ids.extend([pad_id] * pad)
-            positions.extend(range(pad))
-            labels.extend([IGNORE_INDEX] * pad)
-            doc_ids.extend([-1] * pad)
-            bounds.append(pad_to)
+            ids = np.concatenate([ids, np.full(pad, pad_id, dtype=np.int64)])
+            labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)])
+            doc_ids = np.concatenate([doc_ids, np.full(pad, -1, dtype=np.int64)])
+            segments.append(pad)
+    bounds = np.concatenate([[0], np.cumsum(segments)])
+    positions = np.arange(len(ids), dtype=np.int64) - np.repeat(bounds[:-1], segments)
     return PackedBatch(
         input_ids=_row(ids),
         position_ids=_row(positions),
         labels=_row(labels),
         doc_ids=_row(doc_ids),
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        max_seqlen=max(b - a for a, b in itertools.pairwise(bounds)),
+        cu_seqlens=torch.tensor(bounds.tolist(), dtype=torch.int32),
+        max_seqlen=max(segments),
         num_docs=len(docs),
     )
 
@@ -213,9 +232,10 @@ def collate_padded(docs: Sequence[Document], pad_to: int | None = None, pad_id: 
     )
     for d, (input_ids, loss_mask) in enumerate(docs):
         n = len(input_ids)
-        batch.input_ids[d, :n] = torch.tensor(input_ids, dtype=torch.long)
+        ids = np.asarray(input_ids, dtype=np.int64)
+        batch.input_ids[d, :n] = torch.from_numpy(ids)
         batch.attention_mask[d, :n] = 1
-        batch.labels[d, :n] = torch.tensor(next_token_labels(input_ids, loss_mask), dtype=torch.long)
+        batch.labels[d, :n] = torch.from_numpy(_labels(ids, np.asarray(loss_mask)))
         batch.doc_ids[d, :n] = d
     return batch
 

@@ -24,6 +24,9 @@ from zephyr.generation.base import (
     group_by_conversation,
     parse_spec,
 )
+from zephyr.generation.local import LocalGenerator
+from zephyr.generation.remote import RemoteGenerator
+from zephyr.generation.vllm_backend import VLLMGenerator
 
 __all__ = [
     "Completion",
@@ -48,17 +51,11 @@ def make_generator(spec: str, **options: Any) -> Generator:
     """
     parsed = parse_spec(spec)
     if parsed.backend == "openai":
-        from zephyr.generation.remote import RemoteGenerator
-
         _check_options(RemoteGenerator, options, spec, skip=("model", "base_url"))
         return RemoteGenerator(parsed.model, parsed.base_url or DEFAULT_OPENAI_URL, **options)
     if parsed.backend == "vllm":
-        from zephyr.generation.vllm_backend import VLLMGenerator
-
         _check_options(VLLMGenerator, options, spec, skip=("model",))
         return VLLMGenerator(parsed.model, **options)
-    from zephyr.generation.local import LocalGenerator
-
     _check_options(LocalGenerator.from_spec, options, spec, skip=("spec",))
     return LocalGenerator.from_spec(parsed.model, **options)
 

@@ -212,6 +212,14 @@ class LogprobScorer(Protocol):
 
 
 @runtime_checkable
+class Releasable(Protocol):
+    """A generator that holds weights (the local backends): `close()` frees them and any GPU memory; the
+    generator must not be used after. `zephyr.generation.schedule` keeps one such generator alive."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
 class Metered(Protocol):
     """A generator that counts what it has done (every backend; a test double may not)."""
 
@@ -223,6 +231,26 @@ def group_by_conversation(completions: Sequence[Completion], n: int) -> list[lis
     if n < 1 or len(completions) % n:
         raise ValueError(f"{len(completions)} completions cannot be grouped by n={n}")
     return [list(completions[i : i + n]) for i in range(0, len(completions), n)]
+
+
+def run_requests(generator: Generator, requests: Sequence[Request]) -> list[list[Completion]]:
+    """Requests with their own parameters through any generator: one call where the backend takes
+    per-request parameters (`generate_requests`), else one `generate` call per distinct parameter set."""
+    generate_requests = getattr(generator, "generate_requests", None)
+    if callable(generate_requests):
+        return generate_requests(requests)
+    results: list[list[Completion]] = [[] for _ in requests]
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.params, []).append(i)
+    for params, indices in groups.items():
+        flat = generator.generate([requests[i].messages for i in indices], params)
+        for i, choices in zip(indices, group_by_conversation(flat, params.n), strict=True):
+            results[i] = choices
+            for k, completion in enumerate(choices):
+                if requests[i].on_text is not None and completion.text:
+                    requests[i].on_text(k, completion.text)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------

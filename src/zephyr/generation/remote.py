@@ -2,9 +2,11 @@
 
 Requests run concurrently (at most `max_concurrency` in flight). Rate limits (429), server errors (5xx),
 timeouts, dropped connections and malformed answers are retried with exponential backoff and full jitter,
-waiting at least what a Retry-After header asks; a request that still fails, or fails for a reason retrying
-cannot fix (400, 401, 404, ...), becomes a Completion with finish_reason "error". With `cache` set, every
-successful answer is stored on disk under a hash of (model, messages, parameters), so a rerun sends nothing.
+waiting at least what a Retry-After header asks (and every other request of the generator with it); a
+request that still fails, or fails for a reason retrying cannot fix (400, 401, 404, ...), becomes a
+Completion with finish_reason "error". With `cache` set, every successful answer is stored on disk under a
+hash of (model, messages, parameters), so a rerun sends nothing. `requests_per_minute` and
+`tokens_per_minute` keep the client under a provider's limits (`zephyr.generation.ratelimit`).
 
 The API key is read from an environment variable (`OPENAI_API_KEY` unless `api_key_env` names another)
 when the generator is built; it is sent in the Authorization header and kept nowhere else.
@@ -31,7 +33,8 @@ from zephyr.generation.base import (
     TokenLogprob,
     Usage,
 )
-from zephyr.generation.cache import ResponseCache, cache_key
+from zephyr.generation.cache import ResponseCache, cache_key, completions_of
+from zephyr.generation.ratelimit import RateLimit, estimate_tokens
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 _RETRY_STATUS = frozenset({408, 409, 425, 429})
@@ -64,6 +67,8 @@ class RemoteGenerator:
         backoff_max: float = 60.0,
         cache: str | Path | None = None,
         prices: Mapping[str, float] | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
     ):
         problems = []
         if max_concurrency < 1:
@@ -78,6 +83,12 @@ class RemoteGenerator:
             problems.append(
                 f"prices must map 'prompt' and/or 'completion' to USD per million tokens, got {prices}"
             )
+        for name, limit in (
+            ("requests_per_minute", requests_per_minute),
+            ("tokens_per_minute", tokens_per_minute),
+        ):
+            if limit is not None and limit < 1:
+                problems.append(f"{name} must be >= 1, got {limit}")
         if problems:
             raise ZephyrError(f"openai:{model}@{base_url}: " + "; ".join(problems))
         self.model = model
@@ -91,6 +102,7 @@ class RemoteGenerator:
         self.cache = ResponseCache(cache) if cache is not None else None
         self.prices = dict(prices) if prices is not None else None
         self.usage = Usage(cost=0.0 if prices is not None else None)
+        self.rate_limit = RateLimit(requests_per_minute, tokens_per_minute)
         self._api_key = _read_key(api_key_env)
         self._random = random.Random()
 
@@ -151,14 +163,8 @@ class RemoteGenerator:
     # -----------------------------------------------------------------------------------------------------
 
     def _cached(self, key: str, n: int) -> list[Completion] | None:
-        if self.cache is None:
-            return None
-        value = self.cache.get(key)
-        try:
-            completions = [Completion.from_dict(d) for d in value] if isinstance(value, list) else None
-        except (ValueError, TypeError, AttributeError):
-            return None  # an unreadable entry is a miss: the request is sent again and the entry replaced
-        return completions if completions is not None and len(completions) == n else None
+        # an unreadable entry is a miss: the request is sent again and the entry replaced
+        return None if self.cache is None else completions_of(self.cache.get(key), n)
 
     async def _complete(
         self,
@@ -183,10 +189,13 @@ class RemoteGenerator:
         import httpx
 
         reason = "no attempt made"
+        chars = sum(len(str(m.get("content", ""))) for m in body["messages"])
+        estimate = estimate_tokens(chars, body["max_tokens"], n)
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
                 async with semaphore:
+                    sent = await self.rate_limit.wait(estimate)
                     self.usage.sent += 1
                     response = await asyncio.wait_for(
                         client.post(f"{self.base_url}/chat/completions", json=body, headers=self._headers()),
@@ -197,12 +206,17 @@ class RemoteGenerator:
             else:
                 if response.status_code == 200:
                     try:
-                        return self._accept(response.json(), n)
+                        completions = self._accept(response.json(), n)
                     except (ValueError, MalformedResponse) as exc:
                         reason = f"malformed response: {exc}"
+                    else:
+                        self.rate_limit.settle(sent, _tokens_of(completions))
+                        return completions
                 elif response.status_code in _RETRY_STATUS or response.status_code >= 500:
                     reason = f"HTTP {response.status_code}: {error_message(response)}"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
+                    if retry_after is not None:  # the limit is the client's: every request waits
+                        self.rate_limit.pause(retry_after, self.rate_limit.clock())
                 else:
                     message = f"HTTP {response.status_code}: {error_message(response)}"
                     return [Completion.failed(message) for _ in range(n)]
@@ -236,6 +250,12 @@ class RemoteGenerator:
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers: request and response formats
+
+
+def _tokens_of(completions: list[Completion]) -> int:
+    """The tokens an answer used: its prompt once, and every choice's completion."""
+    prompt = completions[0].prompt_tokens if completions else 0
+    return prompt + sum(c.completion_tokens for c in completions)
 
 
 def _read_key(env: str) -> str | None:

@@ -3,15 +3,25 @@
 vLLM is an optional extra (`pip install 'zephyr[vllm]'`), imported only when such a generator is built.
 The prompt is rendered with the same chat template zephyr uses elsewhere, and generation stops at the
 template's end-of-turn token as well as the model's EOS.
+
+One engine lives in a process at a time: an engine takes a fixed share of every GPU's memory
+(`gpu_memory_utilization`) and its distributed state, so a second one would not fit beside it.
+Building a generator while another is alive is an error; `close()` (or leaving a `with` block) shuts the
+engine down and returns its GPU memory, after which the next may be built.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
 from zephyr.core.errors import ZephyrError
+from zephyr.data import chat
 from zephyr.generation.base import Completion, Conversation, Request, SamplingParams, TokenLogprob, Usage
+from zephyr.models import load as models
 
 
 def import_vllm() -> Any:
@@ -24,8 +34,11 @@ def import_vllm() -> Any:
     return vllm
 
 
+_alive: list[VLLMGenerator] = []  # the engine of this process, while it lives
+
+
 class VLLMGenerator:
-    """A `Generator` over `vllm.LLM` in this process."""
+    """A `Generator` over `vllm.LLM` in this process (one alive at a time: module docstring)."""
 
     def __init__(
         self,
@@ -39,15 +52,18 @@ class VLLMGenerator:
         trust_remote_code: bool = False,
     ):
         vllm = import_vllm()
-        from zephyr.models import load as models
-
+        if _alive:
+            raise ZephyrError(
+                f"vllm:{model}: the engine of {_alive[0].model_id} is still alive in this process; close() "
+                "it first (one vLLM engine at a time)"
+            )
         path = models.resolve_model_path(model)
         self.model_id = f"vllm:{model}"
         self.usage = Usage()
         self.tokenizer = models.load_tokenizer(
             model, chat_template=chat_template, trust_remote_code=trust_remote_code
         )
-        _, self.end_of_turn_id = models.end_of_turn(self.tokenizer)
+        _, self.end_of_turn_id = chat.end_of_turn(self.tokenizer)
         self._vllm = vllm
         self.llm = vllm.LLM(
             model=path,
@@ -57,6 +73,34 @@ class VLLMGenerator:
             max_model_len=max_model_len,
             trust_remote_code=trust_remote_code,
         )
+        _alive.append(self)
+
+    def close(self) -> None:
+        """Shut the engine down and return its GPU memory (idempotent)."""
+        if self.llm is None:
+            return
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        with contextlib.suppress(Exception):  # vLLM versions differ in what there is to shut down
+            if callable(shutdown := getattr(engine_core, "shutdown", None)):
+                shutdown()
+        self.llm = None
+        if self in _alive:
+            _alive.remove(self)
+        with contextlib.suppress(Exception):
+            state = importlib.import_module("vllm.distributed.parallel_state")
+            state.destroy_model_parallel()
+            state.destroy_distributed_environment()
+        gc.collect()
+        with contextlib.suppress(Exception):
+            torch = importlib.import_module("torch")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> VLLMGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[Completion]:
         grouped = self.generate_requests([Request(c, params) for c in conversations])
@@ -87,6 +131,8 @@ class VLLMGenerator:
             return [Completion.failed(f"{type(exc).__name__}: {exc}") for _ in range(request.params.n)]
 
     def _run(self, requests: Sequence[Request]) -> list[list[Completion]]:
+        if self.llm is None:
+            raise ZephyrError(f"{self.model_id}: the engine was closed")
         outputs = self.llm.chat(
             [[dict(m) for m in r.messages] for r in requests],
             [self._sampling_params(r.params) for r in requests],

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zephyr.core.errors import AssetError
+from zephyr.data.chat import builtin_template
+from zephyr.models.generation_config import configure_generation
 
 MANIFEST = "zephyr-asset.json"
 
@@ -68,8 +70,6 @@ def _build_smollm2(src: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from zephyr.models.generation_config import configure_generation
-
     quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config_dict = quantized.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
@@ -102,8 +102,6 @@ def _build_mistral_tokenizer(src: Path, out: Path) -> None:
     import sentencepiece
     from transformers import LlamaTokenizer
     from transformers.convert_slow_tokenizer import generate_merges
-
-    from zephyr.data.chat import builtin_template
 
     model_file = src / "tokenizer.model"
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))

@@ -12,6 +12,7 @@ from typing import Any
 from zephyr.core.errors import ZephyrError
 from zephyr.core.specs import parse_model_spec
 from zephyr.data import chat
+from zephyr.models import assets
 
 
 def resolve_model_path(spec: str) -> str:
@@ -20,8 +21,6 @@ def resolve_model_path(spec: str) -> str:
     if parsed.backend != "transformers":
         raise ZephyrError(f"{spec!r} is a generation backend spec, not a local model")
     if parsed.asset is not None:
-        from zephyr.models import assets
-
         return str(assets.fetch(parsed.asset))
     assert parsed.location is not None  # a transformers spec names an asset or a location
     local = Path(parsed.location).expanduser()
@@ -110,12 +109,3 @@ def load_model(
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as exc:
         raise ZephyrError(f"cannot load a model from {spec!r}: {exc}") from exc
-
-
-def end_of_turn(tokenizer: Any) -> tuple[str, int]:
-    """The chat template's end-of-turn token and id (Zephyr: `</s>`, ChatML: `<|im_end|>`).
-
-    Rule: the special token written right after the assistant's content in a one-turn render
-    (see `zephyr.data.chat.end_of_turn`).
-    """
-    return chat.end_of_turn(tokenizer)

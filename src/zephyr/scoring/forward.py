@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zephyr.core.errors import ZephyrError
 from zephyr.data.packing import IGNORE_INDEX, PackedBatch, PaddedBatch
+from zephyr.scoring.attention import ATTN_IMPLEMENTATION
 
 Batch = PackedBatch | PaddedBatch
 # A transformers causal LM (a PreTrainedModel): its decoder, head and config are read by name, which
@@ -133,8 +134,6 @@ def decoder_hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def _check_shared_prefix_attention(causal_lm: CausalLM) -> None:
-    from zephyr.scoring.attention import ATTN_IMPLEMENTATION
-
     implementation = getattr(causal_lm.config, "_attn_implementation", None)
     if implementation != ATTN_IMPLEMENTATION:
         # any other attention would let the later answers of a group attend to the wrong keys, silently

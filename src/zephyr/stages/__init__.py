@@ -40,7 +40,8 @@ Plan = Literal["section", "ablations", "evals", "report", "evaluation"] | None
 # What the training loop writes (`training.checkpoint.FINAL_DIR`, `training.tracking.METRICS_FILE`: the table
 # cannot import the loop, which imports torch; tests/test_pipeline.py holds them equal).
 _TRAINED = {"model": "final", "metrics": "metrics.jsonl"}
-_EVALUATED = {"results": "results.json"}  # what every evaluation writes (the report reads it)
+# What every evaluation writes (the report reads results.json).
+_EVALUATED = {"results": "results.json", "markdown": "results.md"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "logps",
         LogpsConfig,
-        "zephyr.training.logps:run_logps",
+        "zephyr.stages.logps.run:run_logps",
         plan=None,
         command="logps",
         help="per-pair sequence log-probs of a model on a preference file",
@@ -160,7 +161,14 @@ STAGES: tuple[Stage, ...] = (
         "mt_bench",
         MtBenchEvalConfig,
         "zephyr.stages.mt_bench.run:run_mt_bench",
-        outputs={**_EVALUATED, "answers": "answers.jsonl"},
+        outputs={
+            **_EVALUATED,
+            "answers": "answers.jsonl",
+            "judgments": "judgments.jsonl",  # single-answer grading
+            "categories_plot": "categories.png",  # single-answer grading, three categories or more
+            "pairwise": "pairwise.jsonl",  # pairwise mode (a baseline)
+            "baseline_answers": "baseline_answers.jsonl",  # pairwise mode, a baseline model
+        },
         plan="evaluation",
         command="mt-bench",
         help="MT-Bench: two-turn answers graded 1-10 by a judge",
@@ -169,7 +177,12 @@ STAGES: tuple[Stage, ...] = (
         "alpaca_eval",
         AlpacaEvalEvalConfig,
         "zephyr.stages.alpaca_eval.run:run_alpaca_eval",
-        outputs={**_EVALUATED, "outputs": "outputs.jsonl", "annotations": "annotations.jsonl"},
+        outputs={
+            **_EVALUATED,
+            "outputs": "outputs.jsonl",
+            "annotations": "annotations.jsonl",
+            "audit": "judge_audit.jsonl",
+        },
         plan="evaluation",
         command="alpaca-eval",
         help="AlpacaEval: pairwise win rate against reference outputs",

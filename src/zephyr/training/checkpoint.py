@@ -8,6 +8,7 @@ output_dir/checkpoint-STEP/
     trainer_state.json                                           step, epoch, position in the data order
     training_state/                                              accelerate's state: fp32 weights,
                                                                  optimizer, RNG of python/numpy/torch
+    zephyr-seal.json                                             every file's size and CRC-32 (the seal)
 output_dir/final/                                                the same model folder, no training state
 ```
 
@@ -15,6 +16,10 @@ Every folder is written into `output_dir/.tmp-NAME`, synced to disk and renamed 
 a run killed while saving leaves the previous checkpoint intact and never a half-written one under its final
 name. A save that fails for want of space (or permission) removes its temporary folder and stops the run with
 a ZephyrError naming the last complete checkpoint, which `--resume` continues from.
+
+A checkpoint is sealed when complete: the sizes and CRC-32s of its files are recorded (`io.seal`). Files
+still get damaged afterwards (a disk error, a copy cut short, a file truncated by hand); `--resume` checks
+the newest checkpoint against its seal, names the damaged file, and continues from the newest intact one.
 Ranks: every process takes part in gathering weights and in `save_state`; only the main process writes
 the model folder, renames and deletes.
 """
@@ -197,10 +202,11 @@ def save_checkpoint(
             accelerator.save_state(str(tmp / STATE_DIR))
         if accelerator.is_main_process:
             save_resolved(cfg, tmp)
-            # written last: its presence marks the checkpoint complete
+            # its presence marks the checkpoint complete
             (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            io.seal(tmp)  # after every process wrote its part
             _replace(tmp, target)
 
     _write_or_stop(accelerator, out_dir, tmp, write)
@@ -232,6 +238,31 @@ def save_final(
     _write_or_stop(accelerator, out_dir, tmp, write)
     accelerator.wait_for_everyone()
     return target
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, naming its first damaged file; None when every file has the
+    size and CRC-32 it was sealed with (or when it has no seal: an older zephyr wrote it)."""
+    return io.seal_problem(path) if io.is_sealed(path) else None
+
+
+def newest_intact_checkpoint(out_dir: Path, say: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint that passes `checkpoint_problem`; `say` hears of each damaged one skipped and
+    of the one chosen instead."""
+    skipped: list[str] = []
+    for _, path in reversed(list_checkpoints(out_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if skipped:
+                say(
+                    f"resuming from {path.name}, the newest intact checkpoint, instead of {', '.join(skipped)}"
+                )
+            return path
+        say(f"{path.name} is damaged ({problem}): not resuming from it")
+        skipped.append(path.name)
+    if skipped:
+        say(f"no intact checkpoint in {out_dir}: starting from the beginning")
+    return None
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:

@@ -39,6 +39,7 @@ from zephyr.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    newest_intact_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     save_final,
@@ -278,13 +279,23 @@ def evaluate(
 # The run
 
 
-def _resume_point(out_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to continue from; refuses to start a fresh run over an earlier one."""
+def _resume_point(accelerator: Accelerator, out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to continue from: the newest intact one (checked against its seal by the main process,
+    which tells the others); refuses to start a fresh run over an earlier one."""
     if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
+        if not list_checkpoints(out_dir):
             print(f"no checkpoint in {out_dir}: starting from the beginning", file=sys.stderr)
-        return ckpt
+            return None
+        chosen: list[Path | None] = [None]
+        if accelerator.is_main_process:
+            chosen[0] = newest_intact_checkpoint(
+                out_dir, lambda text: print(text, file=sys.stderr, flush=True)
+            )
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(chosen, from_process=0)
+        return chosen[0]
     found = list_checkpoints(out_dir)
     if found or (out_dir / FINAL_DIR).exists():
         what = found[-1][1].name if found else FINAL_DIR
@@ -453,7 +464,7 @@ def _set_up(task: Task, cfg: TrainingConfig, out_dir: Path, resume: bool) -> tup
     # the global batch divided over the processes joined: an indivisible one fails here, before any work
     cfg = resolve_batch(cfg, accelerator.num_processes, task.name)
     set_accumulation(accelerator, cfg.gradient_accumulation_steps)
-    ckpt = _resume_point(out_dir, resume)
+    ckpt = _resume_point(accelerator, out_dir, resume)
     set_seed(cfg.seed)
     model, optimizer = prepare_model(accelerator, task, cfg, out_dir, save_dtype)
     train_examples = task.train_examples()

@@ -12,6 +12,8 @@ import torch
 from zephyr import io
 from zephyr.core.config import TrainingConfig
 from zephyr.core.errors import ConfigError, ZephyrError
+from zephyr.models import load as models
+from zephyr.models.generation_config import configure_generation
 from zephyr.training.optim import StochasticAdamW
 from zephyr.training.task import TrainingTask
 
@@ -147,10 +149,9 @@ def weights_dtype(cfg: TrainingConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32
 
 
-def load_model(task: TrainingTask[Any, Any], cfg: TrainingConfig) -> torch.nn.Module:
-    from zephyr.models import load as models
-    from zephyr.models.generation_config import configure_generation
-
+def load_trainable_model(task: TrainingTask[Any, Any], cfg: TrainingConfig) -> torch.nn.Module:
+    """`cfg.model` ready to train: in the weights' dtype, with the task's attention, the template's end of turn
+    as eos, and the configured gradient checkpointing, compiled layers and LoRA adapters; in train mode."""
     model = models.load_model(
         cfg.model,
         dtype=weights_dtype(cfg),
@@ -247,7 +248,7 @@ def prepare_model(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model and its optimizer, prepared by accelerate; refuses a disk without room for a checkpoint and
     a GPU without room for the training state."""
-    model = load_model(task, cfg)
+    model = load_trainable_model(task, cfg)
     io.check_output_dir(out_dir, min_free_bytes=checkpoint_bytes(model, save_dtype))
     _check_fits(model, accelerator)
     fused = accelerator.device.type == "cuda" and accelerator.distributed_type.value != "FSDP"

@@ -38,6 +38,7 @@ from typing import Any
 from zephyr.core.config import DEFAULT_ALPACA_EVAL_ANNOTATOR, AlpacaEvalEvalConfig
 from zephyr.core.errors import ConfigError, DataError, ZephyrError
 from zephyr.core.specs import is_hub_spec, parse_hub_spec
+from zephyr.generation import make_generator
 from zephyr.generation.base import Generator, SamplingParams
 from zephyr.io import check_output_dir, iter_rows, write_jsonl, write_text
 from zephyr.judge.client import (
@@ -48,9 +49,15 @@ from zephyr.judge.client import (
     check_logprobs_judge,
 )
 from zephyr.judge.rating import Rating
+from zephyr.models import assets
+from zephyr.stages import stage
 from zephyr.stages.alpaca_eval import protocol as ae
 
 HUB_CONFIG = {"tatsu-lab/alpaca_eval": "alpaca_eval"}  # the hub dataset's config holding the 805 items
+# the stage table declares the outputs
+RESULTS, MARKDOWN, OUTPUTS, ANNOTATIONS, AUDIT = (
+    stage("alpaca_eval").output(part) for part in ("results", "markdown", "outputs", "annotations", "audit")
+)
 LC_FILE = "df_gamed.csv"  # alpaca_eval's length-control data in its hub dataset (glm_winrate.py)
 LC_VARIANT_NOTE = (
     "The length-controlled win rate uses alpaca_eval's {glm} GLM, not the AlpacaEval 2.0 leaderboard's "
@@ -331,11 +338,7 @@ def run_alpaca_eval(
     alpaca_eval runs it) or "logprobs" (module docstring). `cfg.lc_data`: alpaca_eval's `df_gamed.csv` for the
     `length_controlled_v1` LC win rate (`read_lc_data`).
     """
-    from zephyr.generation import make_generator
-
     if annotators_dir is None:
-        from zephyr.models import assets
-
         annotators_dir = assets.fetch("alpaca-eval-templates")
     spec = ae.load_annotator(annotators_dir, cfg.annotator)
     check_annotator(spec)
@@ -353,7 +356,7 @@ def run_alpaca_eval(
     outputs = _answer(model_generator or make_generator(model), model, items, cfg.max_new_tokens, out)
     client = _judge_client(spec, judge_generator or make_generator(cfg.judge), cfg.judge, cfg.judge_mode, out)
     records = judge_items(spec, items, outputs, client, ae.DEFAULT_SEED, mode=cfg.judge_mode)
-    write_jsonl(out / "annotations.jsonl", records)
+    write_jsonl(out / ANNOTATIONS, records)
 
     annotations = [
         ae.Annotation(i.index, r["preference"], o, i.reference_output)
@@ -370,8 +373,8 @@ def run_alpaca_eval(
         **ae.summarize(annotations, **(lc or {})),
         "judge_usage": client.usage(),
     }
-    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_text(out / "results.md", results_markdown(results))
+    write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
+    write_text(out / MARKDOWN, results_markdown(results))
     return results
 
 
@@ -381,12 +384,10 @@ def _answer(
     """The model's greedy answers, written to `out/outputs.jsonl`; a failed answer stops the run."""
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     completions = generator.generate([[{"role": "user", "content": i.instruction}] for i in items], params)
-    write_jsonl(
-        out / "outputs.jsonl", [_output_record(i, c, model) for i, c in zip(items, completions, strict=True)]
-    )
+    write_jsonl(out / OUTPUTS, [_output_record(i, c, model) for i, c in zip(items, completions, strict=True)])
     failed = [i.index for i, c in zip(items, completions, strict=True) if not c.ok]
     if failed:  # an empty answer would be judged as if the model wrote it
-        raise ZephyrError(f"{model}: generation failed for items {failed} (see {out / 'outputs.jsonl'})")
+        raise ZephyrError(f"{model}: generation failed for items {failed} (see {out / OUTPUTS})")
     return [c.text for c in completions]
 
 
@@ -394,7 +395,7 @@ def _judge_client(
     spec: ae.Annotator, generator: Generator, judge: str, judge_mode: str, out: Path
 ) -> JudgeClient:
     """The judge with the annotator's sampling settings, auditing into `out/judge_audit.jsonl`."""
-    audit = out / "judge_audit.jsonl"
+    audit = out / AUDIT
     audit.unlink(missing_ok=True)  # the client appends; one run's calls only
     kwargs = spec.completions_kwargs
     params = SamplingParams(

@@ -29,6 +29,7 @@ from typing import Any
 from zephyr import io
 from zephyr.core.config import CurateConfig, save_resolved
 from zephyr.core.errors import ConfigError, DataError
+from zephyr.models import assets
 from zephyr.stages import stage
 from zephyr.stages.curate import filters
 from zephyr.stages.curate.filters import EvalPrompt, FilterResult, NgramIndex
@@ -97,8 +98,6 @@ def load_eval_prompts(sources: Sequence[str]) -> list[EvalPrompt]:
             name = source.removeprefix("asset:")
             if name not in EVAL_ASSETS:
                 raise ConfigError(f"{key}: unknown eval asset {name!r} (known: {', '.join(EVAL_ASSETS)})")
-            from zephyr.models import assets
-
             path, label = assets.fetch(name) / EVAL_ASSETS[name], name
         else:
             path, label = Path(source), source

@@ -24,18 +24,20 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from zephyr import io
 from zephyr.core.errors import ZephyrError
 from zephyr.training import logps as logps_mod
-from zephyr.training.logps import LogpsTable, PairBatch, TokenizedPair
+from zephyr.training.logps import LogpsTable, PairBatch
 from zephyr.training.losses import PairLogps
+from zephyr.training.pairs import TokenizedPair, token_parts
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -50,55 +52,20 @@ WEIGHTS_MEMO = "weights_sha256.json"  # in the cache folder: sha256 of weight fi
 # Fingerprints (pure but for reading weight files)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_fingerprint(folder: str | Path, memo_path: Path | None = None) -> str | None:
     """sha256 over the names and contents of a model folder's safetensors files; None when it has none.
 
     Hashing a 7B checkpoint reads 14 GB, so each file's sha256 is remembered in `memo_path` under its path,
-    size and modification time, and read again only when one of them changes.
+    size and modification time, and read again only when one of them changes (`io.file_sha256`).
     """
     path = Path(folder)
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         return None
-    memo = _read_memo(memo_path)
-    changed = False
     digest = hashlib.sha256()
     for file in files:
-        stat = file.stat()
-        key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
-        entry = memo.get(key)
-        if not (isinstance(entry, dict) and entry.get("stamp") == stamp):
-            entry = memo[key] = {"stamp": stamp, "sha256": file_sha256(file)}
-            changed = True
-        digest.update(f"{file.name}\0{entry['sha256']}\0".encode())
-    if changed and memo_path is not None:
-        _write_memo(memo_path, memo)
+        digest.update(f"{file.name}\0{io.file_sha256(file, memo_path)}\0".encode())
     return digest.hexdigest()
-
-
-def _read_memo(path: Path | None) -> dict[str, Any]:
-    if path is None or not path.is_file():
-        return {}
-    try:
-        memo = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return memo if isinstance(memo, dict) else {}
-
-
-def _write_memo(path: Path, memo: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # readers see the old memo or the new one, never a part
 
 
 def state_dict_fingerprint(model: torch.nn.Module) -> str:
@@ -112,12 +79,13 @@ def state_dict_fingerprint(model: torch.nn.Module) -> str:
 
 
 def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
-    """sha256 over every pair's prompt_id and token ids, in order."""
+    """sha256 over every pair's prompt_id and token ids (each part's length, then its ids as int32), in
+    order; read from a `PairSet`'s arrays directly."""
     digest = hashlib.sha256()
-    for pair in pairs:
-        digest.update(pair.prompt_id.encode() + b"\0")
-        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
-            digest.update(",".join(map(str, ids)).encode() + b";")
+    for prompt_id, *parts in token_parts(pairs):
+        digest.update(prompt_id.encode() + b"\0")
+        for ids in parts:
+            digest.update(len(ids).to_bytes(8, "little") + np.asarray(ids, dtype="<i4").tobytes())
     return digest.hexdigest()
 
 
@@ -175,7 +143,7 @@ def read_cache(path: Path, pairs: Sequence[TokenizedPair]) -> LogpsTable | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("%s: unreadable reference cache (%s); recomputing", path, exc)
         return None
-    expected = [(p.prompt_id, len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    expected = [(pid, len(chosen), len(rejected)) for pid, _, chosen, rejected in token_parts(pairs)]
     finite = bool(torch.isfinite(table.chosen).all() and torch.isfinite(table.rejected).all())
     if found != expected or not finite:
         logger.warning("%s: reference cache does not match its pairs; recomputing", path)
@@ -184,9 +152,7 @@ def read_cache(path: Path, pairs: Sequence[TokenizedPair]) -> LogpsTable | None:
 
 
 def write_cache(path: Path, table: LogpsTable, pairs: Sequence[TokenizedPair]) -> None:
-    from zephyr import io
-
-    io.write_jsonl(path, table.rows([p.prompt_id for p in pairs]))
+    io.write_jsonl(path, table.rows([prompt_id for prompt_id, *_ in token_parts(pairs)]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,7 +182,7 @@ def sharded_logps(
     mine = list(range(accelerator.process_index, len(pairs), world))
     per_process = math.ceil(len(pairs) / world)
     mine += [mine[-1] if mine else 0] * (per_process - len(mine))
-    table = logps_mod.compute_logps(model, [pairs[i] for i in mine], **run)
+    table = logps_mod.compute_logps(model, _Picked(pairs, mine), **run)
     rows = [
         (
             i,
@@ -235,6 +201,21 @@ def sharded_logps(
         torch.tensor([r[2] for r in ordered], dtype=torch.long),
         torch.tensor([r[3] for r in ordered], dtype=torch.long),
     )
+
+
+class _Picked(Sequence[TokenizedPair]):
+    """Some of a sequence's pairs, read when used (a shard of a memory-mapped set stays unread)."""
+
+    def __init__(self, pairs: Sequence[TokenizedPair], indices: list[int]):
+        self.pairs, self.indices = pairs, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self.pairs[k] for k in self.indices[i]]
+        return self.pairs[self.indices[i]]
 
 
 def adapters_disabled(model: torch.nn.Module) -> contextlib.AbstractContextManager:

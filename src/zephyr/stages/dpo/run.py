@@ -1,7 +1,7 @@
 """dDPO: direct preference optimisation on the shared training loop.
 
-The task turns a pairs file into tokenized pairs (`zephyr.training.logps`: chat template, truncation,
-bad-pair policy), a micro-batch of pairs into one packed row, and a row into per-pair answer log-probs of
+The task turns a pairs file into tokenized pairs (`zephyr.training.pairs`: chat template, truncation,
+bad-pair policy; tokenized once into the tokenized-data cache, mapped by every process), a micro-batch of pairs into one packed row, and a row into per-pair answer log-probs of
 the policy; the reference's come from `zephyr.stages.dpo.reference` (precomputed and cached, online, or none);
 the loss is picked once from `zephyr.training.losses` by name. Losses and metrics are sums over the pairs
 of the micro-batch: the loop divides by the number of pairs in the whole optimizer step.
@@ -29,18 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from zephyr import io
 from zephyr.core.config import DPOConfig
 from zephyr.stages import stage
 from zephyr.stages.dpo import reference as ref_mod
-from zephyr.training.logps import (
-    PairBatch,
-    PairStats,
-    TokenizedPair,
-    pack_pairs,
-    pair_logps,
-    tokenize_pairs,
-)
+from zephyr.training.logps import PairBatch, pack_pairs, pair_logps
 from zephyr.training.losses import LossParams, PairLogps, PreferenceLossFn, get_preference_loss
+from zephyr.training.pairs import PairOptions, PairSet, TokenizedPair, load_pairs
 from zephyr.training.task import StepOutput
 
 if TYPE_CHECKING:
@@ -62,11 +57,20 @@ class PairExample:
     pair: TokenizedPair
 
 
-def _read_split(path: str, cfg: DPOConfig) -> tuple[list[dict], list[str], str]:
-    from zephyr import io
+class PairExamples(Sequence[PairExample]):
+    """The examples of a split, made from its `PairSet` when used."""
 
-    read = io.read_records(path, "pairs", on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
-    return read.records, [f"{read.source}:{b.line}: {b.field}: {b.problem}" for b in read.bad], read.source
+    def __init__(self, split: str, pairs: PairSet):
+        self.split, self.pairs = split, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        k = range(len(self))[i]
+        return PairExample(self.split, k, self.pairs[k])
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -124,9 +128,9 @@ class DPOTask:
         *,
         resume: bool = False,
         cache_dir: str | Path | None = None,
+        data_cache_dir: str | Path | None = None,
         tokenizer: Any = None,
     ):
-        from zephyr import io
         from zephyr.models.load import load_tokenizer
         from zephyr.scoring.attention import register_packed_attention
 
@@ -144,32 +148,23 @@ class DPOTask:
         self.loss_fn = get_preference_loss(cfg.loss)
         self.params = LossParams(cfg.beta, cfg.label_smoothing, cfg.rpo_alpha, cfg.simpo_gamma)
 
-        train_records, bad, source = _read_split(cfg.train_data, cfg)
-        eval_records: list[dict] = []
-        eval_source = source
-        if cfg.eval_data:
-            eval_records, eval_bad, eval_source = _read_split(cfg.eval_data, cfg)
-            bad += eval_bad
-        elif cfg.eval_fraction > 0:
-            train_records, eval_records = io.train_eval_split(train_records, cfg.eval_fraction, cfg.seed)
-        self.stats = PairStats(bad=bad)
-        self._train = self._tokenize("train", train_records, source)
-        self._eval = self._tokenize("eval", eval_records, eval_source)
+        options = PairOptions(
+            cfg.max_length,
+            cfg.max_prompt_length,
+            cfg.on_bad_record,
+            limit=cfg.max_samples,
+            eval_fraction=cfg.eval_fraction,
+            seed=cfg.seed,
+        )
+        self.data = load_pairs(
+            self.tokenizer, cfg.train_data, cfg.eval_data, options=options, cache_dir=data_cache_dir
+        )
+        self.stats = self.data.stats
+        self._train = PairExamples("train", self.data.train)
+        self._eval = PairExamples("eval", self.data.eval)
         # nothing to prepare without a reference; the others are made ready by `prepare`
         self.reference = ref_mod.Reference(cfg.reference, ready=cfg.reference == "none")
         self.reference_status: dict[str, str] = {}  # split -> "cached" | "computed" (precomputed only)
-
-    def _tokenize(self, split: str, records: list[dict], source: str) -> list[PairExample]:
-        pairs, stats = tokenize_pairs(
-            self.tokenizer,
-            records,
-            max_length=self.cfg.max_length,
-            max_prompt_length=self.cfg.max_prompt_length,
-            on_bad_record=self.cfg.on_bad_record,
-            source=source,
-        )
-        self.stats.add(stats)
-        return [PairExample(split, i, pair) for i, pair in enumerate(pairs)]
 
     # --- the TrainingTask protocol ------------------------------------------------------------------------
 
@@ -183,10 +178,10 @@ class DPOTask:
             + (", prompts shared" if self.prefix_sharing else "")
         )
 
-    def train_examples(self) -> Sequence[PairExample]:
+    def train_examples(self) -> PairExamples:
         return self._train
 
-    def eval_examples(self) -> Sequence[PairExample]:
+    def eval_examples(self) -> PairExamples:
         return self._eval
 
     def collate(self, examples: list[PairExample]) -> PairBatch:
@@ -285,7 +280,7 @@ class DPOTask:
     def _config_fingerprint(self) -> str:
         """sha256 of the reference folder's config.json; "" for a hub id (its tensors are hashed instead)."""
         config = self._reference_folder() / "config.json"
-        return ref_mod.file_sha256(config) if config.is_file() else ""
+        return io.file_sha256(config) if config.is_file() else ""
 
     def _reference_folder(self) -> Path:
         from zephyr.models.load import resolve_model_path
@@ -293,7 +288,7 @@ class DPOTask:
         return Path(resolve_model_path(self.cfg.ref_model or self.cfg.model))
 
     def _precomputed_reference(self, model: torch.nn.Module, accelerator: Accelerator) -> ref_mod.Reference:
-        splits = {"train": [e.pair for e in self._train], "eval": [e.pair for e in self._eval]}
+        splits = {"train": self.data.train, "eval": self.data.eval}
         cache_dir = ref_mod.ensure_cache_dir(self.cache_dir)
         key = ref_mod.CacheKey(
             weights=self._weights_fingerprint(model, accelerator),
@@ -331,6 +326,7 @@ class DPOTask:
             "prefix_sharing": self.prefix_sharing,
             "reference_status": self.reference_status,
             "reference_cache": getattr(self, "_cache_files", {}),
+            "data_cache": str(self.data.entry.folder),
         }
         (out / DATA_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 

@@ -53,10 +53,12 @@ from typing import Any, NamedTuple
 
 from zephyr.core.config import JudgeConfig
 from zephyr.core.errors import ConfigError
+from zephyr.generation import make_generator
 from zephyr.generation.base import MAX_TOP_LOGPROBS, Generator, LogprobScorer, SamplingParams, TokenLogprob
 from zephyr.judge import parsing
 from zephyr.judge.client import JUDGE_CALL_FAILED, JudgeAnswer, JudgeClient, JudgeReply, JudgeRequest
 from zephyr.judge.rating import Rating
+from zephyr.models import assets
 from zephyr.stages.feedback import prompts, ultrafeedback
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,7 +90,8 @@ class JudgeResult:
 
     `ratings[c][aspect]` is the median over the repeats that gave a rating (None when none did, with the
     most common failure in `reasons[c][aspect]`); `rationales[c][aspect]` is the judge's rationale from the
-    first repeat that gave one ("" in logprobs mode with forced answers); `readings` holds every rating.
+    first repeat that gave one ("" in logprobs mode with forced answers); `readings` holds every rating;
+    `usage` the judge calls made for the item and their tokens (none for forced-prefix scoring).
     """
 
     key: str
@@ -96,6 +99,7 @@ class JudgeResult:
     reasons: list[dict[str, str | None]]
     rationales: list[dict[str, str]]
     readings: list[Reading]
+    usage: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def template_aspect(aspect: str) -> str:
@@ -120,8 +124,6 @@ def check_judge_config(config: JudgeConfig) -> Templates:
             "change it through judge.template_dir"
         )
     if config.preset == "ultrafeedback":
-        from zephyr.models import assets
-
         return ultrafeedback.load_templates(assets.fetch(ultrafeedback.ASSET), names)
     return prompts.load_templates(config.template_dir, names)
 
@@ -141,6 +143,8 @@ def judge_id(config: JudgeConfig, templates: Templates) -> str:
         "templates": texts,
         "sampling": [config.model.temperature, config.model.top_p, config.model.max_tokens],
     }
+    if config.order != "shuffle":  # pinned only when set: the ids of earlier runs stay valid
+        pinned["order"] = config.order
     digest = hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
     return f"{config.model.label}|{digest[:12]}"
 
@@ -162,8 +166,6 @@ class Judge:
         self.seed = seed
         self.aspects = {a: template_aspect(a) for a in config.aspects}  # configured -> template name
         if generator is None:
-            from zephyr.generation import make_generator
-
             generator = make_generator(config.model.model)
         self.preset = self.templates if isinstance(self.templates, ultrafeedback.Templates) else None
         self.attempts = ultrafeedback.ATTEMPTS if self.preset is not None else 1
@@ -229,14 +231,16 @@ class Judge:
         seed = self.seed + repeat
         if self.preset is not None and aspect is not None:
             return self._ultrafeedback_call(item, repeat, aspect, seed)
+        name = self.aspects[aspect] if aspect is not None else None
         messages, order = prompts.build_judge_messages(
             item.prompt_messages,
             item.completions,
-            self.aspects[aspect] if aspect is not None else None,
+            name,
             self.config.scale,
             seed,
             key=item.key,
             templates=self.templates,
+            order=self._order(len(item.completions), repeat, f"{item.key}/{name or 'all'}"),
         )
         rated = [aspect] if aspect is not None else list(self.aspects)
         n = len(item.completions)
@@ -257,7 +261,9 @@ class Judge:
     def _ultrafeedback_call(self, item: JudgeItem, repeat: int, aspect: str, seed: int) -> _Call:
         """One aspect's call in UltraFeedback's protocol: the texts in a seeded random order, as `_call`."""
         name, n = self.aspects[aspect], len(item.completions)
-        order = prompts.shuffle_order(n, seed, f"{item.key}/{name}")
+        order = self._order(n, repeat, f"{item.key}/{name}") or prompts.shuffle_order(
+            n, seed, f"{item.key}/{name}"
+        )
         # UltraFeedback sent the instruction and the responses as they are (no stripping)
         single = len(item.prompt_messages) == 1 and item.prompt_messages[0]["role"] == "user"
         instruction = (
@@ -270,6 +276,12 @@ class Judge:
         meta = {"aspect": aspect, "repeat": repeat, "order": order, "mode": self.config.mode, "attempt": 0}
         request = JudgeRequest(item.key, messages, _ultrafeedback_parser(n, name), slots, meta, seed=seed)
         return _Call(request, order, [aspect])
+
+    def _order(self, n: int, repeat: int, key: str) -> list[int] | None:
+        """The balanced order of a repeat (`JudgeConfig.order`), or None: each repeat shuffles anew."""
+        if self.config.order != "balanced":
+            return None
+        return prompts.balanced_order(prompts.shuffle_order(n, self.seed, key), repeat, self.config.repeats)
 
     def _label(self, call_aspect: str | None, aspect: str) -> str:
         """The word before the rating in the answer format: "Rating" (one aspect per call) or the aspect."""
@@ -302,7 +314,12 @@ class Judge:
                         target = rationales[call.order[position]]
                         target[aspect] = target[aspect] or text
         ratings, reasons = _medians(readings, len(item.completions), list(self.aspects))
-        return JudgeResult(item.key, ratings, reasons, rationales, readings)
+        usage = {
+            "calls": len(calls),
+            "prompt_tokens": sum(reply.answer.prompt_tokens for _, reply in calls),
+            "completion_tokens": sum(reply.answer.completion_tokens for _, reply in calls),
+        }
+        return JudgeResult(item.key, ratings, reasons, rationales, readings, usage)
 
     def _rationales(self, reply: JudgeReply, call: _Call) -> list[str]:
         """The rationale of each position's rating (empty where the answer could not be read)."""

@@ -168,6 +168,23 @@ def shuffle_order(n: int, seed: int, key: str = "") -> list[int]:
     return order
 
 
+def balanced_order(base: Sequence[int], repeat: int, repeats: int) -> list[int]:
+    """The order of repeat `repeat` of `repeats` in a balanced design over `base` (the first repeat's order).
+
+    Repeats come in pairs: repeat 2j shows `base` rotated left by j × step, repeat 2j + 1 the reverse of
+    that, with step = n // (repeats // 2) (at least 1). Two repeats put every completion at the mean position
+    (n - 1) / 2, which cancels a bias that grows with the position; n repeats (n even) show every completion
+    at every position once, which cancels any bias that depends on the position alone.
+    """
+    n = len(base)
+    if n == 0:
+        return []
+    step = max(1, n // max(1, repeats // 2))
+    k = (repeat // 2) * step % n
+    rotated = [*base[k:], *base[:k]]
+    return rotated[::-1] if repeat % 2 else rotated
+
+
 def positions_from_order(order: Sequence[int]) -> list[int]:
     """The inverse permutation: `positions[i]` is where completion `i` was shown (0 = first)."""
     positions = [0] * len(order)
@@ -199,13 +216,15 @@ def build_judge_messages(
     *,
     key: str = "",
     templates: JudgeTemplates | None = None,
+    order: Sequence[int] | None = None,
 ) -> tuple[list[dict[str, str]], list[int]]:
     """The judge's chat messages for one prompt, and the order the completions are shown in.
 
     `aspect` names one aspect (one call per aspect) or is None (every aspect of `templates` in one call).
     The completions are shuffled with `shuffle_order(len(completions), seed, key + "/" + layout)`: pass the
-    prompt id as `key` so each prompt gets its own order, and each aspect's call a different one. Read the
-    ratings back with `zephyr.judge.parsing` in prompt order and map them with `unshuffle(..., order)`.
+    prompt id as `key` so each prompt gets its own order, and each aspect's call a different one (or give
+    the `order` to show them in). Read the ratings back with `zephyr.judge.parsing` in prompt order and map
+    them with `unshuffle(..., order)`.
     """
     templates = templates if templates is not None else load_templates()
     _check_scale(scale)
@@ -213,7 +232,11 @@ def build_judge_messages(
         raise ValueError("no completions to judge")
     if aspect is not None and aspect not in templates.rubrics:
         raise ConfigError(f"unknown aspect {aspect!r}; known: {', '.join(templates.aspects)}")
-    order = shuffle_order(len(completions), seed, f"{key}/{aspect or 'all'}")
+    if order is None:
+        order = shuffle_order(len(completions), seed, f"{key}/{aspect or 'all'}")
+    elif sorted(order) != list(range(len(completions))):
+        raise ValueError(f"order {list(order)} is not a permutation of the {len(completions)} completions")
+    order = list(order)
     fields = {
         "n": str(len(completions)),
         "scale_max": str(scale),

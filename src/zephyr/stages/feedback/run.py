@@ -34,11 +34,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ from zephyr.core.config import FeedbackConfig, GeneratorConfig, save_resolved
 from zephyr.core.errors import ConfigError, DataError, ZephyrError
 from zephyr.data.schema import Problem, validate_conversation, validate_pair
 from zephyr.generation.base import Completion, Generator, SamplingParams, parse_spec
+from zephyr.generation.cache import CachedGenerator, ResponseCache
+from zephyr.generation.schedule import Resident, builder, is_local, load_key
 from zephyr.judge.rating import Rating
 from zephyr.stages import stage
 from zephyr.stages.feedback import binarize, stats, ultrafeedback
@@ -58,6 +61,7 @@ logger = logging.getLogger(__name__)
 RATED, PAIRS, PAIRS_TEST = (stage("feedback").output(part) for part in ("rated", "pairs", "test"))
 STATS, RATINGS_PLOT = stage("feedback").output("summary"), stage("feedback").output("ratings_plot")
 AUDIT = "judge_audit.jsonl"
+LOCAL_ANSWERS = "cache/answers.sqlite"  # local generators' answers: a killed run continues from them
 EMPTY_RESPONSE = "empty response"
 
 GeneratorFactory = Callable[[GeneratorConfig], Generator]
@@ -216,92 +220,95 @@ def with_system_prompt(messages: Sequence[Mapping[str, str]], system_prompt: str
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def backend_options(gcfg: GeneratorConfig, cache: Path) -> dict[str, Any]:
-    """The `make_generator` options a generator config sets for its backend."""
-    backend = parse_spec(gcfg.model).backend
-    if backend == "openai":
-        return {
-            "api_key_env": gcfg.api_key_env,
-            "max_concurrency": gcfg.max_concurrency,
-            "timeout": gcfg.timeout,
-            "max_retries": gcfg.max_retries,
-            "cache": str(cache),
-        }
-    if backend == "transformers":
-        return {"batch_size": gcfg.batch_size}
-    return {}
+def generation_order(
+    indices: Sequence[int], pool: Sequence[GeneratorConfig], key: Callable[[GeneratorConfig], Any], last: Any
+) -> list[int]:
+    """The order the local generator configs run in: configs of one model together (it loads once), in pool
+    order, and the model whose key is `last` (the judge's) at the end, so that it stays loaded for the judge."""
+    groups: dict[Any, list[int]] = {}
+    for g in indices:
+        groups.setdefault(key(pool[g]), []).append(g)
+    keys = sorted(groups, key=lambda k: k == last)  # stable: the pool's order otherwise
+    return [g for k in keys for g in groups[k]]
 
 
-class _Generators:
-    """Generators by config, loaded on first use; configs of the same model and backend options share one
-    instance (one copy of the weights)."""
+def generate_all(
+    todo: Sequence[Prompt],
+    draws: Mapping[str, list[int]],
+    pool: Sequence[GeneratorConfig],
+    resident: Resident,
+    *,
+    seed: int,
+    chunk: int,
+    answers_cache: ResponseCache | None = None,
+    last: GeneratorConfig | None = None,
+    progress: Callable[[int], None] = lambda n: None,
+) -> dict[tuple[str, int], Completion]:
+    """Every completion of `todo`: (prompt id, generator index) -> completion, model-major (module docstring).
 
-    def __init__(self, factory: GeneratorFactory | None, cache: Path):
-        self.factory = factory
-        self.cache = cache
-        self._by_key: dict[Any, Generator] = {}
+    HTTP generator configs run in threads, all at once, while the local ones run here one model after the
+    other (`generation_order`), each answering all of its prompts in calls of `chunk` prompts. Local answers
+    go through `answers_cache` (each call's answers stored as it ends), so a killed run's rerun asks only
+    what was not answered, and loads no model whose answers are all there.
+    """
+    assigned: dict[int, list[Prompt]] = {}
+    for prompt in todo:
+        for g in draws[prompt.prompt_id]:
+            assigned.setdefault(g, []).append(prompt)
+    remote = [g for g in sorted(assigned) if not is_local(pool[g])]
+    last_key = resident.key(last) if last is not None and is_local(last) else None
+    local = generation_order([g for g in sorted(assigned) if is_local(pool[g])], pool, resident.key, last_key)
+    answers: dict[tuple[str, int], Completion] = {}
+    with ThreadPoolExecutor(max_workers=max(len(remote), 1), thread_name_prefix="zephyr-http") as threads:
+        running = [
+            threads.submit(_answer, g, pool[g], assigned[g], resident.get(pool[g]), seed, chunk, progress)
+            for g in remote
+        ]
+        for g in local:
+            gcfg = pool[g]
+            answerer = CachedGenerator(
+                partial(resident.get, gcfg), answers_cache if gcfg.cache else None, model_id=gcfg.model
+            )
+            answers |= _answer(g, gcfg, assigned[g], answerer, seed, chunk, progress)
+        for future in running:
+            answers |= future.result()
+    return answers
 
-    def get(self, gcfg: GeneratorConfig) -> Generator:
-        if self.factory is not None:
-            key: Any = id(gcfg)
-            if key not in self._by_key:
-                self._by_key[key] = self.factory(gcfg)
-            return self._by_key[key]
-        options = backend_options(gcfg, self.cache)
-        key = (gcfg.model, tuple(sorted(options.items())))
-        if key not in self._by_key:
-            from zephyr.generation import make_generator
 
-            self._by_key[key] = make_generator(gcfg.model, **options)
-        return self._by_key[key]
-
-    def usage(self) -> dict[str, Any]:
-        """The usage of every generator loaded so far, by model id (the judge's calls included when the
-        judge shares an instance; its own share is reported with the judge)."""
-        usage = {}
-        for key, generator in self._by_key.items():
-            value = getattr(generator, "usage", None)
-            if hasattr(value, "to_dict"):
-                usage[str(getattr(generator, "model_id", key))] = value.to_dict()
-        return usage
+def _answer(
+    g: int,
+    gcfg: GeneratorConfig,
+    prompts_: Sequence[Prompt],
+    generator: Generator,
+    seed: int,
+    chunk: int,
+    progress: Callable[[int], None],
+) -> dict[tuple[str, int], Completion]:
+    """One generator config's completions of its prompts, in calls of `chunk` prompts."""
+    params = SamplingParams(
+        max_tokens=gcfg.max_tokens,
+        temperature=gcfg.temperature,
+        top_p=gcfg.top_p,
+        seed=_seed_for(seed, gcfg.label),
+    )
+    answers = {}
+    for start in range(0, len(prompts_), chunk):
+        part = prompts_[start : start + chunk]
+        conversations = [with_system_prompt(p.messages, gcfg.system_prompt) for p in part]
+        completions = generator.generate(conversations, params)
+        if len(completions) != len(conversations):
+            raise DataError(
+                f"generator {gcfg.label}: {len(completions)} completions for {len(conversations)} prompts"
+            )
+        answers |= {(p.prompt_id, g): c for p, c in zip(part, completions, strict=True)}
+        progress(len(part))
+    return answers
 
 
 def _seed_for(seed: int, label: str) -> int:
     """A sampling seed per generator config: configs of one model must not draw the same samples."""
     digest = hashlib.sha256(f"{seed}\x00gen\x00{label}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
-
-
-def generate_chunk(
-    chunk: Sequence[Prompt],
-    draws: Mapping[str, list[int]],
-    pool: Sequence[GeneratorConfig],
-    generators: _Generators,
-    seed: int,
-) -> dict[str, list[tuple[int, Completion]]]:
-    """Per prompt id, (generator index, completion) in draw order; one batched call per generator config."""
-    assigned: dict[int, list[Prompt]] = {}
-    for prompt in chunk:
-        for g in draws[prompt.prompt_id]:
-            assigned.setdefault(g, []).append(prompt)
-    answers: dict[tuple[str, int], Completion] = {}
-    for g in sorted(assigned):
-        gcfg = pool[g]
-        params = SamplingParams(
-            max_tokens=gcfg.max_tokens,
-            temperature=gcfg.temperature,
-            top_p=gcfg.top_p,
-            seed=_seed_for(seed, gcfg.label),
-        )
-        conversations = [with_system_prompt(p.messages, gcfg.system_prompt) for p in assigned[g]]
-        completions = generators.get(gcfg).generate(conversations, params)
-        if len(completions) != len(conversations):
-            raise DataError(
-                f"generator {gcfg.label}: {len(completions)} completions for {len(conversations)} prompts"
-            )
-        for prompt, completion in zip(assigned[g], completions, strict=True):
-            answers[(prompt.prompt_id, g)] = completion
-    return {p.prompt_id: [(g, answers[(p.prompt_id, g)]) for g in draws[p.prompt_id]] for p in chunk}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,6 +339,8 @@ def rated_record(
             "rationales": result.rationales[c],
             "mean_rating": binarize.mean_rating(ratings),
             "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
             "system_prompt": gcfg.system_prompt,
             "judgments": [
                 {
@@ -351,7 +360,7 @@ def rated_record(
     record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "prompt": prompt.prompt}
     if prompt.messages != [{"role": "user", "content": prompt.prompt}]:
         record["prompt_messages"] = prompt.messages
-    record |= {"completions": completions, "judge": judge}
+    record |= {"completions": completions, "judge": judge, "judge_usage": dict(result.usage)}
     record["generation_failures"] = [{"model": gcfg.label, "error": why} for gcfg, why in failed]
     return record
 
@@ -395,19 +404,11 @@ def run_feedback(cfg: FeedbackConfig, *, generator_factory: GeneratorFactory | N
     rated_path = out / RATED
     done = _rated_ids(rated_path, judge_id(cfg.judge, templates))
     todo = [p for p in prompts_ if p.prompt_id not in done]
-    generators = _Generators(generator_factory, out / "cache" / "responses.sqlite")
     failed_prompts = 0
     run_usage: dict[str, Any] = {}
-    judge = None
     if todo:
-        judge = Judge(
-            cfg.judge,
-            generators.get(cfg.judge.model),
-            seed=cfg.seed,
-            audit_path=out / AUDIT,
-        )
-        failed_prompts = _rate_prompts(cfg, todo, generators, judge, rated_path)
-        run_usage = {"judge": judge.usage(), "generators": generators.usage()}
+        with _resident(generator_factory, out) as resident:
+            failed_prompts, run_usage = _rate_prompts(cfg, todo, resident, out)
     records = io.read_jsonl_resumable(rated_path)
     _warn_foreign(records, prompts_)
     summary = _write_pairs_and_stats(cfg, out, records, cfg.judge.scale)
@@ -472,49 +473,64 @@ def _rated_ids(path: Path, judge: str) -> set[str]:
     return {r["prompt_id"] for r in records}
 
 
+def _resident(factory: GeneratorFactory | None, out: Path) -> Resident:
+    """The stage's generators: built by `factory` (one instance per config), else by `make_generator` with
+    each config's backend options (configs of one model and options share an instance)."""
+    if factory is not None:
+        return Resident(factory, key=id)
+    return Resident(builder(out), key=partial(load_key, output_dir=out))
+
+
 def _rate_prompts(
-    cfg: FeedbackConfig,
-    todo: list[Prompt],
-    generators: _Generators,
-    judge: Judge,
-    rated_path: Path,
-) -> int:
-    """Generate, judge and append the records of `todo`, chunk by chunk; returns the prompts that failed."""
+    cfg: FeedbackConfig, todo: list[Prompt], resident: Resident, out: Path
+) -> tuple[int, dict[str, Any]]:
+    """Generate every completion of `todo` (model-major), then judge them, appending each chunk's records;
+    returns the prompts without any completion and the usage of this run."""
     from tqdm.auto import tqdm
 
     pool, k = cfg.generators, cfg.completions_per_prompt
     draws = {p.prompt_id: draw_generators(p.prompt_id, len(pool), k, cfg.seed) for p in todo}
-    failed = 0
-    with tqdm(total=len(todo), desc="feedback", unit="prompt", disable=None) as bar:
-        for start in range(0, len(todo), cfg.chunk_prompts):
-            chunk = todo[start : start + cfg.chunk_prompts]
-            # a chunk is a long wait on slow models: the bar says which half of it is running
-            bar.set_postfix_str(f"generating {len(chunk) * k} completions", refresh=True)
-            generated = generate_chunk(chunk, draws, pool, generators, cfg.seed)
-            answered, lost = {}, {}
-            for prompt in chunk:
-                pairs = [(pool[g], c) for g, c in generated[prompt.prompt_id]]
-                answered[prompt.prompt_id] = [(g, c) for g, c in pairs if _failure(c) is None]
-                lost[prompt.prompt_id] = [(g, why) for g, c in pairs if (why := _failure(c)) is not None]
-            ready = [p for p in chunk if answered[p.prompt_id]]
-            failed += len(chunk) - len(ready)
-            for prompt in chunk:
-                if not answered[prompt.prompt_id]:
-                    reasons = "; ".join(f"{g.label}: {why}" for g, why in lost[prompt.prompt_id])
-                    logger.warning(
-                        "prompt %s: no completion could be generated (%s)", prompt.prompt_id, reasons
-                    )
+    answers_cache = ResponseCache(out / LOCAL_ANSWERS)
+    try:
+        with tqdm(total=len(todo) * k, desc="feedback: generate", unit="completion", disable=None) as bar:
+            generated = generate_all(
+                todo,
+                draws,
+                pool,
+                resident,
+                seed=cfg.seed,
+                chunk=cfg.chunk_prompts,
+                answers_cache=answers_cache,
+                last=cfg.judge.model,
+                progress=bar.update,
+            )
+    finally:
+        answers_cache.close()
+    answered, lost = {}, {}
+    for prompt in todo:
+        pairs = [(pool[g], generated[(prompt.prompt_id, g)]) for g in draws[prompt.prompt_id]]
+        answered[prompt.prompt_id] = [(g, c) for g, c in pairs if _failure(c) is None]
+        lost[prompt.prompt_id] = [(g, why) for g, c in pairs if (why := _failure(c)) is not None]
+        if not answered[prompt.prompt_id]:
+            reasons = "; ".join(f"{g.label}: {why}" for g, why in lost[prompt.prompt_id])
+            logger.warning("prompt %s: no completion could be generated (%s)", prompt.prompt_id, reasons)
+    ready = [p for p in todo if answered[p.prompt_id]]
+    # the judge loads after every generator is released (or is the model still loaded: the last one)
+    judge = Judge(cfg.judge, resident.get(cfg.judge.model), seed=cfg.seed, audit_path=out / AUDIT)
+    with tqdm(total=len(ready), desc="feedback: judge", unit="prompt", disable=None) as bar:
+        for start in range(0, len(ready), cfg.chunk_prompts):
+            chunk = ready[start : start + cfg.chunk_prompts]
             items = [
-                JudgeItem(p.prompt_id, p.messages, [c.text for _, c in answered[p.prompt_id]]) for p in ready
+                JudgeItem(p.prompt_id, p.messages, [c.text for _, c in answered[p.prompt_id]]) for p in chunk
             ]
-            bar.set_postfix_str(f"judging {sum(len(i.completions) for i in items)} completions", refresh=True)
-            for prompt, result in zip(ready, judge.rate(items), strict=True):
+            for prompt, result in zip(chunk, judge.rate(items), strict=True):
                 record = rated_record(
                     prompt, answered[prompt.prompt_id], lost[prompt.prompt_id], result, judge.judge_id
                 )
-                io.append_jsonl(rated_path, record)
+                io.append_jsonl(out / RATED, record)
             bar.update(len(chunk))
-    return failed
+    usage = {"judge": judge.usage(), "generators": resident.usage()}
+    return len(todo) - len(ready), usage
 
 
 def _warn_foreign(records: list[dict], prompts_: list[Prompt]) -> None:
@@ -546,7 +562,7 @@ def _write_pairs_and_stats(cfg: FeedbackConfig, out: Path, records: list[dict], 
         io.write_jsonl(out / PAIRS_TEST, test)
     else:
         (out / PAIRS_TEST).unlink(missing_ok=True)  # a stale split of an earlier run must not be read
-    summary = feedback_stats(records, scale, pairs, bstats)
+    summary = feedback_stats(records, scale, pairs, bstats, prices=cfg.price_table())
     summary["split"] = {"train": len(train), "test": len(test), "eval_fraction": cfg.eval_fraction}
     return summary
 
@@ -556,8 +572,11 @@ def feedback_stats(
     scale: int,
     pairs: Sequence[Mapping[str, Any]],
     bstats: binarize.BinarizeStats,
+    *,
+    prices: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """`stats.summarize` over rated records, from the judgments they hold, plus generation failures."""
+    """`stats.summarize` over rated records, from the judgments they hold, plus generation failures; the
+    cost of the tokens at `prices` (USD per million, by generator or judge name)."""
     parsed, repeats, positions = [], [], []
     for record in records:
         for completion in record["completions"]:
@@ -575,6 +594,7 @@ def feedback_stats(
         positions=positions,
         pairs=pairs,
         binarize_stats=bstats,
+        prices=prices,
     )
     failures = Counter(f["error"] for r in records for f in r.get("generation_failures", []))
     summary["generation_failures"] = {
@@ -586,11 +606,8 @@ def feedback_stats(
 
 
 def _write_stats(out: Path, summary: dict[str, Any]) -> None:
-    text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-    tmp = out / f".{STATS}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / STATS)
-    (out / "feedback_stats.md").write_text(stats.render_markdown(summary) + _extra_markdown(summary), "utf-8")
+    io.write_text(out / STATS, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    io.write_text(out / "feedback_stats.md", stats.render_markdown(summary) + _extra_markdown(summary))
     try:
         (out / RATINGS_PLOT).write_bytes(stats.histograms_png(summary["histograms"]))
     except ImportError as exc:

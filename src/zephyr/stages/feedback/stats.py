@@ -1,4 +1,5 @@
-"""Statistics of AI feedback: rating histograms, ties, parse failures, judge agreement, position bias.
+"""Statistics of AI feedback: rating histograms, ties, parse failures, judge agreement, position bias,
+token usage and cost.
 
 Every function takes records or observations and returns plain dicts (JSON-ready: string keys), so the
 stage writes them as they are; `render_markdown` turns a `summarize` result into the report section and
@@ -159,6 +160,131 @@ def position_bias(observations: Iterable[tuple[int, float | None]]) -> dict[str,
     }
 
 
+def position_effect(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """How much the position a completion was shown at moves its rating, before and after the repeats.
+
+    `first[p]`: the mean rating of the first repeat's judgments at position p (what one judgment carries);
+    `final[p]`: the mean kept rating (the median over the repeats) of the completions shown at p in the first
+    repeat. `first_spread` and `final_spread` are the highest mean minus the lowest; `removed` = 1 -
+    final_spread / first_spread is the share of the position effect that reordering the completions across
+    repeats took out (0 with one repeat: the kept rating is the first judgment).
+    """
+    first: dict[int, list[float]] = defaultdict(list)
+    final: dict[int, list[float]] = defaultdict(list)
+    for record in records:
+        for completion in record["completions"]:
+            for j in completion.get("judgments", []):
+                if j["repeat"] != 0:
+                    continue
+                if j["value"] is not None:
+                    first[j["position"]].append(j["value"])
+                kept = completion.get("ratings", {}).get(j["aspect"])
+                if kept is not None:
+                    final[j["position"]].append(kept)
+    means = {
+        name: {str(p): _mean(v) for p, v in sorted(d.items())}
+        for name, d in (("first", first), ("final", final))
+    }
+    spreads = {name: _spread(m.values()) for name, m in means.items()}
+    removed = None
+    if spreads["first"] and spreads["final"] is not None:
+        removed = 1.0 - spreads["final"] / spreads["first"]
+    return {
+        **means,
+        "first_spread": spreads["first"],
+        "final_spread": spreads["final"],
+        "removed": removed,
+    }
+
+
+def _spread(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) - min(present) if len(present) > 1 else None
+
+
+def chosen_position(
+    records: Iterable[Mapping[str, Any]], pairs: Iterable[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Where the chosen answer of each pair was shown: the share of its judgments at the first and at the
+    last position, averaged over pairs, against what a judge blind to position gives (`expected`: 1 over
+    the completions shown). A judge that favours late answers chooses answers it saw last."""
+    by_id = {r["prompt_id"]: r for r in records}
+    first, last, expected = [], [], []
+    for pair in pairs:
+        record = by_id.get(pair["prompt_id"])
+        if record is None:
+            continue
+        n = len(record["completions"])
+        chosen = next((c for c in record["completions"] if c.get("model") == pair.get("chosen_model")), None)
+        positions = [j["position"] for j in (chosen or {}).get("judgments", [])]
+        if not positions:
+            continue
+        first.append(sum(p == 0 for p in positions) / len(positions))
+        last.append(sum(p == n - 1 for p in positions) / len(positions))
+        expected.append(1 / n)
+    return {
+        "pairs": len(first),
+        "shown_first": _mean(first),
+        "shown_last": _mean(last),
+        "expected": _mean(expected),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token usage and cost
+
+
+def token_usage(
+    records: Iterable[Mapping[str, Any]], prices: Mapping[str, Mapping[str, float]] | None = None
+) -> dict[str, Any]:
+    """Tokens the rated records took, per generator and for the judge, with their cost where a price is known.
+
+    Counted from the records (each completion's `prompt_tokens` / `completion_tokens`, each record's
+    `judge_usage`), so it is what the data cost, answers reused from a cache included. `prices` maps a
+    generator name or the judge's name to USD per million `prompt` and `completion` tokens; `cost` is None
+    for models without a price, `total_cost` the sum of the known ones (None when none is known).
+    """
+    prices = prices or {}
+    generators: dict[str, dict[str, Any]] = {}
+    judges: dict[str, dict[str, Any]] = {}
+    for record in records:
+        for completion in record["completions"]:
+            entry = generators.setdefault(str(completion["model"]), _usage_entry("completions"))
+            entry["completions"] += 1
+            entry["prompt_tokens"] += int(completion.get("prompt_tokens") or 0)
+            entry["completion_tokens"] += int(completion.get("completion_tokens") or 0)
+        judge_usage = record.get("judge_usage")
+        if isinstance(judge_usage, Mapping):
+            name = str(record.get("judge", "")).split("|")[0]
+            entry = judges.setdefault(name, _usage_entry("calls"))
+            for key in ("calls", "prompt_tokens", "completion_tokens"):
+                entry[key] += int(judge_usage.get(key) or 0)
+    costs = []
+    for name, entry in [*generators.items(), *judges.items()]:
+        entry["cost"] = cost(entry, prices.get(name))
+        if entry["cost"] is not None:
+            costs.append(entry["cost"])
+    return {
+        "generators": dict(sorted(generators.items())),
+        "judge": judges,
+        "total_cost": sum(costs) if costs else None,
+    }
+
+
+def _usage_entry(count: str) -> dict[str, Any]:
+    return {count: 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+
+def cost(tokens: Mapping[str, Any], price: Mapping[str, float] | None) -> float | None:
+    """USD for `prompt_tokens` and `completion_tokens` at `price` (USD per million of each), or None."""
+    if price is None:
+        return None
+    return (
+        tokens["prompt_tokens"] * price.get("prompt", 0.0)
+        + tokens["completion_tokens"] * price.get("completion", 0.0)
+    ) / 1e6
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pairs
 
@@ -193,6 +319,7 @@ def summarize(
     positions: Iterable[tuple[int, float | None]] | None = None,
     pairs: Sequence[Mapping[str, Any]] | None = None,
     binarize_stats: BinarizeStats | None = None,
+    prices: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """All statistics of a feedback run as one dict; sections whose input is not given are left out."""
     summary: dict[str, Any] = {
@@ -212,6 +339,11 @@ def summarize(
             summary[name] = compute(data)
     if binarize_stats is not None:
         summary["binarization"] = binarize_stats.to_dict()
+    if positions is not None:
+        summary["position_effect"] = position_effect(records)
+        if pairs is not None:
+            summary["chosen_position"] = chosen_position(records, pairs)
+    summary["usage"] = token_usage(records, prices)
     return summary
 
 
@@ -286,7 +418,51 @@ def _judge_sections(summary: Mapping[str, Any]) -> list[str]:
             "Mean rating by position in the judge prompt",
             _table(["position", "ratings", "failed", "mean"], rows),
         )
+    if effect := summary.get("position_effect"):
+        positions = list(dict.fromkeys([*effect["first"], *effect["final"]]))
+        rows = ([f"Output {int(p) + 1}", effect["first"].get(p), effect["final"].get(p)] for p in positions)
+        lines += _section(
+            "Position effect before and after the repeats",
+            _table(["shown at (first repeat)", "one judgment", "kept rating"], rows),
+            [
+                f"Spread (highest mean - lowest): {_fmt(effect['first_spread'])} for one judgment, "
+                f"{_fmt(effect['final_spread'])} for the kept rating; share removed by the repeats: "
+                f"{_fmt(effect['removed'])}."
+            ],
+        )
+    if chosen := summary.get("chosen_position"):
+        lines += _section(
+            "Where the chosen answer was shown",
+            _table(["", "share of its judgments"], [[k, v] for k, v in chosen.items() if k != "pairs"]),
+            [f"Over {chosen['pairs']} pairs; `expected` is what a judge blind to position gives."],
+        )
     return lines
+
+
+def _usage_sections(summary: Mapping[str, Any]) -> list[str]:
+    usage = summary.get("usage")
+    if not usage:
+        return []
+    rows = [
+        [
+            name,
+            role,
+            e.get("completions", e.get("calls")),
+            e["prompt_tokens"],
+            e["completion_tokens"],
+            e["cost"],
+        ]
+        for role, group in (("generator", usage["generators"]), ("judge", usage["judge"]))
+        for name, e in group.items()
+    ]
+    total = usage["total_cost"]
+    return _section(
+        "Tokens and cost",
+        _table(
+            ["model", "role", "completions / calls", "prompt tokens", "completion tokens", "cost (USD)"], rows
+        ),
+        [f"Total cost: {'–' if total is None else f'${total:.4f}'} (prices from `feedback.prices`)."],
+    )
 
 
 def _pair_sections(summary: Mapping[str, Any]) -> list[str]:
@@ -314,6 +490,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     """The statistics as Markdown: one section per part of a `summarize` result."""
     lines = [f"## AI feedback statistics (ratings 1–{summary['scale']})"]
     lines += _ratings_sections(summary) + _judge_sections(summary) + _pair_sections(summary)
+    lines += _usage_sections(summary)
     return "\n".join(lines) + "\n"
 
 

@@ -7,11 +7,23 @@ are put in a seeded order and the first `num_prompts` kept. Seeds whose dialogue
 per step (an answer, a refinement, a user turn) for every dialogue still going, so that the local backend
 batches them and the HTTP backend sends them concurrently.
 
+Models are scheduled model-major (`zephyr.generation.schedule`): one local model is loaded at a time. When
+the teacher and the user simulator are two different local models, an UltraChat dialogue needs both every
+turn, so the chunk is every dialogue of the run: all of them get their assistant turn from the teacher,
+then the teacher is released and the simulator loaded for all of their user turns, and so on; each model
+loads once per turn (2 × max_turns loads in all, however many dialogues), never two at once. One model on
+both sides (the default), or HTTP models, need no swapping and keep the chunks above.
+
+Local models' answers are stored in `output_dir/cache/answers.sqlite` as each call ends (`GeneratorConfig.
+cache`), HTTP ones in the run's request cache (`RUN/cache/requests.sqlite`): a killed run's rerun replays
+the turns already answered from them and asks only the rest.
+
 Outputs in `output_dir`:
 - `dialogues.jsonl`: the conversations schema plus metadata, one record appended (and synced) as each
   dialogue finishes; a crash loses only the dialogues in flight, and a rerun writes each prompt_id once;
 - `failures.jsonl`: dialogues that produced nothing usable, with the reason (a rerun tries them again);
-- `resolved_config.yaml`, and `summary.json` with the counts of the last run.
+- `resolved_config.yaml`, and `summary.json` with the counts of the last run;
+- `cache/answers.sqlite`: the local models' answers (above).
 
 Strategies are described in `zephyr.stages.generate.strategies` and docs/generation.md.
 """
@@ -24,6 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +55,8 @@ from zephyr.generation.base import (
     SamplingParams,
     parse_spec,
 )
+from zephyr.generation.cache import CachedGenerator, ResponseCache
+from zephyr.generation.schedule import Resident, backend_options, builder, is_local, load_key
 from zephyr.stages import stage
 from zephyr.stages.generate.strategies import (
     Seed,
@@ -133,19 +148,8 @@ def select_seeds(seeds: Sequence[Seed], cfg: GenerateConfig) -> list[tuple[str, 
 
 
 def build_generator(gen: GeneratorConfig) -> Generator:
-    """The backend for a generator config, with the options that backend takes."""
-    backend = parse_spec(gen.model).backend
-    options: dict[str, Any] = {
-        "transformers": {"batch_size": gen.batch_size},
-        "openai": {
-            "max_concurrency": gen.max_concurrency,
-            "timeout": gen.timeout,
-            "max_retries": gen.max_retries,
-            "api_key_env": gen.api_key_env,
-        },
-        "vllm": {},
-    }[backend]
-    return make_generator(gen.model, **options)
+    """The backend for a generator config, with the options that backend takes (no request cache)."""
+    return make_generator(gen.model, **backend_options(gen))
 
 
 def sampling_params(gen: GeneratorConfig, stop: Sequence[str] = ()) -> SamplingParams:
@@ -153,11 +157,13 @@ def sampling_params(gen: GeneratorConfig, stop: Sequence[str] = ()) -> SamplingP
 
 
 def _chunk_size(gen: GeneratorConfig) -> int:
-    return gen.max_concurrency if parse_spec(gen.model).backend == "openai" else gen.batch_size
+    """Dialogues per call: what the backend runs at once (vLLM schedules its own batches: a large call)."""
+    backend = parse_spec(gen.model).backend
+    return {"openai": gen.max_concurrency, "vllm": VLLM_CALL}.get(backend, gen.batch_size)
 
 
-def _load_options(gen: GeneratorConfig) -> tuple:
-    return (gen.model, gen.batch_size, gen.max_concurrency, gen.timeout, gen.max_retries, gen.api_key_env)
+ANSWERS = "cache/answers.sqlite"  # the local models' answers: a killed run continues from them
+VLLM_CALL = 1024  # conversations per call to a vLLM engine
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,22 +256,47 @@ def run_generate(
         flush=True,
     )
     if todo:
-        teacher = teacher or build_generator(cfg.teacher)
-        simulator = None
-        if cfg.strategy == "ultrachat":
-            simulator = user_simulator or _simulator_for(cfg, teacher)
-        run = _Run(cfg, out, done, summary, teacher, simulator)
-        run.generate(todo)
+        resident = Resident(builder(out), key=partial(load_key, output_dir=out))
+        answers = ResponseCache(out / ANSWERS)
+        try:
+            teacher_ = teacher or _scheduled(cfg.teacher, resident, answers)
+            simulator = None
+            if cfg.strategy == "ultrachat":
+                simulator = user_simulator or _simulator_for(cfg, teacher_, resident, answers)
+            swaps = _swaps(cfg) and teacher is None and user_simulator is None
+            run = _Run(cfg, out, done, summary, teacher_, simulator, wave=len(todo) if swaps else None)
+            run.generate(todo)
+        finally:
+            resident.close()
+            answers.close()
     _write_summary(out / SUMMARY, summary)
     print(format_summary(summary), flush=True)
     return summary
 
 
-def _simulator_for(cfg: GenerateConfig, teacher: Generator) -> Generator:
+def _scheduled(gen: GeneratorConfig, resident: Resident, answers: ResponseCache) -> Generator:
+    """A config's generator under the schedule: a local one loads when a call misses the stored answers
+    (releasing the other model), an HTTP one is built now."""
+    if not is_local(gen):
+        return resident.get(gen)
+    return CachedGenerator(partial(resident.get, gen), answers if gen.cache else None, model_id=gen.model)
+
+
+def _simulator_for(
+    cfg: GenerateConfig, teacher: Generator, resident: Resident, answers: ResponseCache
+) -> Generator:
     sim = cfg.user_simulator
-    if sim is None or _load_options(sim) == _load_options(cfg.teacher):
+    if sim is None or (resident.key(sim) == resident.key(cfg.teacher) and sim.cache == cfg.teacher.cache):
         return teacher  # one model in memory, not two
-    return build_generator(sim)
+    return _scheduled(sim, resident, answers)
+
+
+def _swaps(cfg: GenerateConfig) -> bool:
+    """Whether an UltraChat run alternates two local models (a model swap every turn)."""
+    sim = cfg.user_simulator
+    if cfg.strategy != "ultrachat" or sim is None or not (is_local(sim) and is_local(cfg.teacher)):
+        return False
+    return load_key(sim) != load_key(cfg.teacher)
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -313,9 +344,7 @@ def _check_same_recipe(cfg: GenerateConfig, out: Path) -> None:
 
 
 def _write_summary(path: Path, summary: GenerateSummary) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    io.write_text(path, json.dumps(summary.to_dict(), indent=2) + "\n")
 
 
 @dataclass
@@ -346,8 +375,10 @@ class _Run:
         summary: GenerateSummary,
         teacher: Generator,
         simulator: Generator | None,
+        wave: int | None = None,
     ):
         self.cfg = cfg
+        self.wave = wave  # dialogues advanced together (None: the teacher's chunk)
         self.out = out
         self.done = done
         self.summary = summary
@@ -362,7 +393,7 @@ class _Run:
     def generate(self, todo: list[tuple[str, Seed]]) -> None:
         from tqdm.auto import tqdm
 
-        step = _chunk_size(self.cfg.teacher)
+        step = self.wave or _chunk_size(self.cfg.teacher)
         chunk_runner = self._self_instruct if self.cfg.strategy == "self_instruct" else self._ultrachat
         start = time.perf_counter()
         with tqdm(total=len(todo), unit="dialogue", desc="generate", disable=None, file=sys.stderr) as bar:
@@ -377,6 +408,23 @@ class _Run:
     # Model calls
 
     def _complete(
+        self,
+        generator: Generator,
+        dialogues: list[_Dialogue],
+        conversations: list,
+        params: SamplingParams,
+        step: str,
+    ) -> list[Completion]:
+        """The completions of `conversations` (one per dialogue), in calls of the teacher's chunk: with a
+        wave of every dialogue, each call's answers are stored as it ends."""
+        size = _chunk_size(self.cfg.teacher) if self.wave else len(conversations)
+        completions: list[Completion] = []
+        for i in range(0, len(conversations), max(size, 1)):
+            part = slice(i, i + size)
+            completions += self._call(generator, dialogues[part], conversations[part], params, step)
+        return completions
+
+    def _call(
         self,
         generator: Generator,
         dialogues: list[_Dialogue],

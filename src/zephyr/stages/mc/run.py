@@ -37,9 +37,14 @@ from typing import Any
 
 import torch
 
+from zephyr import io
 from zephyr.core.config import McEvalConfig
 from zephyr.core.errors import ConfigError, DataError
 from zephyr.core.specs import is_hub_spec
+from zephyr.models.load import load_model, load_tokenizer
+from zephyr.scoring.attention import register_packed_attention
+from zephyr.scoring.continuations import score_groups
+from zephyr.stages import stage
 from zephyr.stages.mc import metrics
 from zephyr.stages.mc.presets import Preset, get_preset, hub_records, mmlu_description
 
@@ -50,6 +55,8 @@ FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default fewshot_delimiter: after each fe
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when neither the config nor the tokenizer names a length
 _TOKENIZER_INFINITY = int(1e30)  # transformers' "no limit" model_max_length
+# the stage table declares the outputs
+RESULTS, ITEMS, MARKDOWN = (stage("mc").output(part) for part in ("results", "items", "markdown"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,8 +267,6 @@ def score_items(
     """Log-likelihood of each choice of each item (`items[i]` = the encoded requests of item i's choices)."""
     from tqdm.auto import tqdm
 
-    from zephyr.scoring.continuations import score_groups
-
     rows: list[Row] = []
     for i, pairs in enumerate(items):
         try:
@@ -291,8 +296,6 @@ def score_items(
 
 
 def _read_mc(path: str) -> list[dict]:
-    from zephyr import io
-
     return io.read_records(path, "mc", on_bad_record="error").records
 
 
@@ -469,13 +472,11 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def write_outputs(out: str | Path, results: dict[str, Any], lines: Sequence[dict]) -> None:
-    from zephyr import io
-
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    io.write_jsonl(folder / "items.jsonl", lines)
-    io.write_text(folder / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    io.write_text(folder / "results.md", render_markdown(results))
+    io.write_jsonl(folder / ITEMS, lines)
+    io.write_text(folder / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    io.write_text(folder / MARKDOWN, render_markdown(results))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -483,9 +484,6 @@ def write_outputs(out: str | Path, results: dict[str, Any], lines: Sequence[dict
 
 
 def _load_model(spec: str, device: str | None) -> tuple[Any, Any]:
-    from zephyr.models.load import load_model, load_tokenizer
-    from zephyr.scoring.attention import register_packed_attention
-
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, dtype=torch.float32, attn_implementation=register_packed_attention()).eval()
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -513,9 +511,7 @@ def run_mc(cfg: McEvalConfig, model: str, out: str | Path, *, device: str | None
     """Score every item of `cfg.data` (or of a preset's dataset) with `model`; write results.json, items.jsonl
     and results.md into `out`; return the results. `num_fewshot` None: the preset's (0 without one);
     `max_length` None: the model's (as lm-eval resolves it)."""
-    from zephyr.io import check_output_dir
-
-    check_output_dir(out)  # before the model loads: an unwritable or full folder fails now
+    io.check_output_dir(out)  # before the model loads: an unwritable or full folder fails now
     task = load_task(
         data=cfg.data,
         fewshot_data=cfg.fewshot_data,

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from zephyr.plots import category_plot
+
 
 def _fmt(score: float | None) -> str:
     return "n/a" if score is None else f"{score:.2f}"
@@ -96,7 +98,5 @@ def _failure_lines(results: Mapping[str, Any], title: str, what: str) -> list[st
 
 def plot_categories(results: Mapping[str, Any], path: Path) -> None:
     """The per-category radar of one model's results (when there are three categories or more)."""
-    from zephyr.plots import category_plot
-
     if len(results["categories"]) >= 3:  # a radar needs three spokes; a --limit run may have fewer
         category_plot({results["model"]: results}, path)

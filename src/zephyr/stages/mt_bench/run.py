@@ -58,6 +58,8 @@ from zephyr.judge.client import (
     check_logprobs_judge,
 )
 from zephyr.judge.rating import Rating
+from zephyr.models import assets
+from zephyr.stages import stage
 from zephyr.stages.mt_bench import protocol as mt_bench
 from zephyr.stages.mt_bench.protocol import Judgment, PairJudgment, Question
 from zephyr.stages.mt_bench.report import plot_categories, results_markdown
@@ -67,6 +69,11 @@ GREEDY_BELOW = 1e-4
 # Sampled categories get a fixed seed so that a run can be repeated.
 ANSWER_SEED = 0
 ANSWER_FAILED = "the model's answer could not be generated"
+# the stage table declares the outputs
+_OUTPUT = stage("mt_bench").output
+RESULTS, MARKDOWN, ANSWERS = _OUTPUT("results"), _OUTPUT("markdown"), _OUTPUT("answers")
+JUDGMENTS, CATEGORIES_PLOT = _OUTPUT("judgments"), _OUTPUT("categories_plot")  # single-answer grading
+PAIRWISE, BASELINE_ANSWERS = _OUTPUT("pairwise"), _OUTPUT("baseline_answers")  # pairwise mode
 
 
 @dataclass
@@ -123,9 +130,7 @@ def run_mt_bench(
     if cfg.judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
         check_logprobs_judge(loaded.get(cfg.judge, judge_generator), cfg.judge)
 
-    answers = _answers(
-        out / "answers.jsonl", question_list, model, cfg.max_new_tokens, loaded, model_generator
-    )
+    answers = _answers(out / ANSWERS, question_list, model, cfg.max_new_tokens, loaded, model_generator)
     judge_params = SamplingParams(max_tokens=cfg.judge_max_tokens, temperature=0.0)  # FastChat: judge at 0
     if cfg.baseline is None:
         records = judge_answers(
@@ -137,7 +142,7 @@ def run_mt_bench(
             references,
             mode=cfg.judge_mode,
         )
-        _write_jsonl(out / "judgments.jsonl", records)
+        write_jsonl(out / JUDGMENTS, records)
         scores = mt_bench.aggregate([Judgment.from_record(r) for r in records], question_list)
         results = {
             "mode": "single",
@@ -147,7 +152,7 @@ def run_mt_bench(
             **scores,
         }
     else:
-        base_path = out / "baseline_answers.jsonl"
+        base_path = out / BASELINE_ANSWERS
         base = _baseline_answers(
             cfg.baseline, question_list, base_path, cfg.max_new_tokens, loaded, baseline_generator
         )
@@ -155,7 +160,7 @@ def run_mt_bench(
             loaded.get(cfg.judge, judge_generator), judge_params, question_list, answers, base, judge_prompts,
             references, mode=cfg.judge_mode,
         )  # fmt: skip
-        _write_jsonl(out / "pairwise.jsonl", records)
+        write_jsonl(out / PAIRWISE, records)
         scores = mt_bench.aggregate_pairwise([pair_judgment(r) for r in records], question_list)
         results = {
             "mode": "pairwise",
@@ -164,10 +169,10 @@ def run_mt_bench(
             "baseline_model": base[0].model,
         }
         results |= {"judge": cfg.judge, "judge_mode": cfg.judge_mode, **scores}
-    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_text(out / "results.md", results_markdown(results))
+    write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
+    write_text(out / MARKDOWN, results_markdown(results))
     if cfg.baseline is None:  # the radar shows 0-10 scores; pairwise results have win rates
-        plot_categories(results, out / "categories.png")
+        plot_categories(results, out / CATEGORIES_PLOT)
     return results
 
 
@@ -204,13 +209,11 @@ def _answers(
     answers = _read_answers(path, questions, spec)
     if answers is None:
         answers = answer_questions(loaded.get(spec, given), questions, max_new_tokens, label=spec)
-        _write_jsonl(path, [a.to_dict() for a in answers])
+        write_jsonl(path, [a.to_dict() for a in answers])  # atomic: a killed run leaves no half file
     return answers
 
 
 def _asset_folder() -> Path:
-    from zephyr.models import assets
-
     return Path(assets.fetch("mt-bench"))
 
 
@@ -591,7 +594,3 @@ def judge_id(generator: Generator, params: SamplingParams, mode: str = "mt-bench
     pinned = {"mode": mode, "sampling": params.to_dict()}
     digest = hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
     return f"{generator.model_id}|{digest[:12]}"
-
-
-def _write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    write_jsonl(path, records)  # atomic and durable: a killed run never leaves half a file

@@ -20,6 +20,7 @@ from zephyr.core.specs import STAGE_REF
 from zephyr.stages import Stage, evaluations, pipeline_stages, present_stages, stage
 from zephyr.stages.report.comparison import comparison_table
 from zephyr.stages.report.references import PAPER_ZEPHYR_7B_BETA, ReferenceRow, parse_references
+from zephyr.stages.report.regression import REGRESSION_FILE
 from zephyr.stages.report.values import _get, _mapping, _number
 
 REPORT_VERSION = 1
@@ -76,6 +77,7 @@ def collect_report(run_dir: str | os.PathLike) -> dict[str, Any]:
         "eval": evals,
         "samples": samples,
         "data": _collect_data(reader, plan),
+        "regression": reader.json(REGRESSION_FILE, None),
         "images": {key: rel for key, rel in IMAGES.items() if (run / rel).is_file()},
         "config": {"recipe": recipe, "recipe_text": recipe_text},
         "versions": _mapping(manifest).get("versions") or {},

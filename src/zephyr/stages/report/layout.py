@@ -35,6 +35,7 @@ def report_blocks(report: Mapping[str, Any]) -> list[Block]:
         _comparison_blocks,
         _eval_blocks,
         _training_blocks,
+        _regression_blocks,
         _sample_blocks,
         _data_blocks,
         _config_blocks,
@@ -187,6 +188,66 @@ def _training_blocks(report: Mapping[str, Any]) -> list[Block]:
     dpo_runs = {labels.get(m, m): t for m, t in training.items() if t.get("kind") == "dpo"}
     if len(dpo_runs) > 1:
         blocks.append(Figure("dpo_runs", "DPO runs side by side", dpo_runs))
+    return blocks
+
+
+def _regression_blocks(report: Mapping[str, Any]) -> list[Block]:
+    """The regression check (`zephyr.stages.report.regression`): fixed factual prompts, every model's greedy
+    answer side by side, and each trained model's drift on the held-out dSFT data."""
+    check, labels = _mapping(report.get("regression")), _labels(report)
+    prompts, answers = check.get("prompts") or [], _mapping(check.get("answers"))
+    if not prompts or not answers:
+        return []
+    right, lost = _mapping(check.get("right")), _mapping(check.get("regressions"))
+    verdicts = []
+    for model, indices in lost.items():
+        wrong = [str(prompts[i]["prompt"]) for i in indices if isinstance(i, int) and i < len(prompts)]
+        start = _get(check, "drift", model, "start")
+        verdicts.append(
+            f"{model} ({labels.get(model, model)}): REGRESSED on {len(wrong)} prompt(s) its start model "
+            f"({start}) answered right: {'; '.join(wrong)}"
+            if wrong
+            else f"{model} ({labels.get(model, model)}): every prompt its start model ({start}) answered right "
+            "is still right"
+        )
+    blocks: list[Block] = [
+        _section("Regression check"),
+        Text(
+            "Fixed factual prompts answered greedily by every model; an answer is right (✓) when it holds an "
+            "expected word. A trained model must keep what the model it started from got right."
+        ),
+    ]
+    if verdicts:
+        blocks.append(Items(verdicts))
+    for number, item in enumerate(prompts, start=1):
+        expected = ", ".join(str(w) for w in item.get("expected") or [])
+        shown = []
+        for model, texts in answers.items():
+            ok = _get(right, model)
+            mark = "✓" if isinstance(ok, list) and number - 1 < len(ok) and ok[number - 1] else "✗"
+            text = texts[number - 1] if isinstance(texts, list) and number - 1 < len(texts) else None
+            shown.append((f"{mark} {model} ({labels.get(model, model)})", text))
+        blocks.append(Answers(f"{item.get('prompt')} (expected: {expected})", shown, number))
+    if drift := _mapping(check.get("drift")):
+        rows = [
+            [
+                m,
+                fmt(d.get("start")),
+                fmt(d.get("mean_logp")),
+                fmt(d.get("start_mean_logp")),
+                fmt(d.get("change")),
+            ]
+            for m, d in drift.items()
+            if isinstance(d, Mapping)
+        ]
+        blocks += [
+            Text(
+                f"Drift on the held-out dSFT data ({fmt(check.get('held_out'))}): mean log-prob per answer "
+                "token under each trained model and under the model it started from. Near 0: it still writes "
+                "the dSFT data as before; strongly negative: it has moved away from it."
+            ),
+            Table(["model", "start", "mean log-prob", "start's", "change"], rows),
+        ]
     return blocks
 
 

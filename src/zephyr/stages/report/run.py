@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zephyr import io
 from zephyr.stages.report.blocks import (
     Answers,
     Block,
@@ -52,6 +53,7 @@ from zephyr.stages.report.comparison import comparison_table
 from zephyr.stages.report.html import render_html
 from zephyr.stages.report.layout import report_blocks
 from zephyr.stages.report.markdown import render_markdown
+from zephyr.stages.report.regression import update_regression
 
 __all__ = [
     "EXPECTED_FILES",
@@ -105,20 +107,16 @@ def read_images(run_dir: str | os.PathLike, report: Mapping[str, Any]) -> dict[s
     return images
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> ReportPaths:
     """Write `report.json`, `report.md` and `report.html` of the run folder `run_dir` into `out_dir`
-    (default: the run folder) and return their paths."""
+    (default: the run folder) and return their paths. The regression check (`regression`) is brought up to
+    date first: it loads the run's models when they changed since it last ran."""
+    update_regression(run_dir)
     report = collect_report(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(out / "report.json", out / "report.md", out / "report.html")
-    _write_atomic(paths.json, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    _write_atomic(paths.md, render_markdown(report))
-    _write_atomic(paths.html, render_html(report, read_images(run_dir, report)))
+    io.write_text(paths.json, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    io.write_text(paths.md, render_markdown(report))
+    io.write_text(paths.html, render_html(report, read_images(run_dir, report)))
     return paths

@@ -5,7 +5,8 @@ answers and end-of-turn tokens (`loss_on: assistant`), or every token of the con
 the language-modelling loss that SFTTrainer's packing trained Zephyr with). Conversations
 longer than `max_length` are truncated, keeping their start (the first turns and the start of the first
 answer are what the template's structure relies on); a conversation left without a trained token is
-dropped. Both are counted and reported.
+dropped. Both are counted and reported. The rendering, tokenizing and packing happen once, in worker
+processes, into a cache entry that every process maps read-only and later runs reuse (`stages.sft.data`).
 
 With `packing`, conversations are placed whole into bins of `max_length` tokens by best-fit-decreasing;
 a micro-batch of `per_device_batch_size` bins runs as one row with per-document positions and attention
@@ -18,22 +19,14 @@ whole optimizer step (units = target tokens).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zephyr.core.config import SFTConfig
-from zephyr.data.packing import (
-    IGNORE_INDEX,
-    Document,
-    PackedBatch,
-    PaddedBatch,
-    collate_packed,
-    collate_padded,
-    pack_bfd,
-)
+from zephyr.data.packing import IGNORE_INDEX, PackedBatch, PaddedBatch, collate_packed, collate_padded
+from zephyr.stages.sft.data import DocumentStats, Examples, load_sft_data, packing_efficiency
 from zephyr.training.loop import TrainResult, train
 from zephyr.training.task import StepOutput
 
@@ -42,83 +35,18 @@ if TYPE_CHECKING:
 
 SFTBatch = PackedBatch | PaddedBatch
 
-# ---------------------------------------------------------------------------------------------------------
-# Documents (pure)
-
-
-@dataclass
-class DocumentStats:
-    conversations: int = 0  # valid conversations rendered
-    truncated: int = 0  # longer than max_length, cut to their first max_length tokens
-    dropped: int = 0  # no trained token (left after truncation)
-
-
-def trained_mask(assistant_mask: Sequence[int], loss_on: str) -> list[int]:
-    """The loss mask of a rendered conversation: its assistant mask, or every token for `loss_on: all`."""
-    if loss_on == "all":
-        return [1] * len(assistant_mask)
-    return [int(m) for m in assistant_mask]
-
-
-def fit_document(input_ids: Sequence[int], loss_mask: Sequence[int], max_length: int) -> Document | None:
-    """A rendered conversation cut to `max_length` tokens (its start kept); None if nothing is trained.
-
-    A token is trained when it is a prediction target: its mask is set and a token precedes it.
-    """
-    ids, mask = list(input_ids[:max_length]), [int(m) for m in loss_mask[:max_length]]
-    if not any(mask[1:]):
-        return None
-    return ids, mask
-
-
-def fit_documents(rendered: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int):
-    """Fit every rendered conversation; returns the documents kept and the counts."""
-    stats = DocumentStats(conversations=len(rendered))
-    docs: list[Document] = []
-    for input_ids, loss_mask in rendered:
-        if len(input_ids) > max_length:
-            stats.truncated += 1
-        doc = fit_document(input_ids, loss_mask, max_length)
-        if doc is None:
-            stats.dropped += 1
-        else:
-            docs.append(doc)
-    return docs, stats
-
-
-def pack_documents(docs: Sequence[Document], max_length: int) -> list[list[Document]]:
-    """Bins of whole documents, each at most `max_length` tokens (best-fit-decreasing)."""
-    return [[docs[i] for i in group] for group in pack_bfd([len(ids) for ids, _ in docs], max_length)]
-
-
-def packing_efficiency(bins: Sequence[Sequence[Document]], max_length: int) -> float:
-    """Share of the bins' capacity holding tokens."""
-    tokens = sum(len(ids) for group in bins for ids, _ in group)
-    return tokens / (len(bins) * max_length) if bins else 0.0
-
 
 def count_targets(batch: SFTBatch) -> int:
     return int((batch.labels != IGNORE_INDEX).sum())
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The task
-
-
-def _load_conversations(path: str, cfg: SFTConfig):
-    from zephyr import io
-
-    return io.read_records(path, "conversations", on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
-
-
 class SFTTask:
-    """A `TrainingTask`: examples are bins of documents (packing) or single documents (padded batches)."""
+    """A `TrainingTask`: examples are bins of documents (packing) or single documents (padded batches), read
+    from the tokenized data that `stages.sft.data` caches and maps."""
 
     name = "sft"
 
-    def __init__(self, cfg: SFTConfig):
-        from zephyr import io
-        from zephyr.data.chat import render_conversation
+    def __init__(self, cfg: SFTConfig, *, cache_dir: str | Path | None = None):
         from zephyr.models.load import load_tokenizer
 
         self.cfg = cfg
@@ -128,34 +56,20 @@ class SFTTask:
             trust_remote_code=cfg.trust_remote_code,
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        read = _load_conversations(cfg.train_data, cfg)
-        self.bad_records = len(read.bad)
-        train_records, eval_records = read.records, []
-        if cfg.eval_data:
-            eval_read = _load_conversations(cfg.eval_data, cfg)
-            self.bad_records += len(eval_read.bad)
-            eval_records = eval_read.records
-        elif cfg.eval_fraction > 0:
-            train_records, eval_records = io.train_eval_split(train_records, cfg.eval_fraction, cfg.seed)
-
-        def render(records: list[dict]) -> list[tuple[list[int], list[int]]]:
-            out = []
-            for record in records:
-                rendered = render_conversation(self.tokenizer, record["messages"])
-                out.append((list(rendered.input_ids), trained_mask(rendered.loss_mask, cfg.loss_on)))
-            return out
-
-        train_docs, self.stats = fit_documents(render(train_records), cfg.max_length)
-        eval_docs, self.eval_stats = fit_documents(render(eval_records), cfg.max_length)
+        self.data = load_sft_data(cfg, self.tokenizer, cache_dir=cache_dir)
+        stats = self.data.stats
+        self.bad_records: int = stats["bad_records"]
+        self.stats, self.eval_stats = (
+            DocumentStats(**{k: stats[split][k] for k in ("conversations", "truncated", "dropped")})
+            for split in ("train", "eval")
+        )
+        self._train = Examples(self.data, "train", packed=cfg.packing)
+        self._eval = Examples(self.data, "eval", packed=cfg.packing)
+        self.attn_implementation: str | None = None
         if cfg.packing:
             from zephyr.scoring.attention import register_packed_attention
 
-            self.attn_implementation: str | None = register_packed_attention()
-            self._train: list[Any] = pack_documents(train_docs, cfg.max_length)
-            self._eval: list[Any] = pack_documents(eval_docs, cfg.max_length)
-        else:
-            self.attn_implementation = None
-            self._train, self._eval = train_docs, eval_docs
+            self.attn_implementation = register_packed_attention()
 
     @property
     def batch_unit(self) -> str:
@@ -171,18 +85,19 @@ class SFTTask:
             f"to {self.cfg.max_length} tokens, {s.dropped} dropped: no trained token)"
         )
         if self.cfg.packing:
+            tokens = self.data.stats["train"]["tokens"]
+            efficiency = packing_efficiency(tokens, len(self._train), self.cfg.max_length)
             text += (
-                f", {len(self._train)} bins of {self.cfg.max_length} "
-                f"(packing efficiency {packing_efficiency(self._train, self.cfg.max_length):.1%})"
+                f", {len(self._train)} bins of {self.cfg.max_length} (packing efficiency {efficiency:.1%})"
             )
         if self._eval:
             text += f", {self.eval_stats.conversations - self.eval_stats.dropped} eval conversations"
         return text + (", loss on every token" if self.cfg.loss_on == "all" else ", loss on the answers")
 
-    def train_examples(self) -> Sequence[Any]:
+    def train_examples(self) -> Examples:
         return self._train
 
-    def eval_examples(self) -> Sequence[Any]:
+    def eval_examples(self) -> Examples:
         return self._eval
 
     def collate(self, examples: list[Any]) -> SFTBatch:

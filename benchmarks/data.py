@@ -1,0 +1,329 @@
+"""dSFT data preparation at the paper's scale: zephyr's tokenized-data cache against TRL 1.16's SFTTrainer
+dataset preparation, on a synthetic ultrachat_200k-like set, in one run.
+
+The set (`synthesize`, written once into the work folder and reused): `--dialogues` conversations (default
+200,000; ultrachat_200k's train_sft has 207,865) in the conversations format of ultrachat_200k. Turns per
+dialogue: 1 + Poisson(2.85), at most 10 (mean 3.85, UltraChat's reported mean). Each user message has
+lognormal(ln 40, 0.8) words (median 40), each answer lognormal(ln 200, 0.6) words (median 200); words are
+drawn by frequency from the vocabulary of MT-Bench's questions and reference answers (the `mt-bench` asset),
+in sentences of 6 to 21 words, four sentences a paragraph. With Mistral-7B's tokenizer and the Zephyr
+template that is ~1,470 tokens a dialogue (UltraChat reports 1,467), ~290M tokens at 200,000 dialogues.
+
+Both engines prepare the same file with the same tokenizer (Mistral-7B-v0.1's: the `mistral-7b-tokenizer`
+asset) and chat template (Zephyr's), packing best-fit-decreasing into bins of 2048 tokens:
+- `zephyr`: `stages.sft.data.load_sft_data` into a fresh cache folder: the file streamed, conversations
+  rendered and tokenized by one worker process per core, loss on the answers (the recipe's `loss_on`),
+  documents and the bin plan written as flat arrays, sealed. Then `zephyr-cached`: a new process starting a
+  run on the same data: the tokenizer loaded, the entry found, checked against its seal (sizes and CRC-32
+  of 1.2 GB) and mapped. That process then reads every token of the mapped arrays once (what an epoch
+  does) and reports its private memory (USS) next to its RSS, which counts the shared, mapped pages.
+- `trl`: `datasets.load_dataset("json")` of the file (its `prompt` column dropped: with it SFTTrainer would
+  take the rows as prompt-completion pairs), then `SFTTrainer(..., args=SFTConfig(packing=True,
+  packing_strategy="bfd", max_length=2048, dataset_num_proc=CORES))` on a tiny random model, which prepares
+  the dataset (render + tokenize per row with the chat template, labels, BFD packing) before it returns.
+  TRL's loss covers every token (its conversational default: assistant-only masks need a template with
+  `{% generation %}` markers), so zephyr does more work (assistant spans) than TRL here.
+
+Each engine runs in a process of its own; its time is the preparation call's, measured inside it; its peak
+memory is sampled every 0.2 s over its process tree (workers included): the sum of RSS (every resident page
+of every process, shared or not) and of PSS (shared pages divided among their sharers). Cache folders
+(`datasets`' included) are fresh for every run.
+
+    python benchmarks/data.py                         # 200,000 dialogues (~15 min on 2 cores)
+    python benchmarks/data.py --dialogues 3000        # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))  # runs from a checkout without installing zephyr
+
+MAX_LENGTH = 2048
+TOKENIZER = "asset:mistral-7b-tokenizer"
+TEMPLATE = "zephyr"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The data
+
+
+def _vocabulary():
+    import numpy as np
+
+    from zephyr.models import assets
+
+    folder = Path(assets.fetch("mt-bench"))
+    files = [folder / "question.jsonl", *sorted((folder / "reference_answer").glob("*.jsonl"))]
+    counts = Counter(
+        w.lower() for f in files for w in re.findall(r"[A-Za-z]+", f.read_text(encoding="utf-8"))
+    )
+    words = sorted(counts)
+    weights = np.array([counts[w] for w in words], dtype=float)
+    return np.array(words, dtype=object), weights / weights.sum()
+
+
+def synthesize(path: Path, dialogues: int, seed: int = 0) -> None:
+    """Write the synthetic set (module docstring) to `path`, unless a file of the same parameters is there."""
+    import numpy as np
+
+    stamp = path.with_suffix(".json")
+    params = {"dialogues": dialogues, "seed": seed, "version": 1}
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return
+    words, weights = _vocabulary()
+    rng = np.random.default_rng(seed)
+
+    def passage(n: int) -> str:
+        drawn = words[rng.choice(len(words), size=n, p=weights)].tolist()
+        sentences, i = [], 0
+        while i < n:
+            k = int(rng.integers(6, 22))
+            sentence = drawn[i : i + k]
+            sentence[0] = sentence[0].capitalize()
+            sentences.append(" ".join(sentence) + ".")
+            i += k
+        return "\n\n".join(" ".join(sentences[j : j + 4]) for j in range(0, len(sentences), 4))
+
+    started = time.perf_counter()
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for d in range(dialogues):
+            messages = []
+            for _ in range(min(1 + int(rng.poisson(2.85)), 10)):
+                messages.append(
+                    {"role": "user", "content": passage(max(3, int(rng.lognormal(np.log(40), 0.8))))}
+                )
+                messages.append(
+                    {"role": "assistant", "content": passage(max(3, int(rng.lognormal(np.log(200), 0.6))))}
+                )
+            record = {"prompt": messages[0]["content"], "prompt_id": f"{d:08d}", "messages": messages}
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    stamp.write_text(json.dumps(params))
+    print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engines (each in a process of its own)
+
+
+def _tokenizer():
+    from zephyr.models.load import load_tokenizer
+
+    return load_tokenizer(TOKENIZER, chat_template=TEMPLATE)
+
+
+def _config(data: Path):
+    from zephyr.core.config import SFTConfig
+
+    return SFTConfig(model=TOKENIZER, train_data=str(data), chat_template=TEMPLATE, max_length=MAX_LENGTH)
+
+
+def zephyr_prepare(data: Path, work: Path) -> dict:
+    from zephyr.stages.sft.data import load_sft_data
+
+    tokenizer = _tokenizer()
+    started = time.perf_counter()
+    entry = load_sft_data(_config(data), tokenizer, cache_dir=work / "zephyr-cache")
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "tokens": entry.stats["tokens"],
+        "bins": entry.stats["train"]["examples"],
+        "cache_bytes": entry.nbytes,
+    }
+
+
+def zephyr_cached(data: Path, work: Path) -> dict:
+    import numpy as np
+    import psutil
+
+    from zephyr.stages.sft.data import Examples, load_sft_data
+
+    started = time.perf_counter()
+    entry = load_sft_data(_config(data), _tokenizer(), cache_dir=work / "zephyr-cache")
+    examples = Examples(entry, "train", packed=True)
+    seconds = time.perf_counter() - started
+    me = psutil.Process()
+    before = me.memory_full_info()
+    checksum = sum(
+        int(np.asarray(entry.array(name), dtype=np.int64).sum() % 97) for name in ("input_ids", "loss_mask")
+    )
+    after = me.memory_full_info()
+    return {
+        "seconds": seconds,
+        "tokens": entry.stats["tokens"],
+        "bins": len(examples),
+        "uss_mapped": before.uss,
+        "uss_read": after.uss,
+        "rss_read": after.rss,
+        "checksum": checksum,
+    }
+
+
+def trl_prepare(data: Path, work: Path) -> dict:
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")  # fresh: nothing of an earlier run reused
+    import datasets
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    args = SFTConfig(
+        output_dir=str(work / "trl-out"),
+        packing=True,
+        packing_strategy="bfd",
+        max_length=MAX_LENGTH,
+        dataset_num_proc=_cores(),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    started = time.perf_counter()
+    dataset = datasets.load_dataset("json", data_files=str(data), split="train").remove_columns(["prompt"])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    prepared = trainer.train_dataset
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "tokens": sum(len(ids) for ids in prepared["input_ids"]),
+        "bins": len(prepared),
+    }
+
+
+ENGINES = {"zephyr": zephyr_prepare, "zephyr-cached": zephyr_cached, "trl": trl_prepare}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _child(name: str, data: str, work: str, queue) -> None:
+    queue.put(ENGINES[name](Path(data), Path(work)))
+
+
+def measure(name: str, data: Path, work: Path) -> dict:
+    """Run an engine in a process of its own; its result with the tree's peak RSS and PSS sums."""
+    import psutil
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    load = os.getloadavg()[0]
+    child = context.Process(target=_child, args=(name, str(data), str(work), queue))
+    started = time.perf_counter()
+    child.start()
+    root = psutil.Process(child.pid)
+    peak_rss = peak_pss = 0
+    result = None
+    while result is None:
+        rss = pss = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                info = p.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        try:
+            result = queue.get(timeout=0.2)
+        except Exception:  # queue.Empty: still running
+            if not child.is_alive():
+                raise RuntimeError(f"{name}: the process ended with code {child.exitcode}") from None
+    child.join()
+    return {
+        **result,
+        "wall": time.perf_counter() - started,
+        "peak_rss": peak_rss,
+        "peak_pss": peak_pss,
+        "load": (load, os.getloadavg()[0]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def table(results: dict[str, dict], dialogues: int) -> str:
+    lines = [
+        f"{dialogues:,} dialogues, {_cores()} cores; load average before / after each engine in brackets",
+        "",
+        "| engine | seconds | tokens | bins | peak RSS (tree) | peak PSS (tree) | load |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['seconds']:.1f} | {r['tokens']:,} | {r['bins']:,} | {_gib(r['peak_rss'])} | "
+            f"{_gib(r['peak_pss'])} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
+        )
+    ours, theirs = results.get("zephyr"), results.get("trl")
+    if ours and theirs:
+        lines += [
+            "",
+            f"zephyr / TRL: {theirs['seconds'] / ours['seconds']:.2f}× as fast, "
+            f"{ours['peak_rss'] / theirs['peak_rss']:.2f}× the peak RSS, "
+            f"{ours['peak_pss'] / theirs['peak_pss']:.2f}× the peak PSS",
+        ]
+    if ours:
+        lines.append(f"zephyr cache entry: {_gib(ours['cache_bytes'])}")
+    cached = results.get("zephyr-cached")
+    if cached:
+        lines.append(
+            f"zephyr cached start: {cached['seconds']:.1f} s (process wall {cached['wall']:.1f} s); after reading "
+            f"every token: USS {_gib(cached['uss_read'])} (at start {_gib(cached['uss_mapped'])}), RSS "
+            f"{_gib(cached['rss_read'])}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dialogues", type=int, default=200_000)
+    p.add_argument("--work", default="/tmp/zephyr-bench-data", help="folder for the data and the caches")
+    p.add_argument("--engines", default="zephyr,zephyr-cached,trl")
+    p.add_argument("--out", help="also write the table to this file")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"ultrachat-like-{args.dialogues}.jsonl"
+    synthesize(data, args.dialogues)
+    for stale in ("zephyr-cache", "hf-datasets", "trl-out"):
+        shutil.rmtree(work / stale, ignore_errors=True)
+    results = {}
+    for name in args.engines.split(","):
+        results[name] = measure(name, data, work)
+        print(f"{name}: {results[name]}", flush=True)
+    text = table(results, args.dialogues)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

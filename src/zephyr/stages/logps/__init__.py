@@ -1,0 +1,1 @@
+"""`zephyr logps`: per-pair sequence log-probs of a model on a preference file."""

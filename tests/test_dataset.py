@@ -1,0 +1,231 @@
+"""The tokenized-data cache: built once, reused, rebuilt when an input changes or a file is damaged, built
+by one process of several; its arrays equal the in-memory tokenization (conversations and pairs), whether
+the workers run here or in processes of their own."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zephyr import io
+from zephyr.core.config import SFTConfig
+from zephyr.core.errors import DataError
+from zephyr.data.chat import render_conversation
+from zephyr.data.packing import pack_bfd
+from zephyr.stages.sft.data import Examples, fit_document, load_sft_data
+from zephyr.training import dataset
+from zephyr.training.pairs import PairOptions, load_pairs, tokenize_pairs
+
+ROOT = Path(__file__).parents[1]
+TINY_CHAT = ROOT / "recipes" / "data" / "tiny_chat.jsonl"
+TINY_PAIRS = ROOT / "recipes" / "data" / "tiny_pairs.jsonl"
+
+
+def sft_cfg(data: Path, **overrides) -> SFTConfig:
+    values = dict(model="unused", train_data=str(data), max_length=96, eval_fraction=0.25, seed=4)
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def bins_of(examples: Examples) -> list[list[list[int]]]:
+    return [[ids.tolist() for ids, _ in examples.group(i)] for i in range(len(examples))]
+
+
+# --- what the arrays hold ----------------------------------------------------------------------------------
+
+
+def test_cached_documents_and_bins_equal_the_in_memory_tokenization(smollm_tokenizer, tmp_path):
+    cfg = sft_cfg(TINY_CHAT, max_length=48)
+    entry = load_sft_data(cfg, smollm_tokenizer, cache_dir=tmp_path / "cache")
+    records = io.read_records(TINY_CHAT, "conversations").records
+    train, held = io.train_eval_split(records, 0.25, 4)
+    for split, part in (("train", train), ("eval", held)):
+        docs = []
+        for record in part:
+            rendered = render_conversation(smollm_tokenizer, record["messages"])
+            doc = fit_document(rendered.input_ids, rendered.loss_mask, 48)
+            if doc is not None:
+                docs.append((doc[0].tolist(), doc[1].tolist()))
+        # the bins: best-fit-decreasing over the documents' lengths, each document whole, ids and mask
+        expected = [[docs[i] for i in group] for group in pack_bfd([len(ids) for ids, _ in docs], 48)]
+        examples = Examples(entry, split, packed=True)
+        got = [
+            [(ids.tolist(), mask.tolist()) for ids, mask in examples.group(i)] for i in range(len(examples))
+        ]
+        assert got == expected, split
+        assert entry.stats[split]["conversations"] == len(part)
+        assert entry.stats[split]["truncated"] == sum(
+            len(render_conversation(smollm_tokenizer, r["messages"]).input_ids) > 48 for r in part
+        )
+    assert entry.stats["train"]["truncated"] > 0 and len(held) > 0  # both paths are exercised
+    # the arrays are mapped read-only, not held by the process
+    assert isinstance(entry.array("input_ids"), np.memmap)
+    with pytest.raises(ValueError, match="read-only"):
+        entry.array("input_ids")[0] = 1
+
+
+def test_worker_processes_write_the_same_bytes_as_one_process(smollm_tokenizer, tmp_path):
+    cfg = sft_cfg(TINY_CHAT, max_length=64)
+    here = load_sft_data(cfg, smollm_tokenizer, cache_dir=tmp_path / "a", workers=1)
+    pooled = load_sft_data(cfg, smollm_tokenizer, cache_dir=tmp_path / "b", workers=2, chunk_records=5)
+    assert here.meta["arrays"] == pooled.meta["arrays"] and here.stats == pooled.stats
+    for name in here.meta["arrays"]:
+        assert (here.folder / f"{name}.bin").read_bytes() == (pooled.folder / f"{name}.bin").read_bytes(), (
+            name
+        )
+
+
+def test_cached_pairs_equal_tokenize_pairs(smollm_tokenizer, tmp_path):
+    options = PairOptions(max_length=96, max_prompt_length=48, eval_fraction=0.25, seed=2)
+    data = load_pairs(
+        smollm_tokenizer, str(TINY_PAIRS), options=options, cache_dir=tmp_path, workers=2, chunk_records=7
+    )
+    records = io.read_records(TINY_PAIRS, "pairs").records
+    train, held = io.train_eval_split(records, 0.25, 2)
+    total = 0
+    for pairs, part in ((data.train, train), (data.eval, held)):
+        expected, stats = tokenize_pairs(smollm_tokenizer, part, max_length=96, max_prompt_length=48)
+        assert list(pairs) == expected
+        assert pairs.prompt_ids == [p.prompt_id for p in expected]
+        total += stats.truncated_prompts
+    assert data.stats.truncated_prompts == total > 0 and data.stats.pairs == len(records)
+
+
+def test_a_record_the_template_cannot_render_follows_the_bad_record_policy(smollm_tokenizer, tmp_path):
+    lines = TINY_CHAT.read_text(encoding="utf-8").splitlines()[:4]
+    bad = json.loads(lines[2])
+    bad["messages"][1]["content"] += " <|im_end|> and more"  # the end-of-turn token's text inside an answer
+    lines[2] = json.dumps(bad)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    message = f"{data}:3: prompt_id {bad['prompt_id']!r}: messages[1].content contains the end-of-turn token"
+    with pytest.raises(DataError) as raised:
+        load_sft_data(sft_cfg(data, eval_fraction=0.0), smollm_tokenizer, cache_dir=tmp_path / "c")
+    assert str(raised.value).startswith(message)
+    assert not [p for p in (tmp_path / "c").iterdir() if p.is_dir()]  # nothing kept of the failed build
+    entry = load_sft_data(
+        sft_cfg(data, eval_fraction=0.0, on_bad_record="skip"), smollm_tokenizer, cache_dir=tmp_path / "c"
+    )
+    assert entry.stats["bad_records"] == 1 and entry.stats["bad_examples"][0].startswith(message)
+    assert entry.stats["train"]["conversations"] == 3 and entry.stats["documents"] == 3
+
+
+# --- built once, reused, rebuilt ---------------------------------------------------------------------------
+
+
+def counting_build(calls: list[int], values=(1, 2, 3)):
+    def build(folder: Path) -> dict:
+        calls.append(1)
+        writer = dataset.ArrayWriter(folder)
+        writer.write("values", list(values), np.int32)
+        return {"arrays": writer.close(), "stats": {"tokens": len(values)}}
+
+    return build
+
+
+def test_a_second_run_reuses_the_entry_and_a_changed_input_makes_a_new_one(tmp_path, capsys):
+    calls: list[int] = []
+    first = dataset.load_or_build("toy", {"n": 1}, counting_build(calls), cache_dir=tmp_path)
+    assert f"toy data: built {first.folder} (3 tokens, " in capsys.readouterr().out
+    again = dataset.load_or_build("toy", {"n": 1}, counting_build(calls), cache_dir=tmp_path)
+    assert again.folder == first.folder and len(calls) == 1
+    assert f"toy data: reusing {first.folder}" in capsys.readouterr().out
+    assert again.array("values").tolist() == [1, 2, 3]
+    other = dataset.load_or_build("toy", {"n": 2}, counting_build(calls, (4, 5)), cache_dir=tmp_path)
+    assert other.folder != first.folder and len(calls) == 2 and other.array("values").tolist() == [4, 5]
+
+
+def test_the_data_files_content_and_the_options_key_the_sft_entry(smollm_tokenizer, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    lines = TINY_CHAT.read_text(encoding="utf-8").splitlines()
+    data.write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+    cache = tmp_path / "cache"
+    first = load_sft_data(sft_cfg(data, eval_fraction=0.0), smollm_tokenizer, cache_dir=cache)
+    assert (
+        load_sft_data(sft_cfg(data, eval_fraction=0.0), smollm_tokenizer, cache_dir=cache).folder
+        == first.folder
+    )
+    for changed in ({"max_length": 80}, {"loss_on": "all"}, {"packing": False}, {"eval_fraction": 0.5}):
+        assert (
+            load_sft_data(
+                sft_cfg(data, **{"eval_fraction": 0.0, **changed}), smollm_tokenizer, cache_dir=cache
+            ).folder
+            != first.folder
+        ), changed
+    data.write_text("\n".join(lines[:5]) + "\n", encoding="utf-8")  # other content, same path
+    fewer = load_sft_data(sft_cfg(data, eval_fraction=0.0), smollm_tokenizer, cache_dir=cache)
+    assert fewer.folder != first.folder and fewer.stats["documents"] == 5
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "seal"])
+def test_a_damaged_entry_is_rebuilt_never_read(tmp_path, capsys, damage):
+    calls: list[int] = []
+    entry = dataset.load_or_build("toy", {"n": 1}, counting_build(calls), cache_dir=tmp_path)
+    values = entry.folder / "values.bin"
+    if damage == "truncate":
+        values.write_bytes(values.read_bytes()[:-4])
+        reason = f"{values}: 8 bytes, sealed with 12"
+    elif damage == "flip":
+        raw = bytearray(values.read_bytes())
+        raw[4] ^= 1  # the same size: only the checksum tells
+        values.write_bytes(bytes(raw))
+        reason = f"{values}: its bytes changed since it was sealed"
+    else:
+        (entry.folder / io.SEAL_FILE).unlink()
+        reason = f"{entry.folder / io.SEAL_FILE}: missing"
+    capsys.readouterr()
+    again = dataset.load_or_build("toy", {"n": 1}, counting_build(calls), cache_dir=tmp_path)
+    captured = capsys.readouterr()
+    assert f"toy data: {reason}" in captured.err and "the entry is damaged; rebuilding it" in captured.err
+    assert len(calls) == 2 and again.array("values").tolist() == [1, 2, 3]
+    assert f"toy data: built {again.folder}" in captured.out
+
+
+def test_a_build_that_fails_leaves_no_entry(tmp_path):
+    def failing(folder: Path) -> dict:
+        dataset.ArrayWriter(folder).write("values", [1], np.int32)
+        raise KeyboardInterrupt  # a run stopped while it builds
+
+    with pytest.raises(KeyboardInterrupt):
+        dataset.load_or_build("toy", {"n": 1}, failing, cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == []
+    (tmp_path / f"toy-{dataset.fingerprint({'n': 1})}").mkdir()  # a folder without a seal is no entry
+    calls: list[int] = []
+    entry = dataset.load_or_build("toy", {"n": 1}, counting_build(calls), cache_dir=tmp_path)
+    assert len(calls) == 1 and entry.array("values").tolist() == [1, 2, 3]
+
+
+def slow_build_in_a_process(cache: str, log: str, out: multiprocessing.Queue) -> None:
+    def build(folder: Path) -> dict:
+        with open(log, "a") as f:
+            f.write("build\n")
+        time.sleep(1.0)  # long enough for the other processes to arrive and wait
+        writer = dataset.ArrayWriter(folder)
+        writer.write("values", [7, 8], np.int32)
+        return {"arrays": writer.close(), "stats": {"tokens": 2}}
+
+    entry = dataset.load_or_build("toy", {"n": 1}, build, cache_dir=Path(cache))
+    out.put((str(entry.folder), entry.array("values").tolist()))
+
+
+def test_processes_of_one_machine_build_the_entry_once(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    log = tmp_path / "builds.log"
+    processes = [
+        context.Process(target=slow_build_in_a_process, args=(str(tmp_path / "cache"), str(log), out))
+        for _ in range(3)
+    ]
+    for p in processes:
+        p.start()
+    results = [out.get(timeout=120) for _ in processes]
+    for p in processes:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert log.read_text().splitlines() == ["build"]
+    assert len({folder for folder, _ in results}) == 1 and all(values == [7, 8] for _, values in results)
