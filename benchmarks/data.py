@@ -4,32 +4,35 @@ dataset preparation, on a synthetic ultrachat_200k-like set, in one run.
 The set (`synthesize`, written once into the work folder and reused): `--dialogues` conversations (default
 200,000; ultrachat_200k's train_sft has 207,865) in the conversations format of ultrachat_200k. Turns per
 dialogue: 1 + Poisson(2.85), at most 10 (mean 3.85, UltraChat's reported mean). Each user message has
-lognormal(ln 40, 0.8) words (median 40), each answer lognormal(ln 200, 0.6) words (median 200); words are
+lognormal(ln 43, 0.8) words (median 43), each answer lognormal(ln 216, 0.6) words (median 216); words are
 drawn by frequency from the vocabulary of MT-Bench's questions and reference answers (the `mt-bench` asset),
 in sentences of 6 to 21 words, four sentences a paragraph. With Mistral-7B's tokenizer and the Zephyr
 template that is ~1,470 tokens a dialogue (UltraChat reports 1,467), ~290M tokens at 200,000 dialogues.
 
-Both engines prepare the same file with the same tokenizer (Mistral-7B-v0.1's: the `mistral-7b-tokenizer`
+All engines prepare the same file with the same tokenizer (Mistral-7B-v0.1's: the `mistral-7b-tokenizer`
 asset) and chat template (Zephyr's), packing best-fit-decreasing into bins of 2048 tokens:
-- `zephyr`: `stages.sft.data.load_sft_data` into a fresh cache folder: the file streamed, conversations
-  rendered and tokenized by one worker process per core, loss on the answers (the recipe's `loss_on`),
-  documents and the bin plan written as flat arrays, sealed. Then `zephyr-cached`: a new process starting a
-  run on the same data: the tokenizer loaded, the entry found, checked against its seal (sizes and CRC-32
-  of 1.2 GB) and mapped. That process then reads every token of the mapped arrays once (what an epoch
-  does) and reports its private memory (USS) next to its RSS, which counts the shared, mapped pages.
+- `zephyr`: `stages.sft.data.load_sft_data` into a fresh cache folder with `loss_on: all` (the loss TRL
+  computes here, and the paper's recipe's): the file streamed, conversations rendered and tokenized by one
+  worker process per core, documents and the bin plan written as flat arrays, sealed.
+- `zephyr-assistant`: the same with `loss_on: assistant` (zephyr's default), which also finds every
+  answer's characters (two renders of the template per answer) and tokenizes with character offsets.
+- `zephyr-cached`: a new process starting a run on `zephyr`'s data: the tokenizer loaded, the entry found,
+  checked against its seal (sizes and CRC-32 of every file) and mapped. That process then reads every token
+  of the mapped arrays once (what an epoch does) and reports its private memory (USS) next to its RSS, which
+  counts the shared, mapped pages.
 - `trl`: `datasets.load_dataset("json")` of the file (its `prompt` column dropped: with it SFTTrainer would
   take the rows as prompt-completion pairs), then `SFTTrainer(..., args=SFTConfig(packing=True,
   packing_strategy="bfd", max_length=2048, dataset_num_proc=CORES))` on a tiny random model, which prepares
   the dataset (render + tokenize per row with the chat template, labels, BFD packing) before it returns.
-  TRL's loss covers every token (its conversational default: assistant-only masks need a template with
-  `{% generation %}` markers), so zephyr does more work (assistant spans) than TRL here.
+  Its loss covers every token (TRL's conversational default: assistant-only masks need a template with
+  `{% generation %}` markers, which Zephyr's has not).
 
 Each engine runs in a process of its own; its time is the preparation call's, measured inside it; its peak
 memory is sampled every 0.2 s over its process tree (workers included): the sum of RSS (every resident page
 of every process, shared or not) and of PSS (shared pages divided among their sharers). Cache folders
 (`datasets`' included) are fresh for every run.
 
-    python benchmarks/data.py                         # 200,000 dialogues (~15 min on 2 cores)
+    python benchmarks/data.py                         # 200,000 dialogues (~20 min on 2 cores)
     python benchmarks/data.py --dialogues 3000        # a quick run
 """
 
@@ -78,7 +81,7 @@ def synthesize(path: Path, dialogues: int, seed: int = 0) -> None:
     import numpy as np
 
     stamp = path.with_suffix(".json")
-    params = {"dialogues": dialogues, "seed": seed, "version": 1}
+    params = {"dialogues": dialogues, "seed": seed, "version": 2}
     if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
         return
     words, weights = _vocabulary()
@@ -102,10 +105,10 @@ def synthesize(path: Path, dialogues: int, seed: int = 0) -> None:
             messages = []
             for _ in range(min(1 + int(rng.poisson(2.85)), 10)):
                 messages.append(
-                    {"role": "user", "content": passage(max(3, int(rng.lognormal(np.log(40), 0.8))))}
+                    {"role": "user", "content": passage(max(3, int(rng.lognormal(np.log(43), 0.8))))}
                 )
                 messages.append(
-                    {"role": "assistant", "content": passage(max(3, int(rng.lognormal(np.log(200), 0.6))))}
+                    {"role": "assistant", "content": passage(max(3, int(rng.lognormal(np.log(216), 0.6))))}
                 )
             record = {"prompt": messages[0]["content"], "prompt_id": f"{d:08d}", "messages": messages}
             f.write(json.dumps(record) + "\n")
@@ -124,18 +127,20 @@ def _tokenizer():
     return load_tokenizer(TOKENIZER, chat_template=TEMPLATE)
 
 
-def _config(data: Path):
+def _config(data: Path, loss_on: str = "all"):
     from zephyr.core.config import SFTConfig
 
-    return SFTConfig(model=TOKENIZER, train_data=str(data), chat_template=TEMPLATE, max_length=MAX_LENGTH)
+    return SFTConfig(
+        model=TOKENIZER, train_data=str(data), chat_template=TEMPLATE, max_length=MAX_LENGTH, loss_on=loss_on
+    )
 
 
-def zephyr_prepare(data: Path, work: Path) -> dict:
+def zephyr_prepare(data: Path, work: Path, loss_on: str = "all") -> dict:
     from zephyr.stages.sft.data import load_sft_data
 
     tokenizer = _tokenizer()
     started = time.perf_counter()
-    entry = load_sft_data(_config(data), tokenizer, cache_dir=work / "zephyr-cache")
+    entry = load_sft_data(_config(data, loss_on), tokenizer, cache_dir=work / "zephyr-cache")
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
@@ -157,9 +162,11 @@ def zephyr_cached(data: Path, work: Path) -> dict:
     seconds = time.perf_counter() - started
     me = psutil.Process()
     before = me.memory_full_info()
-    checksum = sum(
-        int(np.asarray(entry.array(name), dtype=np.int64).sum() % 97) for name in ("input_ids", "loss_mask")
-    )
+    checksum = 0
+    for name in ("input_ids", "loss_mask"):  # every page read once, a slice at a time (an epoch's reads)
+        values = entry.array(name)
+        for start in range(0, len(values), 1 << 24):
+            checksum += int(values[start : start + (1 << 24)].sum(dtype=np.int64) % 97)
     after = me.memory_full_info()
     return {
         "seconds": seconds,
@@ -213,7 +220,16 @@ def trl_prepare(data: Path, work: Path) -> dict:
     }
 
 
-ENGINES = {"zephyr": zephyr_prepare, "zephyr-cached": zephyr_cached, "trl": trl_prepare}
+def zephyr_assistant(data: Path, work: Path) -> dict:
+    return zephyr_prepare(data, work, loss_on="assistant")
+
+
+ENGINES = {
+    "zephyr": zephyr_prepare,
+    "zephyr-cached": zephyr_cached,
+    "zephyr-assistant": zephyr_assistant,
+    "trl": trl_prepare,
+}
 
 
 def _cores() -> int:
@@ -282,13 +298,15 @@ def table(results: dict[str, dict], dialogues: int) -> str:
             f"{_gib(r['peak_pss'])} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
         )
     ours, theirs = results.get("zephyr"), results.get("trl")
-    if ours and theirs:
-        lines += [
-            "",
-            f"zephyr / TRL: {theirs['seconds'] / ours['seconds']:.2f}× as fast, "
-            f"{ours['peak_rss'] / theirs['peak_rss']:.2f}× the peak RSS, "
-            f"{ours['peak_pss'] / theirs['peak_pss']:.2f}× the peak PSS",
-        ]
+    lines.append("")
+    for name in ("zephyr", "zephyr-assistant"):
+        r = results.get(name)
+        if r and theirs:
+            lines.append(
+                f"{name} / trl: {theirs['seconds'] / r['seconds']:.2f}× as fast, "
+                f"{r['peak_rss'] / theirs['peak_rss']:.2f}× the peak RSS, "
+                f"{r['peak_pss'] / theirs['peak_pss']:.2f}× the peak PSS"
+            )
     if ours:
         lines.append(f"zephyr cache entry: {_gib(ours['cache_bytes'])}")
     cached = results.get("zephyr-cached")
@@ -305,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dialogues", type=int, default=200_000)
     p.add_argument("--work", default="/tmp/zephyr-bench-data", help="folder for the data and the caches")
-    p.add_argument("--engines", default="zephyr,zephyr-cached,trl")
+    p.add_argument("--engines", default="zephyr,zephyr-cached,zephyr-assistant,trl")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
     work = Path(args.work)

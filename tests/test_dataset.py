@@ -69,6 +69,15 @@ def test_cached_documents_and_bins_equal_the_in_memory_tokenization(smollm_token
         entry.array("input_ids")[0] = 1
 
 
+def test_loss_on_all_documents_are_the_whole_renders_with_every_token_trained(smollm_tokenizer, tmp_path):
+    cfg = sft_cfg(TINY_CHAT, eval_fraction=0.0, packing=False, loss_on="all", max_length=48)
+    examples = Examples(load_sft_data(cfg, smollm_tokenizer, cache_dir=tmp_path), "train", packed=False)
+    records = io.read_records(TINY_CHAT, "conversations").records
+    expected = [render_conversation(smollm_tokenizer, r["messages"]).input_ids[:48] for r in records]
+    assert [ids.tolist() for ids, _ in examples] == expected
+    assert [mask.tolist() for _, mask in examples] == [[1] * len(ids) for ids in expected]
+
+
 def test_worker_processes_write_the_same_bytes_as_one_process(smollm_tokenizer, tmp_path):
     cfg = sft_cfg(TINY_CHAT, max_length=64)
     here = load_sft_data(cfg, smollm_tokenizer, cache_dir=tmp_path / "a", workers=1)

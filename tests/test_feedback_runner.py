@@ -444,6 +444,9 @@ class FeedbackServer(ThreadingHTTPServer):
     answers 2, 5 and 8 of every ten are garbage (no rating, ratings out of range, empty)."""
 
     daemon_threads = True
+    # HTTP generators run at once, each with up to max_concurrency requests: socketserver's backlog of 5
+    # would reset the connections of such a burst
+    request_queue_size = 128
 
     def __init__(self, lifetime: float = 120.0):
         super().__init__(("127.0.0.1", 0), FeedbackHandler)

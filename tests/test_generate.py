@@ -459,16 +459,16 @@ class Swapped(FakeRequestGenerator):
             raise KeyboardInterrupt  # killed while this model loads
         tracker["alive"] += 1
         tracker["peak"] = max(tracker["peak"], tracker["alive"])
-        self.model_id = name
+        self.model_id, self.closed = name, False
 
     def generate_requests(self, requests):
-        assert not self.tracker["closed"].get(id(self)), f"{self.name} used after close()"
+        assert not self.closed, f"{self.name} used after close()"
         self.tracker["answered"][self.name] += len(requests)
         return super().generate_requests(requests)
 
     def close(self):
         self.tracker["alive"] -= 1
-        self.tracker["closed"][id(self)] = True
+        self.closed = True
 
 
 def test_two_local_models_take_turns_one_resident_at_a_time(tmp_path, monkeypatch):
@@ -481,7 +481,6 @@ def test_two_local_models_take_turns_one_resident_at_a_time(tmp_path, monkeypatc
             "loads": [],
             "alive": 0,
             "peak": 0,
-            "closed": {},
             "answered": {"teacher": 0, "simulator": 0},
         }
         build = lambda gcfg: Swapped(gcfg.model, tracker, crash_on_load)  # noqa: E731

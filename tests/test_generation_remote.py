@@ -169,6 +169,17 @@ def test_every_transient_failure_is_retried_until_success(scripted):
     assert second - first >= 0.3  # Retry-After is waited out, though the backoff alone would be ~0.01 s
 
 
+def test_a_retry_after_pauses_the_other_requests_too(scripted):
+    """The limit is the client's: after a 429 asking for 1 s, no request of the generator goes sooner."""
+    scripted.plans["a"] = ["429:1"]
+    out = fast_client(scripted.url, max_concurrency=1).generate(
+        [ask("a"), ask("b")], SamplingParams(max_tokens=2)
+    )
+    assert [c.ok for c in out] == [True, True]
+    (a_first, a_again), (b_first,) = scripted.seen["a"], scripted.seen["b"]
+    assert b_first - a_first >= 0.9 and a_again - a_first >= 0.9  # asyncio timers may fire a little early
+
+
 def test_a_request_that_keeps_failing_is_recorded_and_the_batch_goes_on(scripted):
     scripted.plans = {"doomed": ["500"] * 10, "client-error": ["400"]}
     client = fast_client(scripted.url, max_retries=2)
@@ -228,6 +239,15 @@ def test_rerun_is_served_from_the_cache_and_the_key_is_never_stored(scripted, tm
     assert b"prompt 0" in stored
     assert SECRET.encode() not in stored
     assert SECRET not in repr(third)
+
+
+def test_the_cache_tells_endpoints_apart(scripted, tmp_path):
+    """One request cache serves a whole run: a model of the same name behind another URL is another model."""
+    cache, params = tmp_path / "requests.sqlite", SamplingParams(max_tokens=2)
+    fast_client(scripted.url, cache=cache).generate([ask("x")], params)
+    fast_client(scripted.url.replace("/v1", "/v2"), cache=cache).generate([ask("x")], params)
+    fast_client(scripted.url, cache=cache).generate([ask("x")], params)
+    assert len(scripted.seen["x"]) == 2
 
 
 def test_request_body_carries_every_parameter_and_logprobs_come_back(scripted):

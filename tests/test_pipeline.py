@@ -354,7 +354,11 @@ def test_the_report_section_is_part_of_the_reports_fingerprint(tmp_path, capsys)
     assert "[1/2] curate: done, skipped" in lines
     assert "[2/2] report: running (config changed)" in lines
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["config"]["recipe"]["report"] == {"paper_reference": True, "references": []}  # rewritten
+    assert report["config"]["recipe"]["report"] == {
+        "paper_reference": True,
+        "references": [],
+        "regression": True,
+    }  # rewritten
 
 
 def test_only_refuses_a_stage_whose_inputs_are_not_done(tmp_path, tiny_model_dir):

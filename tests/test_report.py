@@ -797,3 +797,28 @@ def test_zephyr_report_warns_about_a_folder_that_is_not_a_run(tmp_path, capsys):
         "lacks\n"
     )
     assert captured.out.splitlines()[-1] == str(tmp_path / "sft" / "report.html")
+
+
+def test_feedback_section_shows_the_judges_position_bias_and_the_tokens():
+    feedback = {
+        "position_effect": {
+            "first": {"0": 1.9, "1": 3.4},
+            "final": {"0": 2.6, "1": 2.65},
+            "first_spread": 1.5,
+            "final_spread": 0.05,
+            "removed": 0.9667,
+        },
+        "chosen_position": {"pairs": 2, "shown_first": 0.25, "shown_last": 0.75, "expected": 0.5},
+        "usage": {
+            "generators": {
+                "g": {"completions": 2, "prompt_tokens": 200, "completion_tokens": 20, "cost": 0.01}
+            },
+            "judge": {"j": {"calls": 2, "prompt_tokens": 900, "completion_tokens": 0, "cost": None}},
+            "total_cost": 0.01,
+        },
+    }
+    text = render_markdown({"name": "r", "data": {"feedback": feedback}})
+    assert "spread of the mean rating by position 1.5 for one judgment, 0.05 for the kept rating" in text
+    assert "| Output 2 | 3.4 | 2.65 |" in text
+    assert "shown first in 0.25 and last in 0.75 of its judgments (a judge blind to position: 0.5)" in text
+    assert "| g | generator | 200 | 20 | 0.01 |" in text and "| j | judge | 900 | 0 | – |" in text

@@ -128,6 +128,7 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(tmp_pat
     assert f"checkpoint-4 is damaged ({weights}: {size // 2} bytes, sealed with {size})" in captured.err
     assert "resuming from checkpoint-2, the newest intact checkpoint, instead of checkpoint-4" in captured.err
     assert "resuming from " + str(run / "checkpoint-2") in captured.out
+
     # continued from step 2: the steps after it are the uninterrupted run's (in process: the same rounding)
     def curve(folder):
         return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(folder / "metrics.jsonl")]

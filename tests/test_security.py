@@ -185,7 +185,7 @@ def test_an_api_key_reaches_the_server_but_no_file_of_a_feedback_run(tmp_path, m
     assert headers and set(headers) == {f"Bearer {SECRET}"}
     written = [p for p in [*tmp_path.rglob("*")] if p.is_file()]
     names = {p.name for p in written}
-    assert {"judge_audit.jsonl", "responses.sqlite", "rated.jsonl", "pairs.jsonl"} <= names, names
+    assert {"judge_audit.jsonl", "requests.sqlite", "rated.jsonl", "pairs.jsonl"} <= names, names
     for path in written:
         assert SECRET.encode() not in path.read_bytes(), path
 

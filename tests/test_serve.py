@@ -363,7 +363,7 @@ def test_smollm2_served_answers_paris():
     generator = LocalGenerator.from_spec("asset:smollm2-135m-instruct")
     srv, _, url = start_server(generator)
     try:
-        remote = RemoteGenerator("asset:smollm2-135m-instruct", url, timeout=300)
+        remote = RemoteGenerator("smollm2-135m-instruct", url, timeout=300)  # the served name of the asset
         [answer] = remote.generate([ask("What is the capital of France?")], SamplingParams(max_tokens=20))
     finally:
         srv.close()

@@ -116,24 +116,34 @@ def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]
 Offsets = npt.NDArray[np.int64]  # [tokens, 2]: each token's character span [start, end) in its text
 
 
-def _encode_batch(tokenizer: Any, texts: Sequence[str]) -> list[tuple[npt.NDArray[np.int32], Offsets]]:
-    """Token ids and character offsets of several texts, in one call of the fast tokenizer's batch API (the
-    same ids as one call per text), with the BOS rule of the module doc."""
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[npt.NDArray[np.int32]]:
+    """`encode_text` of several texts in one batch call, as int32 arrays."""
+    return [ids for ids, _ in _encode_batch(tokenizer, texts, offsets=False)]
+
+
+def _encode_batch(
+    tokenizer: Any, texts: Sequence[str], offsets: bool = True
+) -> list[tuple[npt.NDArray[np.int32], Offsets]]:
+    """Token ids and character offsets (all zero without `offsets`) of several texts, in one call of the fast
+    tokenizer's batch API (the same ids as one call per text), with the BOS rule of the module doc."""
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError(
             f"{type(tokenizer).__name__} gives no character offsets; use a fast (tokenizers) one"
         )
     if not texts:
         return []
-    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=offsets)
+    spans = enc["offset_mapping"] if offsets else [()] * len(texts)
     bos_token = getattr(tokenizer, "bos_token", None)
     adds_bos = _adds_bos(tokenizer)
     out = []
-    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+    for text, ids, pairs in zip(texts, enc["input_ids"], spans, strict=True):
         id_array = np.array(ids, dtype=np.int32)
-        # (from a flat iterator: a third of the time np.array takes over a list of pairs)
-        flat = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
-        offset_array = flat.reshape(-1, 2)
+        if offsets:  # (from a flat iterator: a third of the time np.array takes over a list of pairs)
+            flat = np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs))
+            offset_array = flat.reshape(-1, 2)
+        else:
+            offset_array = np.zeros((len(ids), 2), dtype=np.int64)
         if adds_bos and not (bos_token and text.startswith(bos_token)):
             id_array = np.concatenate([np.array([tokenizer.bos_token_id], dtype=np.int32), id_array])
             offset_array = np.concatenate([np.zeros((1, 2), dtype=np.int64), offset_array])
@@ -214,13 +224,21 @@ def assistant_spans(
     if eot is None:
         eot, _ = end_of_turn(tokenizer)
     _check_contents(messages, eot)
-    full = render_text(tokenizer, messages)
+    answers = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+    renders = [
+        (
+            i,
+            render_text(tokenizer, messages[:i], add_generation_prompt=True),
+            render_text(tokenizer, messages[: i + 1]),
+        )
+        for i in answers
+    ]
+    # a conversation that ends with an answer is its last render up to an answer (one render fewer)
+    full = (
+        renders[-1][2] if answers and answers[-1] == len(messages) - 1 else render_text(tokenizer, messages)
+    )
     spans = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        prompt = render_text(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render_text(tokenizer, messages[: i + 1])
+    for i, prompt, upto in renders:
         if not upto.startswith(prompt) or not full.startswith(upto):
             raise TemplateError(
                 f"the chat template is not prefix-consistent at message {i}: the conversation before it "
@@ -230,6 +248,13 @@ def assistant_spans(
         start = len(prompt)
         spans.append((start, start + _answer_end(upto[start:], eot, messages)))
     return full, spans
+
+
+def conversation_text(tokenizer: Any, messages: Sequence[Mapping[str, Any]], eot: str | None = None) -> str:
+    """The whole conversation's text, for training on every token: its messages checked for the end-of-turn
+    token's text as `assistant_spans` checks them, no spans (the text is `assistant_spans`' first value)."""
+    _check_contents(messages, eot if eot is not None else end_of_turn(tokenizer)[0])
+    return render_text(tokenizer, messages)
 
 
 def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> Rendered:

@@ -46,7 +46,8 @@ def make_generator(spec: str, **options: Any) -> Generator:
     """A generator for a model spec; `options` go to the backend (unknown ones are an error naming them).
 
     transformers: chat_template, dtype, device, batch_size, trust_remote_code, attn_implementation.
-    openai: api_key_env, max_concurrency, timeout, max_retries, backoff_base, backoff_max, cache, prices.
+    openai: api_key_env, max_concurrency, timeout, max_retries, backoff_base, backoff_max, cache, prices,
+    requests_per_minute, tokens_per_minute.
     vllm: chat_template, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, trust_remote_code.
     """
     parsed = parse_spec(spec)

@@ -247,9 +247,10 @@ def run_requests(generator: Generator, requests: Sequence[Request]) -> list[list
         flat = generator.generate([requests[i].messages for i in indices], params)
         for i, choices in zip(indices, group_by_conversation(flat, params.n), strict=True):
             results[i] = choices
+            on_text = requests[i].on_text
             for k, completion in enumerate(choices):
-                if requests[i].on_text is not None and completion.text:
-                    requests[i].on_text(k, completion.text)
+                if on_text is not None and completion.text:
+                    on_text(k, completion.text)
     return results
 
 

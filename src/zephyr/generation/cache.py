@@ -171,9 +171,9 @@ class CachedGenerator:
             for i, choices in zip(misses, answered, strict=True):
                 out[i] = choices
                 self._account(choices)
-                if keys[i] is not None and all(c.ok for c in choices):
+                if (key := keys[i]) is not None and all(c.ok for c in choices):
                     stored.append(
-                        (keys[i], self.model_id, _request_record(requests[i]), [c.to_dict() for c in choices])
+                        (key, self.model_id, _request_record(requests[i]), [c.to_dict() for c in choices])
                     )
             if self.cache is not None and stored:
                 self.cache.put_many(stored)
@@ -194,4 +194,3 @@ class CachedGenerator:
 
 def _request_record(request: Request) -> dict[str, Any]:
     return {"messages": [dict(m) for m in request.messages], "params": request.params.to_dict()}
-

@@ -137,7 +137,8 @@ class RemoteGenerator:
                 results[i] = [Completion.failed(str(exc)) for _ in range(params.n)]
                 self.usage.failures += params.n
                 continue
-            key = cache_key(self.model, messages, params.to_dict())
+            # the endpoint is part of the key: two servers may serve models of one name
+            key = cache_key(self.model_id, messages, params.to_dict())
             hit = self._cached(key, params.n)
             if hit is not None:
                 results[i] = hit
@@ -178,7 +179,7 @@ class RemoteGenerator:
         completions = await self._send_with_retries(client, semaphore, body, params.n)
         if all(c.ok for c in completions):
             if self.cache is not None:
-                self.cache.put(key, self.model, body, [c.to_dict() for c in completions])
+                self.cache.put(key, self.model_id, body, [c.to_dict() for c in completions])
         else:
             self.usage.failures += len(completions)
         return completions

@@ -63,6 +63,12 @@ def load_key(gcfg: GeneratorConfig, output_dir: str | Path | None = None) -> Has
     return (gcfg.model, tuple(sorted(backend_options(gcfg, output_dir).items())))
 
 
+def answers_id(gcfg: GeneratorConfig) -> str:
+    """What names a local model's answers in a stage's answer cache (`CachedGenerator`): its spec, and its
+    dtype when one is set (the batch size changes no answer: sampling is seeded per request)."""
+    return gcfg.model if gcfg.dtype == "auto" else f"{gcfg.model}|{gcfg.dtype}"
+
+
 def builder(output_dir: str | Path | None = None) -> Build:
     """Builds a config's generator with `make_generator` and the config's backend options."""
 
@@ -119,13 +125,13 @@ class Resident:
             return
         _, generator = self._local
         self._local = None
-        self._record(generator)
+        _add(self._usage, generator)
         release(generator)
 
     def close(self) -> None:
         self.release()
         for generator in self._remote.values():
-            self._record(generator)
+            _add(self._usage, generator)
             release(generator)
         self._remote.clear()
 
@@ -135,9 +141,6 @@ class Resident:
         for generator in live:
             _add(usage, generator)
         return usage
-
-    def _record(self, generator: Generator) -> None:
-        _add(self._usage, generator)
 
     def __enter__(self) -> Resident:
         return self

@@ -40,6 +40,8 @@ _alive: list[VLLMGenerator] = []  # the engine of this process, while it lives
 class VLLMGenerator:
     """A `Generator` over `vllm.LLM` in this process (one alive at a time: module docstring)."""
 
+    model_id: str
+
     def __init__(
         self,
         model: str,

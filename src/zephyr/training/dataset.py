@@ -35,9 +35,12 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +50,7 @@ import numpy.typing as npt
 
 from zephyr import io
 from zephyr.core.errors import DataError, ZephyrError
+from zephyr.models.load import load_tokenizer
 
 CACHE_FORMAT = 1  # the layout of an entry; the code that fills it is hashed into every key
 META_FILE = "meta.json"
@@ -237,6 +241,12 @@ def load_or_build(
     """The entry of `kind` for `key`: reused when sealed and intact, else built by `build(folder)`, which
     writes the arrays (an `ArrayWriter` over `folder`) and returns {"arrays": ..., "stats": ...} for
     meta.json. The log says which, and the entry's size."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A worker process re-running an unguarded script's top level: it would wait forever for the lock
+        # its parent holds. (multiprocessing refuses to start processes here for the same reason.)
+        raise ZephyrError(
+            'tokenized data requested while a worker process starts: guard the script with `if __name__ == "__main__":`'
+        )
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -256,27 +266,35 @@ def load_or_build(
         if folder.exists():
             print(f"{kind} data: {problem}: the entry is damaged; rebuilding it", file=sys.stderr, flush=True)
             shutil.rmtree(folder)
-        for stale in cache_dir.glob(f".tmp-{name}-*"):  # left by a killed build
-            shutil.rmtree(stale, ignore_errors=True)
-        started = time.perf_counter()
-        tmp = cache_dir / f".tmp-{name}-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            made = build(tmp)
-            meta = {"format": CACHE_FORMAT, "kind": kind, "key": dict(key), **made}
-            io.write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
-            io.seal(tmp)
-            io.follow_umask(tmp)
-            io.sync_tree(tmp)
-            io.rename_into_place(tmp, folder)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and (error := io.storage_error(cache_dir, exc)) is not None:
-                raise error from exc
-            raise
-        entry = Entry(folder)
-        _say(f"{kind} data: built {folder} ({_size_text(entry)}) in {time.perf_counter() - started:.1f} s")
-        return entry
+        return _build_entry(kind, key, build, cache_dir / name)
+
+
+def _build_entry(
+    kind: str, key: Mapping[str, Any], build: Callable[[Path], dict[str, Any]], folder: Path
+) -> Entry:
+    """Build an entry in a temporary folder beside `folder`, seal it and rename it into place (the caller
+    holds the entry's exclusive lock)."""
+    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):  # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
+    started = time.perf_counter()
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        made = build(tmp)
+        meta = {"format": CACHE_FORMAT, "kind": kind, "key": dict(key), **made}
+        io.write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
+        io.seal(tmp)
+        io.follow_umask(tmp)
+        io.sync_tree(tmp)
+        io.rename_into_place(tmp, folder)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and (error := io.storage_error(folder.parent, exc)) is not None:
+            raise error from exc
+        raise
+    entry = Entry(folder)
+    _say(f"{kind} data: built {folder} ({_size_text(entry)}) in {time.perf_counter() - started:.1f} s")
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,36 +364,65 @@ def map_chunks(
     chunks: Iterable[T],
     *,
     initializer: Callable[..., None],
+    tokenizer: Any,
     initargs: tuple[Any, ...],
     workers: int,
 ) -> Generator[R, None, None]:
     """`work(chunk)` for every chunk, results in order. When there is more than one chunk and more than one
     worker, in `workers` processes (started fresh, so they inherit no threads or state; each runs
-    `initializer(*initargs)` once) with at most two chunks per worker in flight: reading further ahead would
-    hold the whole data set in memory. Otherwise here, after `initializer(*initargs)`."""
+    `initializer(tokenizer, *initargs)` once) with at most two chunks per worker in flight: reading further
+    ahead would hold the whole data set in memory. Otherwise here, after `initializer(tokenizer, *initargs)`.
+    A worker that dies (killed for memory, say) stops the map with an error rather than leaving it waiting."""
     it = iter(chunks)
     head = [c for c in (next(it, None), next(it, None)) if c is not None]
     if len(head) < 2 or workers < 2:
-        initializer(*initargs)
+        initializer(tokenizer, *initargs)
         for chunk in _chain(head, it):
             yield work(chunk)
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(initializer, initargs)) as pool:
-        pending: deque[Any] = deque()
-        for chunk in _chain(head, it):
-            pending.append(pool.apply_async(work, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    with tempfile.TemporaryDirectory(prefix="zephyr-workers-") as folder:
+        # The tokenizer (megabytes) reaches the workers as a saved folder, not through the pipe that starts
+        # them: a worker that dies while starting would leave its parent blocked writing into a full pipe
+        # (and a pickle in a file would be a pickle to trust on load).
+        tokenizer.save_pretrained(folder)
+        # a tokenizer class from a model's own code was loaded with the recipe's trust_remote_code
+        remote = type(tokenizer).__module__.startswith("transformers_modules")
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(initializer, folder, remote, initargs),
+        )
+        pending: deque[Future[R]] = deque()
+        try:
+            for chunk in _chain(head, it):
+                pending.append(pool.submit(work, chunk))
+                if len(pending) >= 2 * workers:
+                    yield _result(pending.popleft())
+            while pending:
+                yield _result(pending.popleft())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _start_worker(initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
+def _result(future: Future[R]) -> R:
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        raise ZephyrError(
+            "a tokenizing worker process died (out of memory? a script that calls zephyr without an "
+            '`if __name__ == "__main__":` guard?)'
+        ) from exc
+
+
+def _start_worker(
+    initializer: Callable[..., None], tokenizer_dir: str, trust_remote_code: bool, initargs: tuple[Any, ...]
+) -> None:
     # one tokenizing thread per worker process: the processes share the cores (a fast tokenizer's own thread
     # pool in every worker would oversubscribe them)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    initializer(*initargs)
+    # (the saved folder holds the parent's chat template and pad token: "auto" keeps them)
+    initializer(load_tokenizer(tokenizer_dir, "auto", trust_remote_code=trust_remote_code), *initargs)
 
 
 def _chain(head: list[T], rest: Iterator[T]) -> Iterator[T]:
@@ -389,6 +436,7 @@ def tokenize_records(
     *,
     work: Callable[[list[Any]], Chunk],
     initializer: Callable[..., None],
+    tokenizer: Any,
     initargs: tuple[Any, ...],
     dtypes: Mapping[str, npt.DTypeLike],
     label: str,
@@ -411,6 +459,7 @@ def tokenize_records(
         work,
         chunked(rows, chunk_records),
         initializer=initializer,
+        tokenizer=tokenizer,
         initargs=initargs,
         workers=workers_available() if workers is None else workers,
     )
@@ -464,6 +513,7 @@ def read_source(
     row: Callable[[dict[str, Any]], Any],
     work: Callable[[list[Any]], Chunk],
     initializer: Callable[..., None],
+    tokenizer: Any,
     initargs: tuple[Any, ...],
     dtypes: Mapping[str, npt.DTypeLike],
     workers: int | None = None,
@@ -492,6 +542,7 @@ def read_source(
         writer,
         work=work,
         initializer=initializer,
+        tokenizer=tokenizer,
         initargs=initargs,
         dtypes=dtypes,
         label=f"tokenizing {stream.source}",

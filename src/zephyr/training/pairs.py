@@ -261,7 +261,8 @@ def _build(
             row=dict,
             work=tokenize_pair_records,
             initializer=_start_worker,
-            initargs=(tokenizer, options.max_length, options.max_prompt_length),
+            tokenizer=tokenizer,
+            initargs=(options.max_length, options.max_prompt_length),
             dtypes={part: np.int32 for part in PARTS},
             workers=workers,
             chunk_records=chunk_records,
@@ -384,7 +385,7 @@ def pairs_key(paths: Sequence[str], tokenizer: Any, options: PairOptions, cache_
         "tokenizer": dataset.tokenizer_fingerprint(tokenizer),
         "max_length": options.max_length,
         "max_prompt_length": options.max_prompt_length,
-        "code": dataset.code_fingerprint(["zephyr.data.chat", __name__]),
+        "code": dataset.code_fingerprint(["zephyr.io", "zephyr.data.schema", "zephyr.data.chat", __name__]),
     }
 
 

@@ -2,11 +2,15 @@
 
 Per prompt, K = `completions_per_prompt` generator configs are drawn from the pool (`generators`) without
 replacement, by a random generator seeded with (`seed`, prompt id): a prompt's draw depends on nothing else.
-Prompts are processed in chunks: each generator config answers all of its prompts of the chunk in one
-batched call (with its own system prompt and sampling parameters), then the judge rates the chunk, and each
-prompt's rated record is appended to `rated.jsonl` at once. A rerun on the same output folder skips the
-prompts already there, so an interrupted run resumes where it stopped; the pairs and statistics are rebuilt
-from the whole of `rated.jsonl` at the end.
+The work is model-major (`zephyr.generation.schedule`): each local model is loaded once, answers every
+prompt assigned to any of its configs (in calls of `chunk_prompts` prompts, each config with its own system
+prompt and sampling parameters) and is released before the next loads, so one local model is resident at a
+time; HTTP generators run meanwhile, all at once. The judge runs after every completion is written, on the
+model the generators left loaded when it is the same, and appends each chunk's rated records to
+`rated.jsonl`. Local answers are stored in `cache/answers.sqlite`, HTTP ones in the run's request cache
+(`zephyr.generation.cache.request_cache_path`): a rerun on the same output folder skips the prompts already
+rated, takes every completion already answered from the caches, and asks only the rest; the pairs and
+statistics are rebuilt from the whole of `rated.jsonl` at the end.
 
 The prompt of an input record: a conversation's messages before its last assistant turn (all of them when
 it ends with the user), a pair's `chosen` minus the answer, `prompt` as one user message, or a raw
@@ -19,13 +23,15 @@ Without generators the stage imports instead (`import_ultrafeedback`): the promp
 runs), then pairs and statistics as below.
 
 Outputs in `output_dir`:
-- `rated.jsonl`: UltraFeedback records; each completion also holds `finish_reason`, its system prompt,
-  `judgments` (every rating of every repeat: aspect, repeat, position shown, value or null and its reason)
-  and `rating_reasons` for null ratings; each record the judge id, `prompt_messages` when the prompt is not
-  a single user message, and `generation_failures` (completions that could not be generated).
+- `rated.jsonl`: UltraFeedback records; each completion also holds `finish_reason`, its token counts, its
+  system prompt, `judgments` (every rating of every repeat: aspect, repeat, position shown, value or null and
+  its reason) and `rating_reasons` for null ratings; each record the judge id, `judge_usage` (its judge calls
+  and their tokens), `prompt_messages` when the prompt is not a single user message, and
+  `generation_failures` (completions that could not be generated).
 - `pairs.jsonl` (and `pairs_test.jsonl` with `eval_fraction` > 0): ultrafeedback_binarized pairs.
 - `judge_audit.jsonl`: every judge call (`judge.audit_log`).
 - `feedback_stats.json`, `feedback_stats.md`, `ratings.png`; `resolved_config.yaml`.
+- `cache/answers.sqlite`: the local generators' answers.
 A prompt none of whose completions could be generated gets no record (a rerun tries it again).
 """
 
@@ -49,7 +55,7 @@ from zephyr.core.errors import ConfigError, DataError, ZephyrError
 from zephyr.data.schema import Problem, validate_conversation, validate_pair
 from zephyr.generation.base import Completion, Generator, SamplingParams, parse_spec
 from zephyr.generation.cache import CachedGenerator, ResponseCache
-from zephyr.generation.schedule import Resident, builder, is_local, load_key
+from zephyr.generation.schedule import Resident, answers_id, builder, is_local, load_key
 from zephyr.judge.rating import Rating
 from zephyr.stages import stage
 from zephyr.stages.feedback import binarize, stats, ultrafeedback
@@ -267,7 +273,7 @@ def generate_all(
         for g in local:
             gcfg = pool[g]
             answerer = CachedGenerator(
-                partial(resident.get, gcfg), answers_cache if gcfg.cache else None, model_id=gcfg.model
+                partial(resident.get, gcfg), answers_cache if gcfg.cache else None, model_id=answers_id(gcfg)
             )
             answers |= _answer(g, gcfg, assigned[g], answerer, seed, chunk, progress)
         for future in running:
@@ -291,7 +297,7 @@ def _answer(
         top_p=gcfg.top_p,
         seed=_seed_for(seed, gcfg.label),
     )
-    answers = {}
+    answers: dict[tuple[str, int], Completion] = {}
     for start in range(0, len(prompts_), chunk):
         part = prompts_[start : start + chunk]
         conversations = [with_system_prompt(p.messages, gcfg.system_prompt) for p in part]
@@ -516,6 +522,8 @@ def _rate_prompts(
             logger.warning("prompt %s: no completion could be generated (%s)", prompt.prompt_id, reasons)
     ready = [p for p in todo if answered[p.prompt_id]]
     # the judge loads after every generator is released (or is the model still loaded: the last one)
+    if not resident.holds(cfg.judge.model):
+        resident.release()
     judge = Judge(cfg.judge, resident.get(cfg.judge.model), seed=cfg.seed, audit_path=out / AUDIT)
     with tqdm(total=len(ready), desc="feedback: judge", unit="prompt", disable=None) as bar:
         for start in range(0, len(ready), cfg.chunk_prompts):

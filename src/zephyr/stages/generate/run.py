@@ -56,7 +56,7 @@ from zephyr.generation.base import (
     parse_spec,
 )
 from zephyr.generation.cache import CachedGenerator, ResponseCache
-from zephyr.generation.schedule import Resident, backend_options, builder, is_local, load_key
+from zephyr.generation.schedule import Resident, answers_id, backend_options, builder, is_local, load_key
 from zephyr.stages import stage
 from zephyr.stages.generate.strategies import (
     Seed,
@@ -279,7 +279,9 @@ def _scheduled(gen: GeneratorConfig, resident: Resident, answers: ResponseCache)
     (releasing the other model), an HTTP one is built now."""
     if not is_local(gen):
         return resident.get(gen)
-    return CachedGenerator(partial(resident.get, gen), answers if gen.cache else None, model_id=gen.model)
+    return CachedGenerator(
+        partial(resident.get, gen), answers if gen.cache else None, model_id=answers_id(gen)
+    )
 
 
 def _simulator_for(

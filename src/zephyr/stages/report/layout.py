@@ -353,11 +353,55 @@ def _feedback_blocks(stats: Mapping[str, Any], has_image: bool) -> list[Block]:
             blocks += [Text(f"{title}:"), _key_values(part)]
     if gen_failures := _mapping(stats.get("generation_failures")):
         blocks.append(Text(f"Completions that could not be generated: {fmt(gen_failures.get('total'))}."))
+    blocks += _position_blocks(stats) + _usage_blocks(stats)
     if has_image:
         blocks.append(Figure("image", "Rating histograms (feedback/ratings.png)", IMAGES["feedback_ratings"]))
     elif _get(stats, "histograms", "by_aspect") is not None:
         blocks.append(Figure("ratings", "Rating histograms", stats["histograms"]))
     return blocks
+
+
+def _position_blocks(stats: Mapping[str, Any]) -> list[Block]:
+    """The judge's position bias, before and after the repeats, and where the chosen answers were shown."""
+    effect, chosen = _mapping(stats.get("position_effect")), _mapping(stats.get("chosen_position"))
+    first, final = _mapping(effect.get("first")), _mapping(effect.get("final"))
+    if not first:
+        return []
+    rows = [[f"Output {int(p) + 1}", fmt(first.get(p)), fmt(final.get(p))] for p in first if str(p).isdigit()]
+    blocks: list[Block] = [
+        Text(
+            f"Position bias of the judge: spread of the mean rating by position {fmt(effect.get('first_spread'))} "
+            f"for one judgment, {fmt(effect.get('final_spread'))} for the kept rating (share removed by the "
+            f"repeats: {fmt(effect.get('removed'))})."
+        ),
+        Table(["shown at (first repeat)", "one judgment", "kept rating"], rows),
+    ]
+    if chosen:
+        blocks.append(
+            Text(
+                f"The chosen answer was shown first in {fmt(chosen.get('shown_first'))} and last in "
+                f"{fmt(chosen.get('shown_last'))} of its judgments (a judge blind to position: "
+                f"{fmt(chosen.get('expected'))})."
+            )
+        )
+    return blocks
+
+
+def _usage_blocks(stats: Mapping[str, Any]) -> list[Block]:
+    """Tokens (and cost) per generator and for the judge."""
+    usage = _mapping(stats.get("usage"))
+    rows = [
+        [name, role, fmt(_get(e, "prompt_tokens")), fmt(_get(e, "completion_tokens")), fmt(_get(e, "cost"))]
+        for role, group in (("generator", usage.get("generators")), ("judge", usage.get("judge")))
+        for name, e in _mapping(group).items()
+    ]
+    if not rows:
+        return []
+    total = usage.get("total_cost")
+    return [
+        Text("Tokens and cost" + ("" if total is None else f" (total ${fmt(total)})") + ":"),
+        Table(["model", "role", "prompt tokens", "completion tokens", "cost (USD)"], rows),
+    ]
 
 
 def _config_blocks(report: Mapping[str, Any]) -> list[Block]:

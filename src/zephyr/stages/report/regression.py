@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -160,7 +161,7 @@ def _conversations(path: Path) -> list[dict]:
 # Computing and caching
 
 
-def update_regression(run_dir: str | Path) -> dict[str, Any] | None:
+def update_regression(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """Compute the check into `RUN/regression.json` unless it is there for the same models and data;
     returns it (None when the run has no trained model with weights, or the recipe turns it off)."""
     run = Path(run_dir)
@@ -248,7 +249,7 @@ def _measure(spec: str, held: Sequence[Mapping[str, Any]]) -> tuple[list[str], d
 
 
 def _fingerprint(models: Mapping[str, str], held: Sequence[Mapping[str, Any]]) -> str:
-    files = {}
+    files: dict[str, Any] = {}
     for name, spec in models.items():
         folder = Path(spec)
         if folder.is_dir():

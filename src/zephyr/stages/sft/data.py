@@ -27,7 +27,13 @@ import numpy.typing as npt
 from zephyr import io
 from zephyr.core.config import SFTConfig
 from zephyr.core.errors import ZephyrError
-from zephyr.data.chat import assistant_spans, encode_conversations, end_of_turn
+from zephyr.data.chat import (
+    assistant_spans,
+    conversation_text,
+    encode_conversations,
+    encode_texts,
+    end_of_turn,
+)
 from zephyr.training import dataset
 from zephyr.training.dataset import ArrayWriter, Chunk, Entry
 
@@ -110,19 +116,31 @@ def _start_worker(tokenizer: Any, max_length: int, loss_on: str) -> None:
 
 
 def tokenize_conversations(conversations: list[list[dict[str, Any]]]) -> Chunk:
-    """A chunk of conversations (message lists) into documents (`_start_worker` set the options)."""
-    tokenizer, eot = _WORKER["tokenizer"], _WORKER["eot"]
+    """A chunk of conversations (message lists) into documents (`_start_worker` set the options).
+
+    `loss_on: all` needs no assistant spans: each conversation is rendered once and tokenized without
+    character offsets (the ids `render_conversation` gives, every mask bit set)."""
+    tokenizer, eot, every_token = _WORKER["tokenizer"], _WORKER["eot"], _WORKER["loss_on"] == "all"
     n = len(conversations)
-    rendered, rendered_at, problems = [], [], []
+    rendered: list[Any] = []
+    rendered_at, problems = [], []
     for i, messages in enumerate(conversations):
         try:
-            rendered.append(assistant_spans(tokenizer, messages, eot))
+            if every_token:
+                rendered.append(conversation_text(tokenizer, messages, eot))
+            else:
+                rendered.append(assistant_spans(tokenizer, messages, eot))
             rendered_at.append(i)
         except ZephyrError as exc:  # a record the template cannot render: the bad-record policy decides
             problems.append((i, str(exc)))
+    encoded: list[tuple[npt.NDArray[np.int32], npt.NDArray[Any]]]
+    if every_token:
+        encoded = [(ids, ids) for ids in encode_texts(tokenizer, rendered)]  # (the mask: all set, below)
+    else:
+        encoded = encode_conversations(tokenizer, rendered)
     kept, flags = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.uint8)
     ids_parts, mask_parts, lengths = [], [], []
-    for i, (ids, assistant) in zip(rendered_at, encode_conversations(tokenizer, rendered), strict=True):
+    for i, (ids, assistant) in zip(rendered_at, encoded, strict=True):
         if len(ids) > _WORKER["max_length"]:
             flags[i] |= TRUNCATED
         doc = fit_document(ids, trained_mask(assistant, _WORKER["loss_on"]), _WORKER["max_length"])
@@ -165,7 +183,8 @@ def _build(
             row=lambda record: record["messages"],
             work=tokenize_conversations,
             initializer=_start_worker,
-            initargs=(tokenizer, cfg.max_length, cfg.loss_on),
+            tokenizer=tokenizer,
+            initargs=(cfg.max_length, cfg.loss_on),
             dtypes={"input_ids": np.int32, "loss_mask": np.uint8},
             workers=workers,
             chunk_records=chunk_records,
@@ -227,7 +246,9 @@ def data_key(cfg: SFTConfig, tokenizer: Any, cache_dir: Path) -> dict[str, Any]:
         "max_length": cfg.max_length,
         "packing": cfg.packing,
         "loss_on": cfg.loss_on,
-        "code": dataset.code_fingerprint(["zephyr.data.chat", "zephyr.data.packing", __name__]),
+        "code": dataset.code_fingerprint(
+            ["zephyr.io", "zephyr.data.schema", "zephyr.data.chat", "zephyr.data.packing", __name__]
+        ),
     }
 
 
