@@ -18,8 +18,10 @@ asset) and chat template (Zephyr's), packing best-fit-decreasing into bins of 20
   answer's characters (two renders of the template per answer) and tokenizes with character offsets.
 - `zephyr-cached`: a new process starting a run on `zephyr`'s data: the tokenizer loaded, the entry found,
   checked against its seal (sizes and CRC-32 of every file) and mapped. That process then reads every token
-  of the mapped arrays once (what an epoch does) and reports its private memory (USS) next to its RSS, which
-  counts the shared, mapped pages.
+  of the mapped arrays once (what an epoch does) and reports its anonymous memory (the heap: what the
+  process owns and cannot give back) next to the file-backed pages it has resident (the mapped arrays: page
+  cache, shared by every process that maps the entry, dropped by the kernel under pressure). USS would count
+  the mapped pages as well, as long as one process alone maps them.
 - `trl`: `datasets.load_dataset("json")` of the file (its `prompt` column dropped: with it SFTTrainer would
   take the rows as prompt-completion pairs), then `SFTTrainer(..., args=SFTConfig(packing=True,
   packing_strategy="bfd", max_length=2048, dataset_num_proc=CORES))` on a tiny random model, which prepares
@@ -32,7 +34,7 @@ memory is sampled every 0.2 s over its process tree (workers included): the sum 
 of every process, shared or not) and of PSS (shared pages divided among their sharers). Cache folders
 (`datasets`' included) are fresh for every run.
 
-    python benchmarks/data.py                         # 200,000 dialogues (~20 min on 2 cores)
+    python benchmarks/data.py                         # 200,000 dialogues (~10 min on 2 cores, ~3 more to write the set once)
     python benchmarks/data.py --dialogues 3000        # a quick run
 """
 
@@ -152,7 +154,6 @@ def zephyr_prepare(data: Path, work: Path, loss_on: str = "all") -> dict:
 
 def zephyr_cached(data: Path, work: Path) -> dict:
     import numpy as np
-    import psutil
 
     from zephyr.stages.sft.data import Examples, load_sft_data
 
@@ -160,23 +161,31 @@ def zephyr_cached(data: Path, work: Path) -> dict:
     entry = load_sft_data(_config(data), _tokenizer(), cache_dir=work / "zephyr-cache")
     examples = Examples(entry, "train", packed=True)
     seconds = time.perf_counter() - started
-    me = psutil.Process()
-    before = me.memory_full_info()
+    before = _resident()
     checksum = 0
     for name in ("input_ids", "loss_mask"):  # every page read once, a slice at a time (an epoch's reads)
         values = entry.array(name)
         for start in range(0, len(values), 1 << 24):
             checksum += int(values[start : start + (1 << 24)].sum(dtype=np.int64) % 97)
-    after = me.memory_full_info()
+    after = _resident()
     return {
         "seconds": seconds,
         "tokens": entry.stats["tokens"],
         "bins": len(examples),
-        "uss_mapped": before.uss,
-        "uss_read": after.uss,
-        "rss_read": after.rss,
+        "anon_mapped": before["Anonymous"],
+        "anon_read": after["Anonymous"],
+        "file_read": after["Rss"] - after["Anonymous"],
         "checksum": checksum,
     }
+
+
+def _resident() -> dict[str, int]:
+    """This process's resident memory in bytes by kind (Linux's smaps_rollup: Rss, Anonymous, ...)."""
+    fields = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0]) * 1024
+    return fields
 
 
 def trl_prepare(data: Path, work: Path) -> dict:
@@ -313,8 +322,8 @@ def table(results: dict[str, dict], dialogues: int) -> str:
     if cached:
         lines.append(
             f"zephyr cached start: {cached['seconds']:.1f} s (process wall {cached['wall']:.1f} s); after reading "
-            f"every token: USS {_gib(cached['uss_read'])} (at start {_gib(cached['uss_mapped'])}), RSS "
-            f"{_gib(cached['rss_read'])}"
+            f"every token: anonymous memory {_gib(cached['anon_read'])} (at start {_gib(cached['anon_mapped'])}), "
+            f"file-backed (the mapped entry) {_gib(cached['file_read'])}"
         )
     return "\n".join(lines)
 
