@@ -32,6 +32,7 @@ from zephyr.generation.base import (
     Request,
     SamplingParams,
     Usage,
+    parse_spec,
     run_requests,
 )
 
@@ -41,6 +42,14 @@ REQUEST_CACHE = Path("cache") / "requests.sqlite"
 def request_cache_path(output_dir: str | Path) -> Path:
     """The run's request cache for a stage writing into `output_dir`: `cache/requests.sqlite` beside it."""
     return Path(output_dir).resolve().parent / REQUEST_CACHE
+
+
+def request_cache_options(spec: str, output_dir: str | Path | None, cache: bool = True) -> dict[str, Any]:
+    """The `make_generator` options that store a model's answers in the run's request cache: an HTTP model
+    (paid calls) writing into `output_dir` gets `cache`; a local model, or `cache` off, gets none."""
+    if cache and output_dir is not None and parse_spec(spec).backend == "openai":
+        return {"cache": str(request_cache_path(output_dir))}
+    return {}
 
 
 _SCHEMA = """

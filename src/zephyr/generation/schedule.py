@@ -21,7 +21,7 @@ from typing import Any
 from zephyr.core.config import GeneratorConfig
 from zephyr.generation import make_generator
 from zephyr.generation.base import Generator, Metered, Releasable, parse_spec
-from zephyr.generation.cache import request_cache_path
+from zephyr.generation.cache import request_cache_options
 
 Build = Callable[[GeneratorConfig], Generator]
 
@@ -33,7 +33,7 @@ def is_local(gcfg: GeneratorConfig) -> bool:
 
 def backend_options(gcfg: GeneratorConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """The `make_generator` options a generator config sets for its backend. HTTP answers are stored in the
-    run's request cache (`request_cache_path(output_dir)`) unless `gcfg.cache` is off or no folder is given."""
+    run's request cache (`request_cache_options`) unless `gcfg.cache` is off or no folder is given."""
     backend = parse_spec(gcfg.model).backend
     if backend == "openai":
         options: dict[str, Any] = {
@@ -44,9 +44,7 @@ def backend_options(gcfg: GeneratorConfig, output_dir: str | Path | None = None)
             "requests_per_minute": gcfg.requests_per_minute,
             "tokens_per_minute": gcfg.tokens_per_minute,
         }
-        if gcfg.cache and output_dir is not None:
-            options["cache"] = str(request_cache_path(output_dir))
-        return options
+        return options | request_cache_options(gcfg.model, output_dir, gcfg.cache)
     dtype = None if gcfg.dtype == "auto" else gcfg.dtype
     if backend == "vllm":
         return {

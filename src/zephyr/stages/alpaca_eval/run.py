@@ -40,6 +40,7 @@ from zephyr.core.errors import ConfigError, DataError, ZephyrError
 from zephyr.core.specs import is_hub_spec, parse_hub_spec
 from zephyr.generation import make_generator
 from zephyr.generation.base import Generator, SamplingParams
+from zephyr.generation.cache import request_cache_options
 from zephyr.io import check_output_dir, iter_rows, write_jsonl, write_text
 from zephyr.judge.client import (
     JUDGE_CALL_FAILED,
@@ -322,6 +323,12 @@ def judge_items(
 # The run
 
 
+def _load(spec: str, out: Path) -> Generator:
+    """The generator of a model spec; an HTTP model's answers go to the run's request cache (a redone eval
+    pays for nothing twice)."""
+    return make_generator(spec, **request_cache_options(spec, out))
+
+
 def run_alpaca_eval(
     cfg: AlpacaEvalEvalConfig,
     model: str,
@@ -351,10 +358,10 @@ def run_alpaca_eval(
     check_output_dir(out)  # before any model loads: an unwritable or full folder fails now
 
     if cfg.judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
-        judge_generator = judge_generator or make_generator(cfg.judge)
+        judge_generator = judge_generator or _load(cfg.judge, out)
         check_logprobs_judge(judge_generator, cfg.judge)
-    outputs = _answer(model_generator or make_generator(model), model, items, cfg.max_new_tokens, out)
-    client = _judge_client(spec, judge_generator or make_generator(cfg.judge), cfg.judge, cfg.judge_mode, out)
+    outputs = _answer(model_generator or _load(model, out), model, items, cfg.max_new_tokens, out)
+    client = _judge_client(spec, judge_generator or _load(cfg.judge, out), cfg.judge, cfg.judge_mode, out)
     records = judge_items(spec, items, outputs, client, ae.DEFAULT_SEED, mode=cfg.judge_mode)
     write_jsonl(out / ANNOTATIONS, records)
 

@@ -47,6 +47,7 @@ from typing import Any
 from zephyr.core.config import MtBenchEvalConfig
 from zephyr.core.errors import DataError
 from zephyr.generation import Completion, Generator, SamplingParams, make_generator
+from zephyr.generation.cache import request_cache_options
 from zephyr.io import check_output_dir, iter_rows, write_jsonl, write_text
 from zephyr.judge.client import (
     JUDGE_CALL_FAILED,
@@ -120,7 +121,7 @@ def run_mt_bench(
     references = mt_bench.load_references(folder / "reference_answer" / "gpt-4.jsonl")
     out = Path(out)
     check_output_dir(out)  # before any model loads: an unwritable or full folder fails now
-    loaded = _Generators()
+    loaded = _Generators(out)
     for spec, generator in (
         (model, model_generator),
         (cfg.judge, judge_generator),
@@ -180,7 +181,8 @@ class _Generators:
     """The run's generators by spec: those given, else loaded once on first use (a spec named as model and
     judge, say, is one model)."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: Path) -> None:
+        self._out = out
         self._by_spec: dict[str, Generator] = {}
 
     def given(self, spec: str | None, generator: Generator | None) -> None:
@@ -192,7 +194,8 @@ class _Generators:
         if given is not None:
             return given
         if spec not in self._by_spec:
-            self._by_spec[spec] = make_generator(spec)
+            # an HTTP model's answers go to the run's request cache: a redone eval pays for nothing twice
+            self._by_spec[spec] = make_generator(spec, **request_cache_options(spec, self._out))
         return self._by_spec[spec]
 
 
