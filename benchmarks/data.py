@@ -36,6 +36,14 @@ of every process, shared or not) and of PSS (shared pages divided among their sh
 
     python benchmarks/data.py                         # 200,000 dialogues (~10 min on 2 cores, ~3 more to write the set once)
     python benchmarks/data.py --dialogues 3000        # a quick run
+    python benchmarks/data.py --pairs 61135           # dDPO's pairs instead (below)
+
+`--pairs N`: a preference set shaped like UltraFeedback's binarized pairs (61,135 in train_prefs): a prompt
+of lognormal(ln 43, 0.8) words and two answers of lognormal(ln 216, 0.6) words each, as `chosen` and
+`rejected` conversations. `zephyr-pairs` is `training.pairs.load_pairs` into a fresh cache (prompt, chosen
+and rejected ids; max_length 1024, max_prompt_length 512: the handbook's dDPO), `trl-pairs` TRL 1.16's
+`DPOTrainer(..., args=DPOConfig(max_length=1024, dataset_num_proc=CORES))` preparing the dataset (its
+conversational prompt extraction, chat template and tokenizing; TRL 1.16 has no prompt length limit).
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))  # runs from a checkout without installing zephyr
 
 MAX_LENGTH = 2048
+PAIR_MAX_LENGTH, PAIR_MAX_PROMPT_LENGTH = 1024, 512  # the handbook's dDPO
 TOKENIZER = "asset:mistral-7b-tokenizer"
 TEMPLATE = "zephyr"
 
@@ -78,16 +87,9 @@ def _vocabulary():
     return np.array(words, dtype=object), weights / weights.sum()
 
 
-def synthesize(path: Path, dialogues: int, seed: int = 0) -> None:
-    """Write the synthetic set (module docstring) to `path`, unless a file of the same parameters is there."""
-    import numpy as np
-
-    stamp = path.with_suffix(".json")
-    params = {"dialogues": dialogues, "seed": seed, "version": 2}
-    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
-        return
+def _passages(rng):
+    """A function of n: n words drawn by frequency, in sentences of 6 to 21 words, four a paragraph."""
     words, weights = _vocabulary()
-    rng = np.random.default_rng(seed)
 
     def passage(n: int) -> str:
         drawn = words[rng.choice(len(words), size=n, p=weights)].tolist()
@@ -99,6 +101,50 @@ def synthesize(path: Path, dialogues: int, seed: int = 0) -> None:
             sentences.append(" ".join(sentence) + ".")
             i += k
         return "\n\n".join(" ".join(sentences[j : j + 4]) for j in range(0, len(sentences), 4))
+
+    return passage
+
+
+def synthesize_pairs(path: Path, pairs: int, seed: int = 1) -> None:
+    """Write a synthetic preference set (`--pairs`, module docstring) to `path`, unless it is there."""
+    import numpy as np
+
+    stamp = path.with_suffix(".json")
+    params = {"pairs": pairs, "seed": seed, "version": 1}
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return
+    rng = np.random.default_rng(seed)
+    passage = _passages(rng)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for d in range(pairs):
+            prompt = passage(max(3, int(rng.lognormal(np.log(43), 0.8))))
+            answers = [passage(max(3, int(rng.lognormal(np.log(216), 0.6)))) for _ in range(2)]
+            conversations = [
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+                for answer in answers
+            ]
+            record = {
+                "prompt_id": f"{d:08d}",
+                "prompt": prompt,
+                "chosen": conversations[0],
+                "rejected": conversations[1],
+            }
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    stamp.write_text(json.dumps(params))
+
+
+def synthesize(path: Path, dialogues: int, seed: int = 0) -> None:
+    """Write the synthetic set (module docstring) to `path`, unless a file of the same parameters is there."""
+    import numpy as np
+
+    stamp = path.with_suffix(".json")
+    params = {"dialogues": dialogues, "seed": seed, "version": 2}
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return
+    rng = np.random.default_rng(seed)
+    passage = _passages(rng)
 
     started = time.perf_counter()
     tmp = path.with_suffix(".tmp")
@@ -188,25 +234,30 @@ def _resident() -> dict[str, int]:
     return fields
 
 
+def _tiny_model(tokenizer):
+    """A one-layer random model: TRL's trainers want one; its size does not touch the preparation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
 def trl_prepare(data: Path, work: Path) -> dict:
     os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")  # fresh: nothing of an earlier run reused
     import datasets
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    model = _tiny_model(tokenizer)
     args = SFTConfig(
         output_dir=str(work / "trl-out"),
         packing=True,
@@ -233,11 +284,59 @@ def zephyr_assistant(data: Path, work: Path) -> dict:
     return zephyr_prepare(data, work, loss_on="assistant")
 
 
+def zephyr_pairs(data: Path, work: Path) -> dict:
+    from zephyr.training.pairs import PairOptions, load_pairs
+
+    tokenizer = _tokenizer()
+    started = time.perf_counter()
+    options = PairOptions(max_length=PAIR_MAX_LENGTH, max_prompt_length=PAIR_MAX_PROMPT_LENGTH)
+    pairs = load_pairs(tokenizer, str(data), options=options, cache_dir=work / "zephyr-cache")
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "tokens": pairs.entry.stats["tokens"],
+        "bins": len(pairs.train),
+        "cache_bytes": pairs.entry.nbytes,
+    }
+
+
+def trl_pairs(data: Path, work: Path) -> dict:
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = _tokenizer()
+    args = DPOConfig(
+        output_dir=str(work / "trl-out"),
+        max_length=PAIR_MAX_LENGTH,
+        dataset_num_proc=_cores(),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    started = time.perf_counter()
+    dataset = datasets.load_dataset("json", data_files=str(data), split="train").remove_columns(["prompt"])
+    model, reference = _tiny_model(tokenizer), _tiny_model(tokenizer)  # (a random model has no path to load)
+    trainer = DPOTrainer(
+        model=model, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    prepared = trainer.train_dataset
+    seconds = time.perf_counter() - started
+    columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in prepared.column_names]
+    return {
+        "seconds": seconds,
+        "tokens": sum(len(ids) for c in columns for ids in prepared[c]),
+        "bins": len(prepared),
+    }
+
+
 ENGINES = {
     "zephyr": zephyr_prepare,
     "zephyr-cached": zephyr_cached,
     "zephyr-assistant": zephyr_assistant,
     "trl": trl_prepare,
+    "zephyr-pairs": zephyr_pairs,
+    "trl-pairs": trl_pairs,
 }
 
 
@@ -294,9 +393,9 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def table(results: dict[str, dict], dialogues: int) -> str:
+def table(results: dict[str, dict], what: str) -> str:
     lines = [
-        f"{dialogues:,} dialogues, {_cores()} cores; load average before / after each engine in brackets",
+        f"{what}, {_cores()} cores; load average before / after each engine in brackets",
         "",
         "| engine | seconds | tokens | bins | peak RSS (tree) | peak PSS (tree) | load |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -306,13 +405,13 @@ def table(results: dict[str, dict], dialogues: int) -> str:
             f"| {name} | {r['seconds']:.1f} | {r['tokens']:,} | {r['bins']:,} | {_gib(r['peak_rss'])} | "
             f"{_gib(r['peak_pss'])} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
         )
-    ours, theirs = results.get("zephyr"), results.get("trl")
+    ours = results.get("zephyr") or results.get("zephyr-pairs")
     lines.append("")
-    for name in ("zephyr", "zephyr-assistant"):
-        r = results.get(name)
+    for name, peer in (("zephyr", "trl"), ("zephyr-assistant", "trl"), ("zephyr-pairs", "trl-pairs")):
+        r, theirs = results.get(name), results.get(peer)
         if r and theirs:
             lines.append(
-                f"{name} / trl: {theirs['seconds'] / r['seconds']:.2f}× as fast, "
+                f"{name} / {peer}: {theirs['seconds'] / r['seconds']:.2f}× as fast, "
                 f"{r['peak_rss'] / theirs['peak_rss']:.2f}× the peak RSS, "
                 f"{r['peak_pss'] / theirs['peak_pss']:.2f}× the peak PSS"
             )
@@ -332,20 +431,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dialogues", type=int, default=200_000)
     p.add_argument("--work", default="/tmp/zephyr-bench-data", help="folder for the data and the caches")
-    p.add_argument("--engines", default="zephyr,zephyr-cached,zephyr-assistant,trl")
+    p.add_argument(
+        "--pairs", type=int, help="a preference set of this many pairs instead (61,135: ultrafeedback)"
+    )
+    p.add_argument(
+        "--engines",
+        help="default: zephyr,zephyr-cached,zephyr-assistant,trl (--pairs: zephyr-pairs,trl-pairs)",
+    )
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data = work / f"ultrachat-like-{args.dialogues}.jsonl"
-    synthesize(data, args.dialogues)
+    if args.pairs:
+        data, what = work / f"ultrafeedback-like-{args.pairs}.jsonl", f"{args.pairs:,} pairs"
+        synthesize_pairs(data, args.pairs)
+        engines = args.engines or "zephyr-pairs,trl-pairs"
+    else:
+        data, what = work / f"ultrachat-like-{args.dialogues}.jsonl", f"{args.dialogues:,} dialogues"
+        synthesize(data, args.dialogues)
+        engines = args.engines or "zephyr,zephyr-cached,zephyr-assistant,trl"
     for stale in ("zephyr-cache", "hf-datasets", "trl-out"):
         shutil.rmtree(work / stale, ignore_errors=True)
     results = {}
-    for name in args.engines.split(","):
+    for name in engines.split(","):
         results[name] = measure(name, data, work)
         print(f"{name}: {results[name]}", flush=True)
-    text = table(results, args.dialogues)
+    text = table(results, what)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")

@@ -15,11 +15,18 @@ import pytest
 from zephyr import io
 from zephyr.core.config import SFTConfig
 from zephyr.core.errors import DataError
-from zephyr.data.chat import render_conversation
+from zephyr.data.chat import render_conversation, render_prompt_answer
 from zephyr.data.packing import pack_bfd
 from zephyr.stages.sft.data import Examples, fit_document, load_sft_data
 from zephyr.training import dataset
-from zephyr.training.pairs import PairOptions, load_pairs, tokenize_pairs
+from zephyr.training.pairs import (
+    PARTS,
+    PairOptions,
+    _start_worker,
+    load_pairs,
+    tokenize_pair_records,
+    tokenize_pairs,
+)
 
 ROOT = Path(__file__).parents[1]
 TINY_CHAT = ROOT / "recipes" / "data" / "tiny_chat.jsonl"
@@ -103,6 +110,35 @@ def test_cached_pairs_equal_tokenize_pairs(smollm_tokenizer, tmp_path):
         assert pairs.prompt_ids == [p.prompt_id for p in expected]
         total += stats.truncated_prompts
     assert data.stats.truncated_prompts == total > 0 and data.stats.pairs == len(records)
+
+
+def test_a_chunk_of_pairs_is_tokenized_in_one_batch_as_one_pair_at_a_time(smollm_tokenizer):
+    """The worker's batch path: a pair the template cannot render and a pair with no room for its answer
+    are problems at their own indices (in order); the others equal `render_prompt_answer` of each side."""
+    records = io.read_records(TINY_PAIRS, "pairs").records[:4]
+    unrenderable = json.loads(json.dumps(records[1]))
+    unrenderable["chosen"][-1]["content"] += " <|im_end|> and more"
+    too_long = json.loads(json.dumps(records[2]))
+    for side in ("chosen", "rejected"):
+        too_long[side][0]["content"] = "word " * 200  # the prompt alone fills max_length
+    chunk_records = [records[0], unrenderable, too_long, records[3]]
+    _start_worker(smollm_tokenizer, 96, None)
+    chunk = tokenize_pair_records(chunk_records)
+    assert chunk.kept.tolist() == [True, False, False, True]
+    assert [i for i, _ in chunk.problems] == [1, 2]
+    assert "contains the end-of-turn token" in chunk.problems[0][1]
+    assert "leave no room for the answer within max_length 96" in chunk.problems[1][1]
+    expected: dict[str, list[int]] = {part: [] for part in PARTS}
+    for record in (records[0], records[3]):
+        prompt, chosen, rejected = record["chosen"][:-1], record["chosen"][-1], record["rejected"][-1]
+        prompt_ids, chosen_ids = render_prompt_answer(smollm_tokenizer, prompt, chosen["content"])
+        assert render_prompt_answer(smollm_tokenizer, prompt, rejected["content"])[0] == prompt_ids
+        _, rejected_ids = render_prompt_answer(smollm_tokenizer, prompt, rejected["content"])
+        assert len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= 96  # (nothing cut here)
+        for part, ids in zip(PARTS, (prompt_ids, chosen_ids, rejected_ids), strict=True):
+            expected[part] += ids
+    for part, ids in expected.items():
+        assert chunk.values[part].dtype == np.int32 and chunk.values[part].tolist() == ids, part
 
 
 def test_a_record_the_template_cannot_render_follows_the_bad_record_policy(smollm_tokenizer, tmp_path):

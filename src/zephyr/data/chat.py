@@ -91,7 +91,8 @@ def render_text(
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of rendered text, with exactly one BOS where the model expects one (see module doc)."""
-    return _encode(tokenizer, text)[0]
+    ids: list[int] = encode_texts(tokenizer, [text])[0].tolist()
+    return ids
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -106,11 +107,6 @@ def _adds_bos(tokenizer: Any) -> bool:
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     return len(with_special) > len(without) and with_special[0] == bos
-
-
-def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    ((ids, offsets),) = _encode_batch(tokenizer, [text])
-    return ids.tolist(), [(int(a), int(b)) for a, b in offsets]
 
 
 Offsets = npt.NDArray[np.int64]  # [tokens, 2]: each token's character span [start, end) in its text
@@ -312,34 +308,63 @@ def render_prompt_answer(
     The prompt's ids must be an exact prefix of the ids of prompt + answer (otherwise the log-probs of the
     answer would be scored on a context the model never sees at generation): TemplateError if not.
     `answer_ids` end with the end-of-turn token and exclude the template text after it, the same tokens
-    `render_conversation` trains. Multi-turn prompts (earlier assistant turns included) work.
+    `render_conversation` trains. Multi-turn prompts (earlier assistant turns included) work. Many pairs at
+    once: `prompt_answer_texts`, one `encode_texts` call, then `answer_after_prompt` (the same ids).
     """
     eot, eot_id = end_of_turn(tokenizer)
+    prompt, (full,) = prompt_answer_texts(tokenizer, prompt_messages, [answer_content], eot)
+    prompt_ids, all_ids = encode_texts(tokenizer, [prompt, full])
     conversation = [*prompt_messages, {"role": "assistant", "content": answer_content}]
-    _check_contents(conversation, eot)
+    answer = answer_after_prompt(tokenizer, prompt_ids, all_ids, eot, eot_id, conversation)
+    return prompt_ids.tolist(), answer.tolist()
+
+
+def prompt_answer_texts(
+    tokenizer: Any, prompt_messages: Sequence[Mapping[str, Any]], answers: Sequence[str], eot: str
+) -> tuple[str, list[str]]:
+    """The prompt's text with the generation prompt, and for each answer the text of prompt + answer up to
+    and including the answer's end-of-turn token (what `render_prompt_answer` tokenizes). TemplateError when
+    the prompt is not a textual prefix of prompt + answer."""
     prompt = render_text(tokenizer, prompt_messages, add_generation_prompt=True)
-    full = render_text(tokenizer, conversation)
-    if not full.startswith(prompt):
-        raise TemplateError(
-            f"the prompt rendered with the generation prompt is not a textual prefix of prompt + answer in "
-            f"{_excerpt(conversation)}"
-        )
-    end = len(prompt) + _answer_end(full[len(prompt) :], eot, conversation)
-    prompt_ids = encode_text(tokenizer, prompt)
-    all_ids = encode_text(tokenizer, full[:end])
-    if all_ids[: len(prompt_ids)] != prompt_ids:
+    texts = []
+    for answer in answers:
+        conversation = [*prompt_messages, {"role": "assistant", "content": answer}]
+        _check_contents(conversation, eot)
+        full = render_text(tokenizer, conversation)
+        if not full.startswith(prompt):
+            raise TemplateError(
+                f"the prompt rendered with the generation prompt is not a textual prefix of prompt + answer in "
+                f"{_excerpt(conversation)}"
+            )
+        texts.append(full[: len(prompt) + _answer_end(full[len(prompt) :], eot, conversation)])
+    return prompt, texts
+
+
+def answer_after_prompt(
+    tokenizer: Any,
+    prompt_ids: npt.NDArray[np.int32],
+    all_ids: npt.NDArray[np.int32],
+    eot: str,
+    eot_id: int,
+    conversation: Sequence[Mapping[str, Any]],
+) -> npt.NDArray[np.int32]:
+    """The ids of prompt + answer after the prompt's: TemplateError unless the prompt's ids are their exact
+    prefix and the answer ends with the end-of-turn token (`conversation` names the pair in the error)."""
+    n = len(prompt_ids)
+    if len(all_ids) < n or not np.array_equal(all_ids[:n], prompt_ids):
         at = next(
             (k for k, (a, b) in enumerate(zip(prompt_ids, all_ids, strict=False)) if a != b), len(all_ids)
         )
         raise TemplateError(
             f"the prompt's token ids are not a prefix of the prompt + answer ids (first difference at token "
-            f"{at}: prompt has {tokenizer.convert_ids_to_tokens(prompt_ids[at : at + 3])}, prompt + answer "
-            f"has {tokenizer.convert_ids_to_tokens(all_ids[at : at + 3])}) in {_excerpt(conversation)}"
+            f"{at}: prompt has {tokenizer.convert_ids_to_tokens(prompt_ids[at : at + 3].tolist())}, prompt + "
+            f"answer has {tokenizer.convert_ids_to_tokens(all_ids[at : at + 3].tolist())}) in "
+            f"{_excerpt(conversation)}"
         )
-    answer_ids = all_ids[len(prompt_ids) :]
-    if not answer_ids or answer_ids[-1] != eot_id:
+    answer = all_ids[n:]
+    if len(answer) == 0 or answer[-1] != eot_id:
         raise TemplateError(f"the answer does not tokenize to ... {eot!r} in {_excerpt(conversation)}")
-    return prompt_ids, answer_ids
+    return answer
 
 
 # ---------------------------------------------------------------------------------------------------------

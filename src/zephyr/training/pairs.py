@@ -2,8 +2,9 @@
 `zephyr logps`) tokenized once into the cache of `zephyr.training.dataset` and mapped by every process.
 
 A pair is rendered side by side with the chat template: prompt = every message but the last (shared by
-chosen and rejected), answer = the last assistant message, each side through `chat.render_prompt_answer`
-(answer ids = the answer + the template's end-of-turn token).
+chosen and rejected), answer = the last assistant message, each side as `chat.render_prompt_answer`
+renders it (answer ids = the answer + the template's end-of-turn token), many pairs to one batch call of the
+tokenizer.
 
 Truncation (the recipe's rule, as the DPO trainer Zephyr was trained with): only when prompt + the longer
 answer exceed `max_length`, the prompt keeps its last `max_prompt_length` tokens (the end holds the question
@@ -23,13 +24,14 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from zephyr import io
 from zephyr.core.errors import DataError, ZephyrError
+from zephyr.data.chat import answer_after_prompt, encode_texts, end_of_turn, prompt_answer_texts
 from zephyr.training import dataset
 from zephyr.training.dataset import ArrayWriter, Chunk, Entry
 
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 PARTS = ("prompt", "chosen", "rejected")
 Ids = Sequence[int] | npt.NDArray[np.int32]
+S = TypeVar("S", list[int], npt.NDArray[np.int32])
 Parts = tuple[str, Ids, Ids, Ids]  # (prompt_id, prompt ids, chosen ids, rejected ids) of a pair
 # record flags: which parts of a kept pair were cut
 CUT_PROMPT, CUT_CHOSEN, CUT_REJECTED = 1, 2, 4
@@ -72,23 +75,24 @@ class Truncation:
 
 
 def truncate_pair(
-    prompt_ids: Sequence[int],
-    chosen_ids: Sequence[int],
-    rejected_ids: Sequence[int],
+    prompt_ids: S,
+    chosen_ids: S,
+    rejected_ids: S,
     max_length: int | None,
     max_prompt_length: int | None,
-) -> tuple[list[int], list[int], list[int], Truncation]:
+) -> tuple[S, S, S, Truncation]:
     """Cut a pair to `max_length` (see the module doc); answers may come back empty when nothing fits.
 
     Nothing is cut when prompt + the longer answer fit. Otherwise the prompt keeps its END (left-truncated
     to `max_prompt_length`, when it is longer), then the answers keep their START, each up to the room left.
+    Lists come back as lists, arrays as arrays (slices).
     """
-    prompt, chosen, rejected = list(prompt_ids), list(chosen_ids), list(rejected_ids)
+    prompt, chosen, rejected = prompt_ids, chosen_ids, rejected_ids
     if max_length is None or len(prompt) + max(len(chosen), len(rejected)) <= max_length:
         return prompt, chosen, rejected, Truncation()
     cut_prompt = False
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        cut_prompt, prompt = True, prompt[len(prompt) - max_prompt_length :]
+        cut_prompt, prompt = True, prompt[len(prompt) - max_prompt_length :]  # type: ignore[assignment]
     room = max(max_length - len(prompt), 0)
     return (
         prompt,
@@ -137,24 +141,57 @@ def tokenize_pair(
     max_length: int | None,
     max_prompt_length: int | None,
 ) -> tuple[TokenizedPair, Truncation]:
-    """Render and truncate one pair; raises DataError (or chat.TemplateError) when it cannot be trained on."""
-    from zephyr.data.chat import render_prompt_answer
+    """Render and truncate one pair; raises DataError (or chat.TemplateError) when it cannot be trained on.
+    (`pair_texts`, `encode_texts` and `finish_pair`: the workers run the same steps on a chunk at once.)"""
+    eot = end_of_turn(tokenizer)
+    ids = encode_texts(tokenizer, pair_texts(tokenizer, record, eot[0]))
+    (prompt_ids, chosen_ids, rejected_ids), cut = finish_pair(
+        tokenizer, record, ids, eot, max_length, max_prompt_length
+    )
+    pair = TokenizedPair(
+        str(record["prompt_id"]),
+        tuple(prompt_ids.tolist()),
+        tuple(chosen_ids.tolist()),
+        tuple(rejected_ids.tolist()),
+    )
+    return pair, cut
 
+
+def pair_texts(tokenizer: Any, record: Mapping[str, Any], eot: str) -> list[str]:
+    """The three texts a pair is tokenized from: the prompt with the generation prompt, then prompt +
+    chosen and prompt + rejected up to their end-of-turn tokens (one prompt rendering for both)."""
     prompt, chosen, rejected = split_pair(record)
-    prompt_ids, chosen_ids = render_prompt_answer(tokenizer, prompt, chosen)
-    prompt_ids_r, rejected_ids = render_prompt_answer(tokenizer, prompt, rejected)
-    if prompt_ids_r != prompt_ids:  # one prompt, one rendering: a template that varies here is unusable
-        raise DataError("prompt: renders to different ids next to the chosen and the rejected answer")
+    prompt_text, answers = prompt_answer_texts(tokenizer, prompt, [chosen, rejected], eot)
+    return [prompt_text, *answers]
+
+
+def finish_pair(
+    tokenizer: Any,
+    record: Mapping[str, Any],
+    ids: Sequence[npt.NDArray[np.int32]],
+    eot: tuple[str, int],
+    max_length: int | None,
+    max_prompt_length: int | None,
+) -> tuple[tuple[npt.NDArray[np.int32], ...], Truncation]:
+    """(prompt, chosen, rejected) ids of a pair from the ids of its `pair_texts`, truncated; DataError or
+    TemplateError when it cannot be trained on."""
+    prompt, chosen, rejected = split_pair(record)
+    prompt_ids, *answers = ids
+    chosen_ids, rejected_ids = (
+        answer_after_prompt(
+            tokenizer, prompt_ids, all_ids, *eot, [*prompt, {"role": "assistant", "content": a}]
+        )
+        for all_ids, a in zip(answers, (chosen, rejected), strict=True)
+    )
     prompt_ids, chosen_ids, rejected_ids, cut = truncate_pair(
         prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length
     )
-    if not chosen_ids or not rejected_ids:
+    if not len(chosen_ids) or not len(rejected_ids):
         raise DataError(
             f"prompt: {len(prompt_ids)} tokens after truncation leave no room for the answer within "
             f"max_length {max_length}"
         )
-    pair = TokenizedPair(str(record["prompt_id"]), tuple(prompt_ids), tuple(chosen_ids), tuple(rejected_ids))
-    return pair, cut
+    return (prompt_ids, chosen_ids, rejected_ids), cut
 
 
 def tokenize_pairs(
@@ -202,27 +239,48 @@ _WORKER: dict[str, Any] = {}
 
 
 def _start_worker(tokenizer: Any, max_length: int | None, max_prompt_length: int | None) -> None:
-    _WORKER.update(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    _WORKER.update(
+        tokenizer=tokenizer,
+        eot=end_of_turn(tokenizer),
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
 
 
 def tokenize_pair_records(records: list[dict[str, Any]]) -> Chunk:
-    """A chunk of valid pairs records into token ids (`_start_worker` set the tokenizer and lengths)."""
+    """A chunk of valid pairs records into token ids (`_start_worker` set the tokenizer and lengths): every
+    pair's texts rendered, all of them tokenized in one batch call, then each pair checked and truncated."""
+    tokenizer, eot = _WORKER["tokenizer"], _WORKER["eot"]
     n = len(records)
     kept, flags = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.uint8)
-    values: dict[str, list[tuple[int, ...]]] = {part: [] for part in PARTS}
-    problems = []
+    values: dict[str, list[npt.NDArray[np.int32]]] = {part: [] for part in PARTS}
+    problems: list[tuple[int, str]] = []
+    texts, rendered = [], []
     for i, record in enumerate(records):
         try:
-            pair, cut = tokenize_pair(
-                _WORKER["tokenizer"], record, _WORKER["max_length"], _WORKER["max_prompt_length"]
-            )
+            texts += pair_texts(tokenizer, record, eot[0])
+            rendered.append(i)
         except ZephyrError as exc:  # a pair that cannot be trained on: the bad-record policy decides
+            problems.append((i, str(exc)))
+    ids = encode_texts(tokenizer, texts)
+    for k, i in enumerate(rendered):
+        try:
+            parts, cut = finish_pair(
+                tokenizer,
+                records[i],
+                ids[3 * k : 3 * k + 3],
+                eot,
+                _WORKER["max_length"],
+                _WORKER["max_prompt_length"],
+            )
+        except ZephyrError as exc:
             problems.append((i, str(exc)))
             continue
         kept[i] = True
         flags[i] = CUT_PROMPT * cut.prompt + CUT_CHOSEN * cut.chosen + CUT_REJECTED * cut.rejected
-        for part, ids in zip(PARTS, (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids), strict=True):
-            values[part].append(ids)
+        for part, part_ids in zip(PARTS, parts, strict=True):
+            values[part].append(part_ids)
+    problems.sort()
     return Chunk(
         values={part: _flat(v) for part, v in values.items()},
         lengths={part: np.array([len(ids) for ids in v], dtype=np.int64) for part, v in values.items()},
@@ -232,14 +290,8 @@ def tokenize_pair_records(records: list[dict[str, Any]]) -> Chunk:
     )
 
 
-def _flat(items: list[tuple[int, ...]]) -> npt.NDArray[np.int32]:
-    return (
-        np.concatenate([np.asarray(ids, dtype=np.int32) for ids in items]) if items else np.zeros(0, np.int32)
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The cache entry
+def _flat(items: list[npt.NDArray[np.int32]]) -> npt.NDArray[np.int32]:
+    return np.concatenate(items).astype(np.int32, copy=False) if items else np.zeros(0, np.int32)
 
 
 def _build(
