@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from zephyr import io
 from zephyr.core.config import SFTConfig
-from zephyr.core.errors import DataError
+from zephyr.core.errors import DataError, ZephyrError
 from zephyr.data.chat import render_conversation, render_prompt_answer
 from zephyr.data.packing import pack_bfd
 from zephyr.stages.sft.data import Examples, fit_document, load_sft_data
@@ -274,3 +275,19 @@ def test_processes_of_one_machine_build_the_entry_once(tmp_path):
         assert p.exitcode == 0
     assert log.read_text().splitlines() == ["build"]
     assert len({folder for folder, _ in results}) == 1 and all(values == [7, 8] for _, values in results)
+
+
+def _ready(tokenizer) -> None:
+    assert tokenizer.chat_template  # the worker's tokenizer, loaded from the folder the parent saved
+
+
+def _die(chunk) -> None:
+    os._exit(3)  # as a worker killed for memory
+
+
+def test_a_worker_that_dies_stops_the_build_with_an_error(smollm_tokenizer):
+    results = dataset.map_chunks(
+        _die, [[1], [2], [3]], initializer=_ready, tokenizer=smollm_tokenizer, initargs=(), workers=2
+    )
+    with pytest.raises(ZephyrError, match="a tokenizing worker process died"):
+        list(results)
