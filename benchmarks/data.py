@@ -105,64 +105,64 @@ def _passages(rng):
     return passage
 
 
+def _write_once(path: Path, params: dict, records) -> None:
+    """Write `records()` (an iterator of dicts) to `path` as JSONL, unless a file made with the same `params`
+    is there (they are stamped beside it once the file is complete)."""
+    stamp = path.with_suffix(".json")
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return
+    started = time.perf_counter()
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records():
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    stamp.write_text(json.dumps(params))
+    print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s")
+
+
+def _words(rng, median: int, sigma: float) -> int:
+    import numpy as np
+
+    return max(3, int(rng.lognormal(np.log(median), sigma)))
+
+
 def synthesize_pairs(path: Path, pairs: int, seed: int = 1) -> None:
     """Write a synthetic preference set (`--pairs`, module docstring) to `path`, unless it is there."""
     import numpy as np
 
-    stamp = path.with_suffix(".json")
-    params = {"pairs": pairs, "seed": seed, "version": 1}
-    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
-        return
-    rng = np.random.default_rng(seed)
-    passage = _passages(rng)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    def records():
+        rng = np.random.default_rng(seed)
+        passage = _passages(rng)
         for d in range(pairs):
-            prompt = passage(max(3, int(rng.lognormal(np.log(43), 0.8))))
-            answers = [passage(max(3, int(rng.lognormal(np.log(216), 0.6)))) for _ in range(2)]
-            conversations = [
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-                for answer in answers
-            ]
-            record = {
-                "prompt_id": f"{d:08d}",
-                "prompt": prompt,
-                "chosen": conversations[0],
-                "rejected": conversations[1],
-            }
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-    stamp.write_text(json.dumps(params))
+            prompt = passage(_words(rng, 43, 0.8))
+            chosen, rejected = (
+                [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": passage(_words(rng, 216, 0.6))},
+                ]
+                for _ in range(2)
+            )
+            yield {"prompt_id": f"{d:08d}", "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    _write_once(path, {"pairs": pairs, "seed": seed, "version": 1}, records)
 
 
 def synthesize(path: Path, dialogues: int, seed: int = 0) -> None:
     """Write the synthetic set (module docstring) to `path`, unless a file of the same parameters is there."""
     import numpy as np
 
-    stamp = path.with_suffix(".json")
-    params = {"dialogues": dialogues, "seed": seed, "version": 2}
-    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
-        return
-    rng = np.random.default_rng(seed)
-    passage = _passages(rng)
-
-    started = time.perf_counter()
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    def records():
+        rng = np.random.default_rng(seed)
+        passage = _passages(rng)
         for d in range(dialogues):
             messages = []
             for _ in range(min(1 + int(rng.poisson(2.85)), 10)):
-                messages.append(
-                    {"role": "user", "content": passage(max(3, int(rng.lognormal(np.log(43), 0.8))))}
-                )
-                messages.append(
-                    {"role": "assistant", "content": passage(max(3, int(rng.lognormal(np.log(216), 0.6))))}
-                )
-            record = {"prompt": messages[0]["content"], "prompt_id": f"{d:08d}", "messages": messages}
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-    stamp.write_text(json.dumps(params))
-    print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s")
+                messages.append({"role": "user", "content": passage(_words(rng, 43, 0.8))})
+                messages.append({"role": "assistant", "content": passage(_words(rng, 216, 0.6))})
+            yield {"prompt": messages[0]["content"], "prompt_id": f"{d:08d}", "messages": messages}
+
+    _write_once(path, {"dialogues": dialogues, "seed": seed, "version": 2}, records)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -121,13 +121,8 @@ def run_mt_bench(
     references = mt_bench.load_references(folder / "reference_answer" / "gpt-4.jsonl")
     out = Path(out)
     check_output_dir(out)  # before any model loads: an unwritable or full folder fails now
-    loaded = _Generators(out)
-    for spec, generator in (
-        (model, model_generator),
-        (cfg.judge, judge_generator),
-        (cfg.baseline, baseline_generator),
-    ):
-        loaded.given(spec, generator)
+    given = ((model, model_generator), (cfg.judge, judge_generator), (cfg.baseline, baseline_generator))
+    loaded = _Generators(out, given)
     if cfg.judge_mode == "logprobs":  # before the answers are generated: a judge that cannot do it fails now
         check_logprobs_judge(loaded.get(cfg.judge, judge_generator), cfg.judge)
 
@@ -181,13 +176,12 @@ class _Generators:
     """The run's generators by spec: those given, else loaded once on first use (a spec named as model and
     judge, say, is one model)."""
 
-    def __init__(self, out: Path) -> None:
-        self._out = out
+    def __init__(self, out: Path, given: Sequence[tuple[str | None, Generator | None]]) -> None:
+        self._out = out  # (the request cache goes beside it)
         self._by_spec: dict[str, Generator] = {}
-
-    def given(self, spec: str | None, generator: Generator | None) -> None:
-        if spec is not None and generator is not None:
-            self._by_spec.setdefault(spec, generator)
+        for spec, generator in given:
+            if spec is not None and generator is not None:
+                self._by_spec.setdefault(spec, generator)
 
     def get(self, spec: str, given: Generator | None = None) -> Generator:
         """`given` when set, else the generator of `spec` (loaded now if it was not before)."""
