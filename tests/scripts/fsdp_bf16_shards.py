@@ -1,7 +1,7 @@
 """Run by tests/test_ddp.py under torchrun (2 CPU processes): bf16 weights sharded by FSDP2 (per-parameter
 DTensor shards, by rows, the second shard of an odd row count shorter) and trained by StochasticAdamW, every
-rank on the same batches; next to them one process trains an unsharded copy. Every rank prints where its shards
-start; rank 0 then prints whether the gathered sharded weights are bit-identical to the unsharded ones, and how
+rank on the same batches; next to them one process trains an unsharded copy. Rank 0 prints where each rank's
+shards start, then whether the gathered sharded weights are bit-identical to the unsharded ones, and how
 many weights moved."""
 
 import copy
@@ -31,8 +31,12 @@ start = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.L
 alone, sharded = copy.deepcopy(start), copy.deepcopy(start)
 for layer in (sharded[0], sharded[2], sharded):
     fully_shard(layer, mesh=mesh)
-starts = [shard_start(p) for p in sharded.parameters()]
-print(f"rank {dist.get_rank()} shard starts {starts}", flush=True)
+# rank 0 prints every rank's starts: two processes printing to one pipe could interleave their lines
+starts: list = [None] * dist.get_world_size()
+dist.all_gather_object(starts, [shard_start(p) for p in sharded.parameters()])
+if dist.get_rank() == 0:
+    for rank, rank_starts in enumerate(starts):
+        print(f"rank {rank} shard starts {rank_starts}", flush=True)
 train(alone)
 train(sharded)
 gathered = torch.cat([p.full_tensor().detach().float().view(-1) for p in sharded.parameters()])
