@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -201,11 +202,14 @@ def test_reference_cache_is_reused_and_invalidated(
     assert calls == [len(first.train_examples()), len(first.eval_examples())]
     assert len(list(cache.glob("*.jsonl"))) == 2
 
-    # a second run (new task, new policy object) reads the cache: no pass at all
+    # a second run (new task, new policy object) reads the cache: no pass at all; a read is a use
+    for table in cache.glob("*.jsonl"):  # (`zephyr cache prune --unused-days` goes by it)
+        os.utime(table, (1e9, 1e9))
     calls.clear()
     second = DPOTask(cfg, cache_dir=cache)
     second.prepare(load_policy(second, folder), accelerator)
     assert second.reference_status == {"train": "cached", "eval": "cached"} and calls == []
+    assert all(table.stat().st_mtime > 1e9 for table in cache.glob("*.jsonl"))
     batch = second.collate(list(second.train_examples()[:5]))
     assert torch.equal(
         batch.reference.chosen, first.collate(list(first.train_examples()[:5])).reference.chosen
@@ -457,9 +461,8 @@ def test_dropout_is_disabled():
 
 def test_zephyr_dpo_command_end_to_end(model_dir, pairs_file, tmp_path, monkeypatch):
     from zephyr.cli import main
-    from zephyr.models import assets
 
-    monkeypatch.setattr(assets, "home", lambda: tmp_path / "home")  # where the default cache folder lives
+    monkeypatch.setenv("ZEPHYR_CACHE", str(tmp_path / "cache"))  # where the default cache folders live
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"dpo:\n  model: {model_dir}\n  train_data: {pairs_file}\n  eval_fraction: 0.25\n"
@@ -496,7 +499,7 @@ def test_zephyr_dpo_command_end_to_end(model_dir, pairs_file, tmp_path, monkeypa
     report = json.loads((tmp_path / "run" / DATA_REPORT).read_text())
     assert report["train_pairs"] + report["eval_pairs"] == 16 and report["eval_pairs"] > 0
     assert report["reference"] == "precomputed" and report["bad_pairs"] == 0
-    assert len(list((tmp_path / "home" / "cache" / "ref_logps").glob("*.jsonl"))) == 2
+    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.jsonl"))) == 2
 
 
 # --- shipped recipes -------------------------------------------------------------------------------------

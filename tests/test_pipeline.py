@@ -469,7 +469,7 @@ def test_an_api_key_is_never_written_to_the_run_folder_caches_or_output(
     tmp_path, tiny_model_dir, capfd, monkeypatch
 ):
     from zephyr.generation.local import LocalGenerator
-    from zephyr.models.assets import home as zephyr_home
+    from zephyr.models.assets import cache_home
     from zephyr.models.load import load_model, load_tokenizer
     from zephyr.serve import start_server
 
@@ -512,9 +512,7 @@ def test_an_api_key_is_never_written_to_the_run_folder_caches_or_output(
     assert answers and all(a["ok"] if "ok" in a else a.get("turns") for a in answers)  # the key was accepted
     captured = capfd.readouterr()
     assert key not in captured.out and key not in captured.err
-    searched = [
-        p for root in (tmp_path / "run", zephyr_home() / "cache") for p in root.rglob("*") if p.is_file()
-    ]
+    searched = [p for root in (tmp_path / "run", cache_home()) for p in root.rglob("*") if p.is_file()]
     assert len(searched) > 10
     leaks = [str(p) for p in searched if key.encode() in p.read_bytes()]
     assert leaks == []

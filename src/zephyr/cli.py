@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import re
 import signal
 import sys
@@ -81,6 +82,25 @@ def _cmd_assets(args: argparse.Namespace) -> int:
         return 0
     path = assets.fetch(args.name, force=args.force)
     print(path)  # contract: the asset's folder is the last line of stdout
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from zephyr import cache
+    from zephyr.models import assets
+
+    root, now = assets.cache_home(), time.time()
+    found = cache.items(root) if Path(root).is_dir() else []
+    if args.cache_command == "list":
+        print("\n".join(cache.list_lines(root, found, now)))
+        return 0
+    if (args.unused_days is None) == (not args.all):
+        raise ConfigError("zephyr cache prune: give --unused-days DAYS or --all")
+    chosen = cache.select(found, unused_days=None if args.all else args.unused_days, now=now)
+    print("\n".join(cache.prune_lines(root, chosen, args.dry_run)))
     return 0
 
 
@@ -292,6 +312,19 @@ def _add_assets_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_assets)
 
 
+def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache", help="what the cache holds ($ZEPHYR_CACHE: tokenized data, reference log-probs); prune it"
+    )
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    csub.add_parser("list", help="every item with its size and time of last use, the oldest first")
+    prune = csub.add_parser("prune", help="remove items unused for some days, or all (rebuilt when needed)")
+    prune.add_argument("--unused-days", type=float, metavar="DAYS", help="remove what was last used before")
+    prune.add_argument("--all", action="store_true", help="remove every item")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.set_defaults(handler=_cmd_cache)
+
+
 def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="validate or inspect data files")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -380,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_parser(sub)
     _add_assets_parser(sub)
     _add_data_parser(sub)
+    _add_cache_parser(sub)
     for s in STAGES:  # the stage table's commands, in its order
         if s.command is not None and s.plan != "evaluation":
             _add_stage_parser(sub, s)
@@ -404,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `zephyr cache list | head`: the reader left, which is no error of the command
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter's exit flushes and closes it)
+        return 0
     finally:
         _restore_sigterm(previous)
         _close_process_group()

@@ -290,6 +290,17 @@ def home() -> Path:
     return Path(os.environ.get("ZEPHYR_HOME") or Path.home() / ".cache" / "zephyr").expanduser()
 
 
+def cache_home() -> Path:
+    """Where zephyr keeps what it can rebuild (tokenized data, reference log-probs): `$ZEPHYR_CACHE`, default
+    `$ZEPHYR_HOME/cache`. `zephyr cache` lists and prunes it."""
+    return Path(os.environ.get("ZEPHYR_CACHE") or home() / "cache").expanduser()
+
+
+# The folders of the cache, each owned by one module.
+TOKENIZED_CACHE = "tokenized"  # zephyr.training.dataset: KIND-FINGERPRINT/ entries, a lock file beside each
+REFERENCE_CACHE = "ref_logps"  # zephyr.stages.dpo.reference: FINGERPRINT.jsonl tables
+
+
 def asset_dir(name: str) -> Path:
     get_asset(name)
     return home() / "assets" / name

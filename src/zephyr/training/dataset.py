@@ -54,6 +54,7 @@ from zephyr.models.load import load_tokenizer
 
 CACHE_FORMAT = 1  # the layout of an entry; the code that fills it is hashed into every key
 META_FILE = "meta.json"
+TMP_PREFIX = ".tmp-"  # an entry being built: .tmp-NAME-PID beside its final name
 CHUNK_RECORDS = 512  # records per chunk sent to a worker: ~0.7M tokens of ultrachat-like dialogues
 
 T = TypeVar("T")
@@ -63,7 +64,7 @@ R = TypeVar("R")
 def default_cache_dir() -> Path:
     from zephyr.models import assets
 
-    return assets.home() / "cache" / "tokenized"
+    return assets.cache_home() / assets.TOKENIZED_CACHE
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,6 +155,8 @@ class Entry:
         self.folder = folder
         self.meta: dict[str, Any] = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         self._mapped: dict[str, npt.NDArray[Any]] = {}
+        for name in self.meta["arrays"]:  # mapped now: an entry pruned later stays readable (Linux keeps
+            self.array(name)  # the files of a mapping), and mapping costs no reads
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -201,6 +204,28 @@ def entry_problem(folder: Path) -> str | None:
 # Build once, map everywhere
 
 
+def lock_file(entry: Path) -> Path:
+    """The lock of an entry's folder, beside it: builders hold it exclusively, readers shared while they check."""
+    return entry.with_name(f"{entry.name}.lock")
+
+
+def owner_of(tmp: Path) -> Path:
+    """The entry a build's temporary folder (`.tmp-NAME-PID`) is for."""
+    return tmp.with_name(tmp.name.removeprefix(TMP_PREFIX).rsplit("-", 1)[0])
+
+
+def try_lock(entry: Path) -> int | None:
+    """The entry's lock taken exclusively without waiting: its file descriptor (closing it releases the lock),
+    or None when a process holds it (building the entry, or checking it before use)."""
+    fd = os.open(lock_file(entry), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def _locked(path: Path, exclusive: bool) -> Iterator[float]:
     """Hold `path`'s lock (shared, or exclusive for a builder); yields the seconds spent waiting for it."""
@@ -226,6 +251,10 @@ def _size_text(entry: Entry) -> str:
 
 def _reused(kind: str, folder: Path, waited: float) -> Entry:
     entry = Entry(folder)
+    with contextlib.suppress(
+        OSError
+    ):  # its time of last use, for `zephyr cache prune` (a read-only cache has none)
+        os.utime(folder)
     by_other = f"; built by another process while this one waited {waited:.0f} s" if waited >= 1 else ""
     _say(f"{kind} data: reusing {folder} ({_size_text(entry)}{by_other})")
     return entry
@@ -254,8 +283,8 @@ def load_or_build(
         raise ZephyrError(
             f"tokenized-data cache {cache_dir}: cannot create it ({exc.strerror or exc})"
         ) from exc
-    name = f"{kind}-{fingerprint(key)}"
-    folder, lock = cache_dir / name, cache_dir / f"{name}.lock"
+    folder = cache_dir / f"{kind}-{fingerprint(key)}"
+    lock = lock_file(folder)
     with _locked(lock, exclusive=False) as waited:  # waits while another process builds it
         if folder.is_dir() and entry_problem(folder) is None:
             return _reused(kind, folder, waited)
@@ -266,7 +295,7 @@ def load_or_build(
         if folder.exists():
             print(f"{kind} data: {problem}: the entry is damaged; rebuilding it", file=sys.stderr, flush=True)
             shutil.rmtree(folder)
-        return _build_entry(kind, key, build, cache_dir / name)
+        return _build_entry(kind, key, build, folder)
 
 
 def _build_entry(
@@ -274,10 +303,10 @@ def _build_entry(
 ) -> Entry:
     """Build an entry in a temporary folder beside `folder`, seal it and rename it into place (the caller
     holds the entry's exclusive lock)."""
-    for stale in folder.parent.glob(f".tmp-{folder.name}-*"):  # left by a killed build
+    for stale in folder.parent.glob(f"{TMP_PREFIX}{folder.name}-*"):  # left by a killed build
         shutil.rmtree(stale, ignore_errors=True)
     started = time.perf_counter()
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    tmp = folder.parent / f"{TMP_PREFIX}{folder.name}-{os.getpid()}"
     tmp.mkdir()
     try:
         made = build(tmp)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,7 @@ class CacheKey:
 def default_cache_dir() -> Path:
     from zephyr.models import assets
 
-    return assets.home() / "cache" / "ref_logps"
+    return assets.cache_home() / assets.REFERENCE_CACHE
 
 
 def read_cache(path: Path, pairs: Sequence[TokenizedPair]) -> LogpsTable | None:
@@ -148,6 +149,8 @@ def read_cache(path: Path, pairs: Sequence[TokenizedPair]) -> LogpsTable | None:
     if found != expected or not finite:
         logger.warning("%s: reference cache does not match its pairs; recomputing", path)
         return None
+    with contextlib.suppress(OSError):  # its time of last use, for `zephyr cache prune`
+        os.utime(path)
     return table
 
 
