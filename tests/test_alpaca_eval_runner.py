@@ -164,11 +164,23 @@ def test_garbage_and_failed_judge_answers_are_counted_not_dropped(tmp_path):
     assert results["judge_usage"]["failed_calls"] == 3
 
 
-def test_limit_takes_the_first_items(tmp_path):
+def test_limit_takes_the_items_alpaca_eval_max_instances_takes(tmp_path):
     results, model, judge = run(tmp_path, limit=3)
-    assert len(model.calls[0][0]) == 3 and len(judge.prompts) == 3
-    assert [a["preference"] for a in read_jsonl(tmp_path / "annotations.jsonl")] == [2.0, 1.0, 2.0]
-    assert results["n_annotations"] == 3 and results["win_rate"] == pytest.approx(100 * 2 / 3)
+    # RandomState(123).permutation(8)[:3] = [0, 1, 3]: longer, shorter, shorter (the first 3: L, S, L)
+    instructions = list(MODEL_ANSWERS)
+    assert [c[-1]["content"] for c in model.calls[0][0]] == [instructions[i] for i in (0, 1, 3)]
+    assert len(judge.prompts) == 3
+    assert [a["preference"] for a in read_jsonl(tmp_path / "annotations.jsonl")] == [2.0, 1.0, 1.0]
+    assert results["n_annotations"] == 3 and results["win_rate"] == pytest.approx(100 / 3)
+
+
+def test_limited_positions_are_pandas_sample_with_seed_123():
+    import pandas as pd
+
+    for n, limit in ((805, 50), (8, 3), (20, 20), (5, 9)):
+        shuffled = pd.DataFrame({"x": range(n)}).sample(frac=1, random_state=123).index[:limit].tolist()
+        assert ae.limited(n, limit) == shuffled
+    assert ae.limited(4, None) == [0, 1, 2, 3]
 
 
 def test_function_calling_annotator_is_refused_before_any_generation(tmp_path):
@@ -203,7 +215,8 @@ def test_cli_runs_with_the_generators_it_makes(tmp_path, monkeypatch):
     assert main([*argv, "--instructions", str(DATA), "--limit", "5"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["annotator"] == "alpaca_eval_gpt4" and results["model"] == "m"
-    assert results["n_annotations"] == 5 and results["win_rate"] == pytest.approx(100 * 3 / 5)
+    # items 0, 1, 3, 7, 4 (alpaca_eval's max_instances=5): longer, shorter, shorter, shorter, longer
+    assert results["n_annotations"] == 5 and results["win_rate"] == pytest.approx(100 * 2 / 5)
     assert (tmp_path / "results.md").exists()
 
 
@@ -637,11 +650,20 @@ class ParityModel:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["alpaca_eval_gpt4", "weighted_alpaca_eval_gpt4_turbo", "chatgpt"])
-def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name):
+@pytest.mark.parametrize(
+    ("name", "limit"),
+    [
+        ("alpaca_eval_gpt4", None),
+        ("weighted_alpaca_eval_gpt4_turbo", None),
+        ("chatgpt", None),
+        ("alpaca_eval_gpt4", 120),  # alpaca_eval's max_instances: the same 120 of the 300
+    ],
+)
+def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name, limit):
     """alpaca_eval 0.6.6's `evaluate` (PairwiseAnnotator, seed 0, its parsers, get_length_controlled_winrate
     with its df_gamed.csv) and `zephyr eval alpaca-eval` on the same 300 instructions, outputs, judge and
-    length-control data: the same prompts, preferences (failures included) and leaderboard row."""
+    length-control data: the same prompts, preferences (failures included) and leaderboard row; with a limit,
+    alpaca_eval's `max_instances` and zephyr's `limit` judge the same instructions."""
     import warnings
 
     import alpaca_eval.annotators.base as annotator_base
@@ -700,12 +722,13 @@ def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name):
             fn_metric="get_length_controlled_winrate",
             metric_kwargs={"glm_info": glm_info, "save_weights_dir": None},
             caching_path=None,
+            max_instances=limit,
         )
     expected = leaderboard.loc["parity-model"]
 
     judge = ParityJudge(name)
     cfg = AlpacaEvalEvalConfig(
-        judge="parity-judge", instructions=str(instructions), annotator=name, lc_data=str(gamed)
+        judge="parity-judge", instructions=str(instructions), annotator=name, lc_data=str(gamed), limit=limit
     )
     results = run_alpaca_eval(
         cfg, "parity-model", tmp_path / "out", model_generator=ParityModel({x: m for x, _, m in items}),
@@ -724,6 +747,7 @@ def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name):
     # the same preference per instruction, unparsed answers included
     ours = read_jsonl(tmp_path / "out" / "annotations.jsonl")
     theirs = {a["instruction"]: a["preference"] for a in expected_annotations}
+    assert [a["instruction"] for a in ours] == [a["instruction"] for a in expected_annotations]
     for a in ours:
         value = theirs[a["instruction"]]
         if a["preference"] is None:
@@ -731,7 +755,7 @@ def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name):
         else:  # the weighted ones: 3 - (2 - p), each side's rounding of p = exp(ln P(m) - logsumexp)
             assert a["preference"] == pytest.approx(value, rel=0, abs=4.5e-16), a["instruction"]
     assert results["n_failed"] == sum(a["preference"] is None for a in ours) > 0  # the LC predicts them too
-    assert results["n_draws"] == 9  # identical outputs, never sent to the judge
+    assert results["n_draws"] == (9 if limit is None else 6)  # identical outputs, never sent to the judge
 
     for key in ("n_wins", "n_wins_base", "n_draws", "n_total", "avg_length"):
         assert results[key] == expected[key], key
@@ -740,5 +764,19 @@ def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name):
     # the GLM solved to float precision on both sides (liblinear at tol 1e-12): percentages near 50
     assert results["length_controlled_glm"] == "length_controlled_v1"
     assert abs(results["length_controlled_winrate"] - results["win_rate"]) > 5  # the length term matters
+    if limit is None:
+        for key in ("length_controlled_winrate", "lc_standard_error"):
+            assert results[key] == pytest.approx(expected[key], rel=0, abs=1e-6), key
+        return
+    # alpaca_eval keys instruction difficulty by the row's place among the instructions it judged, which
+    # after max_instances' shuffle is not the instruction's own place; zephyr keys it by the instruction's
+    # place in the set. Given alpaca_eval's keys, zephyr's GLM gives alpaca_eval's LC win rate.
+    outputs = read_jsonl(tmp_path / "out" / "outputs.jsonl")
+    misplaced = [
+        ae.Annotation(k, a["preference"], o["output"], o["reference_output"])
+        for k, (a, o) in enumerate(zip(ours, outputs, strict=True))
+    ]
+    as_alpaca_eval = ae.summarize(misplaced, **alpaca_eval_run.read_lc_data(gamed, N_PARITY, instructions))
     for key in ("length_controlled_winrate", "lc_standard_error"):
-        assert results[key] == pytest.approx(expected[key], rel=0, abs=1e-6), key
+        assert as_alpaca_eval[key] == pytest.approx(expected[key], rel=0, abs=1e-6), key
+    assert abs(results["length_controlled_winrate"] - expected["length_controlled_winrate"]) > 1e-3

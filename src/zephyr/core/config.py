@@ -568,7 +568,7 @@ class AlpacaEvalEvalConfig:
     judge: str = spec_field("model", "asset:smollm2-135m-instruct", flag_required=True)
     # JSONL of instruction / output, or hf:NAME[@REVISION][:SPLIT]
     instructions: str = spec_field("data", "hf:tatsu-lab/alpaca_eval:eval")
-    limit: int | None = bounded(None, ge=1)  # first N instructions
+    limit: int | None = bounded(None, ge=1)  # N instructions, those alpaca_eval's max_instances=N takes
     max_new_tokens: int = bounded(2048, ge=1)  # answer tokens
     # alpaca_eval annotator of the alpaca-eval-templates asset: alpaca_eval_gpt4 (AlpacaEval 1, the paper's),
     # weighted_alpaca_eval_gpt4_turbo (AlpacaEval 2.0), chatgpt

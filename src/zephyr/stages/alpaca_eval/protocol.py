@@ -12,7 +12,8 @@ items: alpaca_eval's `RandomSwitchTwoColumnsProcessor` with its seeding, `random
 order shown and mapped back (3 - x when switched). The template's `{instruction}`, `{output_1}`,
 `{output_2}` are filled as alpaca_eval's `make_prompts` does (see `fill_template` for the one difference)
 and the prompt is split into chat messages at `<|im_start|>` markers (alpaca_eval's `prompt_to_chatml`).
-Identical outputs are a draw (1.5) without a judge call.
+Identical outputs are a draw (1.5) without a judge call. A limit of N instructions takes the N that
+alpaca_eval's `max_instances=N` takes (`limited`).
 
 Parsers (alpaca_eval `completion_parsers.py`): `ranking` (a Python list of {'model', 'rank'}),
 `json_ranking` (the function-calling annotators' JSON), `regex` (the first of the `outputs_to_match`
@@ -59,7 +60,20 @@ from zephyr.judge.rating import Rating
 DEFAULT_SEED = 0
 SWITCH_SEED_PREFIX = "is_switched_outputs"  # alpaca_eval's `_switch_column` for pairwise annotators
 
+LIMIT_SEED = 123  # alpaca_eval's `evaluate`: `max_instances` are the first of a shuffle with this seed
+
 NO_RANKING = "no valid ranking in the judge's answer"
+
+
+def limited(n: int, limit: int | None) -> list[int]:
+    """The positions of the instructions evaluated, in order: all n in file order without a limit, else those
+    alpaca_eval's `max_instances=limit` evaluates, the first `limit` of pandas' `sample(frac=1,
+    random_state=123)` (numpy's `RandomState(123).permutation(n)`), so that a quick run with a limit judges
+    the same instructions as alpaca_eval's, and a spread of the set rather than its first topics."""
+    if limit is None:
+        return list(range(n))
+    return [int(i) for i in np.random.RandomState(LIMIT_SEED).permutation(n)[:limit]]
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Annotators and prompts

@@ -353,7 +353,7 @@ def run_alpaca_eval(
         ae.forced_answer(spec)  # an annotator it cannot read fails now
     every_item = read_instructions(cfg.instructions)
     lc = read_lc_data(cfg.lc_data, len(every_item), cfg.instructions) if cfg.lc_data is not None else None
-    items = every_item[: cfg.limit]
+    items = [every_item[i] for i in ae.limited(len(every_item), cfg.limit)]
     out = Path(out)
     check_output_dir(out)  # before any model loads: an unwritable or full folder fails now
 
