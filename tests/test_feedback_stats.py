@@ -26,6 +26,7 @@ from zephyr.stages.feedback.stats import (
     summarize,
     tie_counts,
     token_usage,
+    unrated,
 )
 
 
@@ -60,6 +61,21 @@ RECORDS = [
 
 def test_records_are_valid():
     assert all(validate_rated(r) == [] for r in RECORDS)
+
+
+def test_ratings_not_given_are_counted_per_aspect_and_reason():
+    # None ratings: helpfulness r3 a; honesty r1 b, r3 a; records without `rating_reasons` say "unknown"
+    assert unrated(RECORDS) == {"helpfulness": {"unknown": 1}, "honesty": {"unknown": 2}}
+    records = json.loads(json.dumps(RECORDS))
+    records[0]["completions"][1]["rating_reasons"] = {"honesty": "not applicable"}
+    records[2]["completions"][0]["rating_reasons"] = {
+        "helpfulness": "format error",
+        "honesty": "format error",
+    }
+    assert unrated(records) == {
+        "helpfulness": {"format error": 1},
+        "honesty": {"format error": 1, "not applicable": 1},
+    }
 
 
 def test_histograms():
@@ -245,7 +261,7 @@ def test_summarize_is_json_and_leaves_out_what_is_not_given():
     }
     assert summary["pairs"]["mean_margin"] == 2.5
     bare = summarize(RECORDS, 5)
-    assert set(bare) == {"scale", "histograms", "models", "ties", "usage"}  # usage: from the records
+    assert set(bare) == {"scale", "histograms", "models", "unrated", "ties", "usage"}  # from the records
 
 
 def test_markdown():

@@ -405,6 +405,16 @@ def test_one_command_imports_and_binarizes_the_raw_corpus(tmp_path, capsys):
     }
     stats = json.loads((out / "feedback_stats.json").read_text())
     assert stats["binarization"]["kept"] == 2 and stats["this_run"] == {"imported": 2}
+    # a's honesty N/A, b's helpfulness missing (france); the blank answer is a generation failure, not a rating
+    assert stats["unrated"] == {
+        "helpfulness": {ultrafeedback.MISSING: 1},
+        "honesty": {ultrafeedback.NOT_APPLICABLE: 1},
+    }
+    markdown = (out / "feedback_stats.md").read_text()
+    assert (
+        "| honesty | not applicable | 1 |" in markdown
+        and "| helpfulness | missing annotation | 1 |" in markdown
+    )
     # by the critique's overall_score (ultrafeedback_binarized), ties dropped
     assert main([*argv, "feedback.score=overall", "feedback.drop_ties=true"]) == 0
     assert pairs_of(out) == {"What is the capital of France?": ("b", "c", 9.0, 5.0)}

@@ -85,6 +85,19 @@ def model_means(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any
     }
 
 
+def unrated(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Ratings not given, per aspect and reason (`rating_reasons`): a judge's failures, an aspect declared not
+    applicable ("N/A"), an imported record's missing annotation. Left out of each completion's mean."""
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for record in records:
+        for completion in record["completions"]:
+            reasons = completion.get("rating_reasons", {})
+            for aspect, value in completion.get("ratings", {}).items():
+                if value is None:
+                    counts[aspect][reasons.get(aspect, "unknown")] += 1
+    return {aspect: dict(sorted(counts[aspect].items())) for aspect in sorted(counts)}
+
+
 def tie_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """Prompts, those with two or more rated completions, those whose top mean is shared, those all equal."""
     prompts = rated = top_tie = all_equal = 0
@@ -326,6 +339,7 @@ def summarize(
         "scale": scale,
         "histograms": rating_histograms(records, scale),
         "models": model_means(records),
+        "unrated": unrated(records),
         "ties": tie_counts(records),
     }
     optional = {
@@ -394,6 +408,18 @@ def _ratings_sections(summary: Mapping[str, Any]) -> list[str]:
             ([m, v["completions"], v["rated"], v["mean_rating"]] for m, v in models),
         ),
     )
+    if summary.get("unrated"):
+        lines += _section(
+            "Ratings not given (left out of the means)",
+            _table(
+                ["aspect", "reason", "count"],
+                (
+                    [aspect, reason, n]
+                    for aspect, by in summary["unrated"].items()
+                    for reason, n in by.items()
+                ),
+            ),
+        )
     return lines + _section("Ties", _table(["", "prompts"], summary["ties"].items()))
 
 
