@@ -125,6 +125,7 @@ def test_body_over_one_mebibyte_is_refused_with_413(server):
         ({"messages": ask("Hi"), "max_tokens": 0}, 400, "max_tokens"),
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "robot", "content": "Hi"}]}, 400, "messages[0].role"),
+        ({"messages": [{"role": ["user"], "content": "Hi"}]}, 400, "messages[0].role"),  # not a name at all
         ({"messages": ask("Hi"), "temperature": 3}, 400, "temperature"),
         ({"messages": ask("Hi"), "top_logprobs": 2}, 400, "top_logprobs"),
         ({"messages": ask("Hi"), "tools": [{"type": "function"}]}, 400, "tools"),

@@ -151,7 +151,8 @@ def _messages(value: Any) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise RequestError(400, f"{where} must be an object", param=where)
-        role = _ROLES.get(message.get("role"))
+        role = message.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None  # a list or an object is no role either
         if role is None:
             raise RequestError(400, f"{where}.role must be one of {', '.join(_ROLES)}", param=f"{where}.role")
         messages.append({"role": role, "content": _content(message.get("content"), where)})
@@ -399,7 +400,8 @@ class ChatServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
+        host = host.decode() if isinstance(host, bytes) else str(host)
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/v1"
 
     def close(self) -> None:
