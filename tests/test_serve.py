@@ -127,6 +127,7 @@ def test_body_over_one_mebibyte_is_refused_with_413(server):
         ({"messages": [{"role": "robot", "content": "Hi"}]}, 400, "messages[0].role"),
         ({"messages": [{"role": ["user"], "content": "Hi"}]}, 400, "messages[0].role"),  # not a name at all
         ({"messages": ask("Hi"), "temperature": 3}, 400, "temperature"),
+        ({"messages": ask("Hi"), "top_p": float("nan")}, 400, "top_p"),  # json.dumps writes NaN
         ({"messages": ask("Hi"), "top_logprobs": 2}, 400, "top_logprobs"),
         ({"messages": ask("Hi"), "tools": [{"type": "function"}]}, 400, "tools"),
         ({"messages": ask("Hi"), "model": "gpt-4"}, 404, "model"),
@@ -135,7 +136,8 @@ def test_body_over_one_mebibyte_is_refused_with_413(server):
 )
 def test_bad_requests_get_openai_style_errors(server, body, status, param):
     _, url = server
-    response = httpx.post(f"{url}/chat/completions", json=body)
+    headers = {"Content-Type": "application/json"}  # json.dumps, which httpx's json= is not: it writes NaN
+    response = httpx.post(f"{url}/chat/completions", content=json.dumps(body), headers=headers)
     assert response.status_code == status
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]

@@ -195,7 +195,7 @@ def _integer(value: Any, name: str, low: int | None, high: int | None) -> int:
 def _number(value: Any, name: str, low: float, high: float, open_low: bool = False) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise RequestError(400, f"{name} must be a number, got {value!r}", param=name)
-    if value < low or value > high or (open_low and value == low):
+    if not low <= value <= high or (open_low and value == low):  # NaN too (JSON parsers take it)
         bracket = "(" if open_low else "["
         raise RequestError(400, f"{name} must be in {bracket}{low}, {high}], got {value}", param=name)
     return float(value)
