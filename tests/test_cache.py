@@ -144,10 +144,25 @@ def test_an_entry_whose_lock_is_held_is_kept(filled):
         lines = cache.prune_lines(filled.root, cache.items(filled.root), dry_run=False)
     assert f"kept tokenized/{filled.recent.name}: in use by another process" in lines
     assert f"kept tokenized/{filled.leftover.name}: in use by another process" in lines
-    assert lines[-1].endswith(" in 2 items; 2 in use, kept")
+    assert lines[-1].endswith(" in 2 items; 2 kept")
     assert filled.recent.exists() and filled.leftover.exists() and not filled.old.exists()
     cache.prune_lines(filled.root, cache.items(filled.root), dry_run=False)  # released: removed
     assert cache.items(filled.root) == []
+
+
+def test_an_item_that_cannot_be_removed_is_named_and_the_others_go(filled, monkeypatch):
+    real_unlink = Path.unlink
+
+    def refuse(path, missing_ok=False):
+        if path == filled.table:
+            raise PermissionError(13, "Permission denied")
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    lines = cache.prune_lines(filled.root, cache.items(filled.root), dry_run=False)
+    assert "kept ref_logps/0123abcd.jsonl: cannot remove it (Permission denied)" in lines
+    assert lines[-1].endswith(" in 3 items; 1 kept")
+    assert [i.path for i in cache.items(filled.root)] == [filled.table]
 
 
 def test_a_process_that_maps_an_entry_reads_it_after_its_removal(tmp_path):

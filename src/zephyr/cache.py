@@ -177,14 +177,21 @@ def prune_lines(root: Path, chosen: Sequence[Item], dry_run: bool) -> list[str]:
         name = item.path.relative_to(root)
         if dry_run:
             lines.append(f"would remove {name} ({io.bytes_text(item.nbytes)})")
-        elif remove(item):
-            lines.append(f"removed {name} ({io.bytes_text(item.nbytes)})")
-        else:
+            freed += item.nbytes
+            continue
+        try:
+            removed = remove(item)
+        except OSError as exc:  # a read-only or shared cache: say so and go on with the others
+            kept += 1
+            lines.append(f"kept {name}: cannot remove it ({exc.strerror or exc})")
+            continue
+        if not removed:
             kept += 1
             lines.append(f"kept {name}: in use by another process")
             continue
+        lines.append(f"removed {name} ({io.bytes_text(item.nbytes)})")
         freed += item.nbytes
     verb = "would free" if dry_run else "freed"
-    in_use = f"; {kept} in use, kept" if kept else ""
-    lines.append(f"{verb} {io.bytes_text(freed)} in {len(chosen) - kept} items{in_use}")
+    left = f"; {kept} kept" if kept else ""
+    lines.append(f"{verb} {io.bytes_text(freed)} in {len(chosen) - kept} items{left}")
     return lines

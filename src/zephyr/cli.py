@@ -93,7 +93,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from zephyr.models import assets
 
     root, now = assets.cache_home(), time.time()
-    found = cache.items(root) if Path(root).is_dir() else []
+    try:
+        found = cache.items(root) if Path(root).is_dir() else []
+    except OSError as exc:
+        raise ZephyrError(f"{root}: cannot read the cache ({exc.strerror or exc})") from exc
     if args.cache_command == "list":
         print("\n".join(cache.list_lines(root, found, now)))
         return 0
