@@ -133,7 +133,7 @@ def test_format_errors(answer, aspect, why):
 _TEXTS = re.compile(r"^<text (\d+)> (.*)$", re.M)
 
 
-def uf_answer(messages, rating_of) -> str:
+def uf_answer(messages, rating_of, types_of=lambda q: "1") -> str:
     """An answer in UltraFeedback's format for the texts the annotation part of the prompt shows."""
     user = messages[-1]["content"]
     shown = [text for _, text in _TEXTS.findall(user.split("## Annotation")[1])]
@@ -142,7 +142,7 @@ def uf_answer(messages, rating_of) -> str:
     blocks = []
     for k, text in enumerate(shown, start=1):
         q = int(re.search(r"q=(\d+)", text).group(1))
-        head = f"#### Output for Text {k}\n" + ("Type: 1\nRationale: types\n" if typed else "")
+        head = f"#### Output for Text {k}\n" + (f"Type: {types_of(q)}\nRationale: types\n" if typed else "")
         blocks.append(f"{head}Rating: {rating_of(q, aspect)}\nRationale: about {text.split()[0]}")
     return "\n\n".join(blocks)
 
@@ -184,6 +184,49 @@ def test_preset_rates_every_aspect_in_its_own_call(tmp_path, templates):
     ]
     assert sorted(shown[0]) == ["apple", "banana", "cherry"]  # every text in one call, in a seeded order
     assert [ITEM.completions[i].split()[0] for i in audit[0]["order"]] == shown[0]
+
+
+def test_the_types_of_typed_aspects_are_kept_per_completion():
+    cfg = uf_judge_config("feedback.judge.aspects=[helpfulness, honesty, truthfulness]")
+    kinds = {2: "None", 4: "1, 3", 5: "2"}  # by the completion's q
+    judge = Judge(cfg, ScriptedJudge(lambda m, p: uf_answer(m, lambda q, a: q, lambda q: kinds[q])))
+    (result,) = judge.rate([ITEM])
+    assert result.types == [
+        {"helpfulness": [], "truthfulness": []},
+        {"helpfulness": ["1", "3"], "truthfulness": ["1", "3"]},
+        {"helpfulness": ["2"], "truthfulness": ["2"]},
+    ]
+
+
+def test_a_feedback_run_with_the_preset_writes_the_types_into_rated_records(tmp_path):
+    from zephyr.core.config import GeneratorConfig
+    from zephyr.generation import Completion
+
+    class Writer:
+        def __init__(self, q):
+            self.q, self.model_id = q, f"writer-{q}"
+
+        def generate(self, conversations, params):
+            return [Completion(f"answer q={self.q}", "stop", 5, 3) for _ in conversations]
+
+    prompts = tmp_path / "prompts.jsonl"
+    io.write_jsonl(prompts, [{"prompt_id": "p1", "prompt": "Name a fruit."}])
+    judge_cfg = uf_judge_config("feedback.judge.aspects=[honesty, truthfulness]")
+    judge_cfg.model = GeneratorConfig(model="scripted", name="judge", temperature=0.0, top_p=0.6)
+    scripted = ScriptedJudge(lambda m, p: uf_answer(m, lambda q, a: q, lambda q: "None" if q == 2 else "1"))
+    writers = {"w2": Writer(2), "w4": Writer(4)}
+    cfg = FeedbackConfig(
+        prompts=str(prompts),
+        output_dir=str(tmp_path / "out"),
+        generators=[GeneratorConfig(model="scripted", name=name) for name in writers],
+        completions_per_prompt=2,
+        judge=judge_cfg,
+        eval_fraction=0.0,
+    )
+    run_feedback(cfg, generator_factory=lambda g: scripted if g.name == "judge" else writers[g.name])
+    [record] = io.read_records(tmp_path / "out" / "rated.jsonl", "rated").records
+    types = {c["model"]: c.get("types") for c in record["completions"]}
+    assert types == {"w2": {"truthfulness": []}, "w4": {"truthfulness": ["1"]}}  # honesty has no types
 
 
 def test_format_errors_are_asked_again_with_a_new_seed(tmp_path):
@@ -326,6 +369,7 @@ def test_raw_record_becomes_a_rated_record():
         "helpfulness": 3.0,
     }
     assert a["mean_rating"] == 4.0 and a["rating_reasons"] == {"honesty": ultrafeedback.NOT_APPLICABLE}
+    assert a["types"] == {"truthfulness": ["1", "2"], "helpfulness": ["1", "2"]}
     assert a["rationales"]["honesty"] == "honesty of a"
     assert a["rationales"]["truthfulness"] == "truthfulness rating of a"  # the rating's, not the type's
     assert (a["overall_score"], a["principle"], a["system_prompt"], a["critique"]) == (
@@ -338,6 +382,7 @@ def test_raw_record_becomes_a_rated_record():
         "helpfulness": ultrafeedback.MISSING
     }
     assert (b["mean_rating"], b["overall_score"]) == (2.0, 9.0)  # the critique script wrote strings
+    assert b["types"] == {"truthfulness": ["1", "2"]}  # its helpfulness annotation is missing
     assert c["mean_rating"] == 3.0 and "rating_reasons" not in c
     blank = ultrafeedback.rated_from_raw(tied())
     assert [c["model"] for c in blank["completions"]] == ["x", "y", "z"]
@@ -358,6 +403,19 @@ def test_missing_annotations_in_every_upstream_shape():
         "helpfulness": 3.0,
     }
     assert c["rating_reasons"] == {"honesty": ultrafeedback.MISSING, "truthfulness": ultrafeedback.MISSING}
+
+
+def test_raw_types_in_every_upstream_shape():
+    record = france()
+    annotations = record["completions"][2]["annotations"]
+    annotations["truthfulness"]["Type"] = "1, 3"  # the answer's own line
+    annotations["helpfulness"]["Type"] = "None"
+    c = ultrafeedback.rated_from_raw(record)["completions"][2]
+    assert c["types"] == {"truthfulness": ["1", "3"], "helpfulness": []}
+    annotations["truthfulness"]["Type"] = ["None"]
+    annotations["helpfulness"]["Type"] = 5  # not a shape of UltraFeedback's: left out
+    c = ultrafeedback.rated_from_raw(record)["completions"][2]
+    assert c["types"] == {"truthfulness": []}
 
 
 def test_raw_record_problems():

@@ -90,8 +90,10 @@ class JudgeResult:
 
     `ratings[c][aspect]` is the median over the repeats that gave a rating (None when none did, with the
     most common failure in `reasons[c][aspect]`); `rationales[c][aspect]` is the judge's rationale from the
-    first repeat that gave one ("" in logprobs mode with forced answers); `readings` holds every rating;
-    `usage` the judge calls made for the item and their tokens (none for forced-prefix scoring).
+    first repeat that gave one ("" in logprobs mode with forced answers); `types[c][aspect]` the types the
+    `ultrafeedback` preset's typed aspects name (helpfulness, truthfulness: UltraFeedback's `Type` line, from
+    the same repeat; [] for "None"); `readings` holds every rating; `usage` the judge calls made for the item
+    and their tokens (none for forced-prefix scoring).
     """
 
     key: str
@@ -100,6 +102,7 @@ class JudgeResult:
     rationales: list[dict[str, str]]
     readings: list[Reading]
     usage: dict[str, int] = dataclasses.field(default_factory=dict)
+    types: list[dict[str, list[str]]] = dataclasses.field(default_factory=list)
 
 
 def template_aspect(aspect: str) -> str:
@@ -303,36 +306,40 @@ class Judge:
     def _result(self, item: JudgeItem, calls: list[tuple[_Call, JudgeReply]]) -> JudgeResult:
         readings: list[Reading] = []
         rationales: list[dict[str, str]] = [dict.fromkeys(self.aspects, "") for _ in item.completions]
+        types: list[dict[str, list[str]]] = [{} for _ in item.completions]
         for call, reply in calls:
             repeat = reply.request.meta["repeat"]
             for slot, rating in zip(reply.request.slots, reply.ratings, strict=True):
                 readings.append(Reading(slot["completion"], slot["aspect"], repeat, slot["position"], rating))
             if self.config.mode == "text" and reply.answer.text:
-                by_position = self._rationales(reply, call)
-                for position, text in enumerate(by_position):
+                for position, (text, kinds) in enumerate(self._rationales(reply, call)):
+                    completion = call.order[position]
                     for aspect in call.aspects:
-                        target = rationales[call.order[position]]
-                        target[aspect] = target[aspect] or text
+                        if not rationales[completion][aspect]:
+                            rationales[completion][aspect] = text
+                            if kinds is not None:
+                                types[completion][aspect] = list(kinds)
         ratings, reasons = _medians(readings, len(item.completions), list(self.aspects))
         usage = {
             "calls": len(calls),
             "prompt_tokens": sum(reply.answer.prompt_tokens for _, reply in calls),
             "completion_tokens": sum(reply.answer.completion_tokens for _, reply in calls),
         }
-        return JudgeResult(item.key, ratings, reasons, rationales, readings, usage)
+        return JudgeResult(item.key, ratings, reasons, rationales, readings, usage, types)
 
-    def _rationales(self, reply: JudgeReply, call: _Call) -> list[str]:
-        """The rationale of each position's rating (empty where the answer could not be read)."""
+    def _rationales(self, reply: JudgeReply, call: _Call) -> list[tuple[str, tuple[str, ...] | None]]:
+        """The rationale of each position's rating (empty where the answer could not be read), and the types
+        its block names (None: an aspect without types)."""
         n = len(call.order)
         if self.preset is None:
-            return parsing.parse_rationales(reply.answer.text or "", n)
+            return [(text, None) for text in parsing.parse_rationales(reply.answer.text or "", n)]
         try:
             annotations = ultrafeedback.parse_answer(
                 reply.answer.text or "", n, self.aspects[call.aspects[0]]
             )
         except ultrafeedback.FormatError:
-            return [""] * n
-        return [a.rationale.strip() for a in annotations]
+            return [("", None)] * n
+        return [(a.rationale.strip(), a.types) for a in annotations]
 
 
 @dataclass(frozen=True)

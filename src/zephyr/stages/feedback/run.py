@@ -362,6 +362,8 @@ def rated_record(
         }
         if reasons := {a: why for a, why in result.reasons[c].items() if why is not None}:
             entry["rating_reasons"] = reasons
+        if result.types and result.types[c]:
+            entry["types"] = result.types[c]
         completions.append(entry)
     record: dict[str, Any] = {"prompt_id": prompt.prompt_id, "prompt": prompt.prompt}
     if prompt.messages != [{"role": "user", "content": prompt.prompt}]:

@@ -27,7 +27,8 @@ Raw records (`rated_from_raw`, checked by `validate_raw`): `{"source", "instruct
 "completions": [{"model", "principle", "custom_system_prompt", "response", "annotations": {aspect:
 {"Rating": "1".."5" | "N/A", "Rationale", ("Type", "Rationale For Rating")}}, "fine-grained_score",
 "overall_score", "critique"}], "correct_answers", "incorrect_answers"}` become rated records whose
-`mean_rating` is the mean of the aspect ratings that are numbers (UltraFeedback's fine-grained score).
+`mean_rating` is the mean of the aspect ratings that are numbers (UltraFeedback's fine-grained score), and
+whose `types` keep the typed aspects' `Type` (as the judge's answers do under the preset).
 """
 
 from __future__ import annotations
@@ -295,12 +296,19 @@ def rated_from_raw(record: Mapping[str, Any]) -> dict[str, Any]:
         ratings: dict[str, float | None] = {}
         rationales: dict[str, str] = {}
         reasons: dict[str, str] = {}
+        types: dict[str, list[str]] = {}
         for aspect in RAW_ASPECTS:
             annotation = _annotation(raw["annotations"].get(aspect))
             ratings[aspect] = None if annotation is None else _raw_rating(annotation.get("Rating"))
             rationales[aspect] = _rationale(annotation, aspect)
             if ratings[aspect] is None:
                 reasons[aspect] = MISSING if annotation is None else NOT_APPLICABLE
+            if (
+                aspect in TYPED
+                and annotation is not None
+                and (kinds := _types(annotation.get("Type"))) is not None
+            ):
+                types[aspect] = kinds
         entry: dict[str, Any] = {
             "model": raw["model"],
             "response": raw["response"],
@@ -314,6 +322,8 @@ def rated_from_raw(record: Mapping[str, Any]) -> dict[str, Any]:
         }
         if reasons:
             entry["rating_reasons"] = reasons
+        if types:
+            entry["types"] = types
         completions.append(entry)
     instruction = record["instruction"]
     return {
@@ -324,6 +334,16 @@ def rated_from_raw(record: Mapping[str, Any]) -> dict[str, Any]:
         "judge": IMPORTED_JUDGE,
         "generation_failures": failures,
     }
+
+
+def _types(value: Any) -> list[str] | None:
+    """A raw `Type`: a list of type numbers as strings (["1", "3"]), or the answer's own line ("1, 3", "None");
+    [] for none, None when absent or not of those shapes."""
+    if isinstance(value, str):
+        return [] if value.strip() == "None" else _NUMBER.findall(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [n for v in value for n in _NUMBER.findall(v)]
+    return None
 
 
 def _rationale(annotation: Mapping[str, Any] | None, aspect: str) -> str:
