@@ -329,6 +329,9 @@ def test_parse_response_splits_tokens_over_choices_and_rejects_bad_shapes():
     for bad in ([], {"choices": []}, {"choices": [{"message": {"content": 3}}]}, {"choices": [{}]}):
         with pytest.raises(MalformedResponse):
             parse_response(bad, n=1)
+    two = [{"index": None, "message": {"content": "a"}}, {"index": 0, "message": {"content": "b"}}]
+    with pytest.raises(MalformedResponse, match="a choice's index is None, not a number"):
+        parse_response({"choices": two}, n=2)  # several choices need their places
     [filtered], _, _ = parse_response(
         {"choices": [{"message": {"content": ""}, "finish_reason": "content_filter"}]}, 1
     )

@@ -315,12 +315,20 @@ def parse_response(data: Any, n: int) -> tuple[list[Completion], int, int]:
     usage = data.get("usage") or {}
     prompt_tokens = _count(usage, "prompt_tokens")
     completion_tokens = _count(usage, "completion_tokens")
-    ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, Mapping) else 0)
+    ordered = sorted(choices, key=_index) if n > 1 else choices
     completions = [_choice(c, prompt_tokens) for c in ordered]
     share, extra = divmod(completion_tokens, n)
     for k, completion in enumerate(completions):
         completion.completion_tokens = share + (1 if k < extra else 0)
     return completions, prompt_tokens, completion_tokens
+
+
+def _index(choice: Any) -> int:
+    """A choice's place among several (its `index`), by which they are put in order."""
+    index = choice.get("index") if isinstance(choice, Mapping) else None
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise MalformedResponse(f"a choice's index is {index!r}, not a number")
+    return index
 
 
 def _count(usage: Any, name: str) -> int:
