@@ -29,6 +29,7 @@ from zephyr.generation.base import (
     DEFAULT_OPENAI_URL,
     Completion,
     Conversation,
+    FinishReason,
     SamplingParams,
     TokenLogprob,
     Usage,
@@ -349,7 +350,7 @@ def _choice(choice: Any, prompt_tokens: int) -> Completion:
     reason = choice.get("finish_reason")
     if reason == "content_filter":
         return Completion(content, "error", prompt_tokens, error="finish_reason content_filter")
-    finish = "length" if reason == "length" else "stop"
+    finish: FinishReason = "length" if reason == "length" else "stop"
     return Completion(content, finish, prompt_tokens, logprobs=_logprobs(choice.get("logprobs")))
 
 

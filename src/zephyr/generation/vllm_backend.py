@@ -20,8 +20,19 @@ from typing import Any
 
 from zephyr.core.errors import ZephyrError
 from zephyr.data import chat
-from zephyr.generation.base import Completion, Conversation, Request, SamplingParams, TokenLogprob, Usage
+from zephyr.generation.base import (
+    Completion,
+    Conversation,
+    FinishReason,
+    Request,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 from zephyr.models import load as models
+
+# vLLM's finish reasons that end a usable completion ("abort" and the rest fail it)
+_FINISHED: dict[str | None, FinishReason] = {"stop": "stop", "length": "length"}
 
 
 def import_vllm() -> Any:
@@ -172,7 +183,7 @@ def completions_from_output(
     prompt_tokens = len(output.prompt_token_ids or [])
     completions = []
     for choice in sorted(output.outputs, key=lambda c: c.index):
-        finish = {"stop": "stop", "length": "length"}.get(choice.finish_reason)
+        finish = _FINISHED.get(choice.finish_reason)
         if finish is None:
             completions.append(
                 Completion.failed(f"vLLM finish_reason {choice.finish_reason!r}", prompt_tokens)

@@ -122,7 +122,7 @@ def input_parts(config: Any, upstream: Mapping[str, str], files: Mapping[str, st
 def hub_datasets(config: Any) -> dict[str, dict[str, str | None]]:
     """The hub datasets a stage's config reads (`hf:` values of its top-level fields), each with the revision
     it pins (None: the hub's latest at run time) and its split."""
-    values = asdict(config) if is_dataclass(config) else dict(config)
+    values = asdict(config) if is_dataclass(config) and not isinstance(config, type) else dict(config)
     found = {}
     for name, value in values.items():
         if isinstance(value, str) and is_hub_spec(value):

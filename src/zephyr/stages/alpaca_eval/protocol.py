@@ -721,7 +721,7 @@ def length_controlled_win_rate(
     target = np.where(target == 0, 1.5, target) - 1  # alpaca_eval: to [0, 1], 0 (old draw) -> 0.5
     X = _design(features, std_delta, difficulty, 1.0)
     weight = None
-    if lam is not None:
+    if lam is not None and gamed is not None:  # (checked above: a GLM with a lambda has the gamed data)
         g_target = np.asarray(gamed.preference, float)
         g_X = _design(
             features,

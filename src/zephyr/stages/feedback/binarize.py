@@ -162,12 +162,17 @@ def binarize_all(
 ) -> tuple[list[dict[str, Any]], BinarizeStats]:
     """`binarize` over records: the pairs in input order, and the counts of kept and dropped records."""
     _check_options(rejected, min_margin, score, tie_break)
-    options = {"drop_ties": drop_ties, "tie_break": tie_break, "score": score}
     pairs: list[dict[str, Any]] = []
     stats = BinarizeStats()
     for record in records:
         pair, reason = binarize(
-            record, rejected=rejected, min_margin=min_margin, rng_seed=rng_seed, **options
+            record,
+            rejected=rejected,
+            min_margin=min_margin,
+            rng_seed=rng_seed,
+            drop_ties=drop_ties,
+            tie_break=tie_break,
+            score=score,
         )
         stats.add(reason)
         if pair is not None:

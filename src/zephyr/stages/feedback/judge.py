@@ -192,21 +192,21 @@ class Judge:
 
     def rate(self, items: Sequence[JudgeItem | tuple]) -> list[JudgeResult]:
         """One result per item, in order: every completion rated on every aspect, `repeats` times."""
-        items = [JudgeItem(*item) for item in items]
-        for item in items:
+        judged = [JudgeItem(*item) for item in items]
+        for item in judged:
             if not item.completions:
                 raise ValueError(f"judge item {item.key}: no completions to rate")
         plans = [
             (i, call)
-            for i, item in enumerate(items)
+            for i, item in enumerate(judged)
             for repeat in range(self.config.repeats)
             for call in self._calls(item, repeat)
         ]
         replies = self._judge_with_retries([call.request for _, call in plans])
-        collected: list[list[tuple[_Call, JudgeReply]]] = [[] for _ in items]
+        collected: list[list[tuple[_Call, JudgeReply]]] = [[] for _ in judged]
         for (i, call), reply in zip(plans, replies, strict=True):
             collected[i].append((call, reply))
-        return [self._result(item, calls) for item, calls in zip(items, collected, strict=True)]
+        return [self._result(item, calls) for item, calls in zip(judged, collected, strict=True)]
 
     def usage(self) -> dict[str, Any]:
         return self.client.usage()

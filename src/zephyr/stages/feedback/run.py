@@ -218,12 +218,12 @@ def draw_generators(prompt_id: str, pool_size: int, k: int, seed: int) -> list[i
 
 def with_system_prompt(messages: Sequence[Mapping[str, str]], system_prompt: str | None) -> list[dict]:
     """The conversation a generator sees: its system prompt first, joined with the prompt's own one."""
-    messages = [dict(m) for m in messages]
+    copied = [dict(m) for m in messages]
     if not system_prompt:
-        return messages
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": system_prompt}, *messages]
+        return copied
+    if copied and copied[0]["role"] == "system":
+        return [{"role": "system", "content": f"{system_prompt}\n\n{copied[0]['content']}"}, *copied[1:]]
+    return [{"role": "system", "content": system_prompt}, *copied]
 
 
 def generation_order(

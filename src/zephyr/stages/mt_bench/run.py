@@ -313,15 +313,15 @@ def read_answer_file(path: str | os.PathLike, questions: Sequence[Question]) -> 
         by_id.setdefault(answer.question_id, answer)
     answers = []
     for question in questions:
-        answer = by_id.get(question.question_id)
-        if answer is None:
+        found = by_id.get(question.question_id)
+        if found is None:
             raise DataError(f"{path}: no answer to question {question.question_id}")
-        if len(answer.turns) < len(question.turns):
+        if len(found.turns) < len(question.turns):
             raise DataError(
-                f"{path}: question {question.question_id}: {len(answer.turns)} answer turn(s), the question "
+                f"{path}: question {question.question_id}: {len(found.turns)} answer turn(s), the question "
                 f"has {len(question.turns)}"
             )
-        answers.append(answer)
+        answers.append(found)
     return answers
 
 
