@@ -43,6 +43,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -136,7 +137,7 @@ def annotator_names(folder: str | Path) -> list[str]:
     return sorted(p.parent.name for p in Path(folder).glob("*/configs.yaml"))
 
 
-def load_annotator(folder: str | Path, name: str) -> Annotator:
+def load_annotator(folder: str | os.PathLike[str], name: str) -> Annotator:
     """An annotator from alpaca_eval's `evaluators_configs` layout: `folder/NAME/configs.yaml` + template."""
     import yaml
 

@@ -95,7 +95,7 @@ def _item_of(index: int, record: Any, where: str) -> EvalItem:
 def read_instructions_jsonl(path: str | os.PathLike) -> list[EvalItem]:
     """alpaca_eval records (`instruction`, `output` = the reference output, `generator`, `dataset`) of a
     JSONL file (or a JSON list or Parquet file: `io.iter_rows`)."""
-    items = []
+    items: list[EvalItem] = []
     for number, record, problem in iter_rows(str(path)):
         if problem is not None:
             # io's "invalid JSON: ..." reads "not valid JSON: ..." here, as for MT-Bench's files

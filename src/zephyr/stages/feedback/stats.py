@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
@@ -342,7 +342,7 @@ def summarize(
         "unrated": unrated(records),
         "ties": tie_counts(records),
     }
-    optional = {
+    optional: dict[str, tuple[Any, Callable[[Any], dict[str, Any]]]] = {
         "parse_failures": (parsed, parse_failures),
         "agreement": (repeats, agreement),
         "position_bias": (positions, position_bias),
