@@ -177,7 +177,10 @@ def counting_build(calls: list[int], values=(1, 2, 3)):
 def test_a_second_run_reuses_the_entry_and_a_changed_input_makes_a_new_one(tmp_path, capsys):
     calls: list[int] = []
     first = dataset.load_or_build("toy", {"n": 1}, counting_build(calls), cache_dir=tmp_path)
-    assert f"toy data: built {first.folder} (3 tokens, " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"toy data: built {first.folder} (3 tokens, " in out
+    size = sum(f.stat().st_size for f in first.folder.iterdir())  # 12 bytes of values, meta.json, the seal
+    assert f"{tmp_path} holds {size} B in 1 entry (`zephyr cache list`, `zephyr cache prune`)" in out
     again = dataset.load_or_build("toy", {"n": 1}, counting_build(calls), cache_dir=tmp_path)
     assert again.folder == first.folder and len(calls) == 1
     assert f"toy data: reusing {first.folder}" in capsys.readouterr().out

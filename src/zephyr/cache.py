@@ -159,8 +159,12 @@ def when(seconds: float, now: float) -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(seconds))} ({since})"
 
 
+def _items(n: int) -> str:
+    return f"{n} item" if n == 1 else f"{n} items"
+
+
 def list_lines(root: Path, found: Sequence[Item], now: float) -> list[str]:
-    lines = [f"{root}: {len(found)} items, {io.bytes_text(sum(i.nbytes for i in found))}"]
+    lines = [f"{root}: {_items(len(found))}, {io.bytes_text(sum(i.nbytes for i in found))}"]
     for item in found:
         detail = f"  {item.detail}" if item.detail else ""
         lines.append(
@@ -193,5 +197,5 @@ def prune_lines(root: Path, chosen: Sequence[Item], dry_run: bool) -> list[str]:
         freed += item.nbytes
     verb = "would free" if dry_run else "freed"
     left = f"; {kept} kept" if kept else ""
-    lines.append(f"{verb} {io.bytes_text(freed)} in {len(chosen) - kept} items{left}")
+    lines.append(f"{verb} {io.bytes_text(freed)} in {_items(len(chosen) - kept)}{left}")
     return lines

@@ -323,7 +323,20 @@ def _build_entry(
         raise
     entry = Entry(folder)
     _say(f"{kind} data: built {folder} ({_size_text(entry)}) in {time.perf_counter() - started:.1f} s")
+    _say(_held(folder.parent))
     return entry
+
+
+def _held(cache_dir: Path) -> str:
+    """What the cache holds after a build: entries are never removed by a run, so say how much and how to
+    prune it."""
+    try:
+        entries = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)]
+        size = sum(f.stat().st_size for e in entries for f in e.iterdir() if f.is_file())
+    except OSError:  # an entry pruned meanwhile: the sum is only a hint
+        return f"{cache_dir}: see `zephyr cache list`"
+    count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+    return f"{cache_dir} holds {io.bytes_text(size)} in {count} (`zephyr cache list`, `zephyr cache prune`)"
 
 
 # ---------------------------------------------------------------------------------------------------------
