@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from zephyr.stages.mc.presets import OPEN_LLM_V1, PRESETS, open_llm_average
@@ -162,8 +163,7 @@ def _mc_columns(evals: Mapping[str, Any]) -> list[tuple[_Metric, _Read]]:
             percent = {b: mc_percent(_get(evals, model, "mc", n), sets[n][0])[0] for b, n in open_llm.items()}
             return open_llm_average(percent), None
 
-        metric = _Metric(OPEN_LLM_AVERAGE, "Open LLM v1 average (%)", "multiple choice", 2)
-        columns.append((metric, average))
+        columns.append((_Metric(OPEN_LLM_AVERAGE, "Open LLM v1 average (%)", "multiple choice", 2), average))
     return columns
 
 
@@ -171,40 +171,31 @@ def _metrics(evals: Mapping[str, Any], training: Mapping[str, Any]) -> list[tupl
     """The table's columns, each with a function model -> (value, standard error)."""
     columns = _mc_columns(evals)
     for key, label, path in _MT_BENCH:
-        columns.append(
-            (
-                _Metric(key, label, "MT-Bench", 2),
-                lambda model, path=path: (_get(_mt_bench(evals, model), *path), None),
-            )
-        )
+        columns.append((_Metric(key, label, "MT-Bench", 2), partial(_mt_bench_value, evals, path)))
     for key, label, value_key, se_key in _ALPACA_EVAL:
         metric = _Metric(key, label, "AlpacaEval", 2, stderr=f"{key}_se")
-        columns.append(
-            (
-                metric,
-                lambda model, v=value_key, s=se_key: (
-                    _get(evals, model, "alpaca_eval", v),
-                    _get(evals, model, "alpaca_eval", s),
-                ),
-            )
-        )
+        columns.append((metric, partial(_alpaca_eval_value, evals, value_key, se_key)))
     for metric, kind, key in _TRAINING:
-        columns.append(
-            (
-                metric,
-                lambda model, kind=kind, key=key: (
-                    _get(training, model, "last_eval", key)
-                    if _get(training, model, "kind") == kind
-                    else None,
-                    None,
-                ),
-            )
-        )
+        columns.append((metric, partial(_training_value, training, kind, key)))
     return columns
 
 
+def _mt_bench_value(evals: Mapping[str, Any], path: Sequence[str], model: str) -> tuple[Any, Any]:
+    return _get(_mt_bench(evals, model), *path), None
+
+
+def _alpaca_eval_value(evals: Mapping[str, Any], value_key: str, se_key: str, model: str) -> tuple[Any, Any]:
+    return _get(evals, model, "alpaca_eval", value_key), _get(evals, model, "alpaca_eval", se_key)
+
+
+def _training_value(training: Mapping[str, Any], kind: str, key: str, model: str) -> tuple[Any, Any]:
+    """A training run's last eval metric, in the column of its kind of training only (sft, dpo)."""
+    same_kind = _get(training, model, "kind") == kind
+    return (_get(training, model, "last_eval", key) if same_kind else None), None
+
+
 def _reference_row(reference: ReferenceRow, columns: Sequence[_Metric]) -> dict[str, Any]:
-    values = dict(reference.values)
+    values: dict[str, float | None] = dict(reference.values)
     if OPEN_LLM_AVERAGE not in values:
         values[OPEN_LLM_AVERAGE] = open_llm_average(values)
     return {
