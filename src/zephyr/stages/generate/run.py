@@ -153,7 +153,9 @@ def build_generator(gen: GeneratorConfig) -> Generator:
 
 
 def sampling_params(gen: GeneratorConfig, stop: Sequence[str] = ()) -> SamplingParams:
-    return SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p, stop=stop)
+    return SamplingParams(
+        max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p, stop=tuple(stop)
+    )
 
 
 def _chunk_size(gen: GeneratorConfig) -> int:
@@ -469,7 +471,7 @@ class _Run:
     ) -> list[tuple[str, str, str]]:
         """The teacher's answers as (text, problem, finish_reason); problem is "" for a usable answer."""
         completions = self._complete(self.teacher, dialogues, conversations, self.teacher_params, step)
-        answers = []
+        answers: list[tuple[str, str, str]] = []
         for c in completions:
             text = c.text.strip()
             problem = _problem(c, text)

@@ -151,8 +151,9 @@ class Judgment:
     def from_record(cls, record: Mapping[str, Any], category: str | None = None) -> Judgment:
         """From a judgments.jsonl row (`question_id`, `turn`, `score`, optional `category` and `reason`);
         `category` fills in for rows without one. FastChat's `score: -1` reads as a parse failure."""
-        score = record.get("score")
-        failed = score is None or score == -1
+        raw = record.get("score")
+        score = None if raw is None or raw == -1 else float(raw)
+        failed = score is None
         category = record.get("category", category)
         if category is None:
             raise DataError(f"judgment for question {record.get('question_id')}: category: missing")
@@ -160,7 +161,7 @@ class Judgment:
             question_id=int(record["question_id"]),
             category=str(category),
             turn=int(record["turn"]),
-            score=None if failed else float(score),
+            score=score,
             reason=record.get("reason") or (NO_SCORE if failed else None),
         )
 
@@ -384,12 +385,13 @@ def _mean(values: Sequence[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def _scored(judgment: Judgment) -> bool:
-    return judgment.score is not None and judgment.score != -1  # -1: FastChat's mark of a failed parse
+def _score(judgment: Judgment) -> float | None:
+    """The judgment's score, None when it failed (-1: FastChat's mark of a failed parse)."""
+    return None if judgment.score is None or judgment.score == -1 else judgment.score
 
 
 def _summary(judgments: Sequence[Judgment]) -> dict[str, Any]:
-    scores = [j.score for j in judgments if _scored(j)]
+    scores = [score for j in judgments if (score := _score(j)) is not None]
     return {
         "score": _mean(scores),
         "n": len(judgments),
@@ -424,7 +426,7 @@ def aggregate(judgments: Iterable[Judgment], questions: Iterable[Question] | Non
     result["failures"] = [
         {"question_id": j.question_id, "turn": j.turn, "reason": j.reason or NO_SCORE}
         for j in judgments
-        if not _scored(j)
+        if _score(j) is None
     ]
     if questions is not None:
         result["missing"] = missing_turns(questions, {(j.question_id, j.turn) for j in judgments})

@@ -97,7 +97,7 @@ def _best_cells(rows: Sequence[Sequence[float | None]], higher: Sequence[bool], 
     """(row, column) of the best value of every column that has two or more different values."""
     strong = set()
     for j, better_high in enumerate(higher):
-        values = [(row[j], i) for i, row in enumerate(rows) if row[j] is not None]
+        values = [(value, i) for i, row in enumerate(rows) if (value := row[j]) is not None]
         if len({v for v, _ in values}) >= 2:  # a tie of every value marks nothing
             best = (max if better_high else min)(v for v, _ in values)
             strong |= {(i, j + offset) for v, i in values if v == best}
