@@ -211,6 +211,12 @@ def _decode_line(raw: bytes) -> tuple[Any, Problem | None]:
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
+def _past_space(text: str, pos: int) -> int:
+    """The position after JSON whitespace from `pos` (the pattern matches everywhere, if only "")."""
+    match = _JSON_SPACE.match(text, pos)
+    return match.end() if match is not None else pos
+
+
 def _iter_json_list(source: str) -> Iterator[_Row]:
     """A JSON array of records; each record's line is the line its value starts on.
 
@@ -237,15 +243,15 @@ def _iter_json_list(source: str) -> Iterator[_Row]:
         )
     # Walk the array again to learn where each element starts (json.loads keeps no positions).
     decoder = json.JSONDecoder()
-    pos = _JSON_SPACE.match(text, 0).end() + 1  # past "["
+    pos = _past_space(text, 0) + 1  # past "["
     line = 1 + text.count("\n", 0, pos)
     for _ in value:
-        start = _JSON_SPACE.match(text, pos).end()
+        start = _past_space(text, pos)
         line += text.count("\n", pos, start)
         record, end = decoder.raw_decode(text, start)
         yield line, record, None
         line += text.count("\n", start, end)
-        pos = _JSON_SPACE.match(text, end).end() + 1  # past "," or "]"
+        pos = _past_space(text, end) + 1  # past "," or "]"
         line += text.count("\n", end, pos)
 
 

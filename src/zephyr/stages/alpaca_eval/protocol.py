@@ -132,7 +132,7 @@ _CONFIG_KEYS = frozenset(
 )  # fmt: skip
 
 
-def annotator_names(folder: str | Path) -> list[str]:
+def annotator_names(folder: str | os.PathLike[str]) -> list[str]:
     """The annotators of an `evaluators_configs`-layout folder (each a `NAME/configs.yaml`)."""
     return sorted(p.parent.name for p in Path(folder).glob("*/configs.yaml"))
 
@@ -306,7 +306,10 @@ def _shown_preference(annotator: Annotator, completion: str) -> int | None:
             "(parse_logprob_preference)"
         )
     if "```json" in completion:  # alpaca_eval json_parser: the content of a ```json fence
-        completion = re.search(r"```json(.*?)```", completion, re.DOTALL).group(1)
+        fenced = re.search(r"```json(.*?)```", completion, re.DOTALL)
+        if fenced is None:  # a fence never closed
+            return None
+        completion = fenced.group(1)
     loaded = json.loads(completion)
     items = [loaded] if isinstance(loaded, dict) else loaded
     values = [item[annotator.annotation_key] if annotator.annotation_key else item for item in items]

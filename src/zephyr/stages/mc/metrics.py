@@ -94,9 +94,10 @@ def mean_stderr(values: Sequence[float]) -> float | None:
 
 def unweighted_mean_stderr(stderrs: Sequence[float | None]) -> float | None:
     """Standard error of an unweighted mean of k independent means: sqrt(sum(se_i^2)) / k."""
-    if not stderrs or any(se is None for se in stderrs):
+    known = [se for se in stderrs if se is not None]
+    if not stderrs or len(known) < len(stderrs):
         return None
-    return math.sqrt(sum(se * se for se in stderrs)) / len(stderrs)
+    return math.sqrt(sum(se * se for se in known)) / len(stderrs)
 
 
 def summarize(items: Sequence[Mapping[str, float]], names: Sequence[str]) -> dict[str, float | None]:
