@@ -185,6 +185,8 @@ def test_the_command_lists_and_prunes_the_cache_of_zephyr_cache(filled, monkeypa
     assert cache.items(filled.root) == []
     assert main(["cache", "prune"]) == ConfigError.exit_code
     assert "give --unused-days DAYS or --all" in capsys.readouterr().err
+    assert main(["cache", "prune", "--unused-days", "-1"]) == ConfigError.exit_code
+    assert "--unused-days must be 0 or more, got -1.0" in capsys.readouterr().err
 
 
 def test_an_empty_or_missing_cache_lists_nothing(tmp_path, monkeypatch, capsys):

@@ -102,6 +102,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         return 0
     if (args.unused_days is None) == (not args.all):
         raise ConfigError("zephyr cache prune: give --unused-days DAYS or --all")
+    if args.unused_days is not None and not args.unused_days >= 0:
+        raise ConfigError(f"zephyr cache prune: --unused-days must be 0 or more, got {args.unused_days}")
     chosen = cache.select(found, unused_days=None if args.all else args.unused_days, now=now)
     print("\n".join(cache.prune_lines(root, chosen, args.dry_run)))
     return 0
@@ -322,7 +324,9 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
     csub = p.add_subparsers(dest="cache_command", required=True)
     csub.add_parser("list", help="every item with its size and time of last use, the oldest first")
     prune = csub.add_parser("prune", help="remove items unused for some days, or all (rebuilt when needed)")
-    prune.add_argument("--unused-days", type=float, metavar="DAYS", help="remove what was last used before")
+    prune.add_argument(
+        "--unused-days", type=float, metavar="DAYS", help="remove what was last used more than DAYS days ago"
+    )
     prune.add_argument("--all", action="store_true", help="remove every item")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     p.set_defaults(handler=_cmd_cache)
