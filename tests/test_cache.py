@@ -165,6 +165,18 @@ def test_an_item_that_cannot_be_removed_is_named_and_the_others_go(filled, monke
     assert [i.path for i in cache.items(filled.root)] == [filled.table]
 
 
+def test_an_item_removed_while_listing_is_left_out(filled, monkeypatch):
+    real = cache._folder_bytes
+
+    def vanished(folder):
+        if folder == filled.old:  # another process pruned it between the listing of names and its sizes
+            raise FileNotFoundError(2, "No such file or directory", str(folder))
+        return real(folder)
+
+    monkeypatch.setattr(cache, "_folder_bytes", vanished)
+    assert [i.path for i in cache.items(filled.root)] == [filled.table, filled.leftover, filled.recent]
+
+
 def test_a_process_that_maps_an_entry_reads_it_after_its_removal(tmp_path):
     entry = toy_entry(tmp_path, 1, values=range(1000))
     [item] = cache.items(tmp_path)

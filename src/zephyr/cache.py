@@ -63,19 +63,26 @@ def _tokenized(folder: Path) -> Iterator[Item]:
     for path in sorted(folder.iterdir()):
         if not path.is_dir():
             continue  # lock files and the data fingerprint memo
-        used = path.stat().st_mtime
-        if path.name.startswith(dataset.TMP_PREFIX):
-            yield Item(path, UNFINISHED, _folder_bytes(path), used, f"for {dataset.owner_of(path).name}")
-        else:
-            kind, meta = _meta(path)
-            yield Item(path, kind, _folder_bytes(path), used, _describe(meta))
+        try:
+            used = path.stat().st_mtime
+            if path.name.startswith(dataset.TMP_PREFIX):
+                owner = dataset.owner_of(path).name
+                yield Item(path, UNFINISHED, _folder_bytes(path), used, f"for {owner}")
+            else:
+                kind, meta = _meta(path)
+                yield Item(path, kind, _folder_bytes(path), used, _describe(meta))
+        except FileNotFoundError:  # removed by another process (a build's end, another prune) meanwhile
+            continue
 
 
 def _references(folder: Path) -> Iterator[Item]:
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.jsonl")):
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed meanwhile
+            continue
         yield Item(path, REFERENCE, stat.st_size, stat.st_mtime)
 
 
