@@ -107,6 +107,20 @@ def test_select_keeps_what_was_used_within_the_days(filled):
     assert cache.select(found, unused_days=None, now=filled.now) == found
 
 
+def test_select_by_size_takes_the_least_recently_used_until_the_rest_fits(filled):
+    found = cache.items(filled.root)  # old, table (19 B), leftover (8 B), recent
+    sizes = [i.nbytes for i in found]
+    total = sum(sizes)
+    assert cache.select(found, now=filled.now, max_bytes=total) == []
+    assert cache.select(found, now=filled.now, max_bytes=total - 1) == found[:1]
+    assert cache.select(found, now=filled.now, max_bytes=sizes[3]) == found[:3]
+    assert cache.select(found, now=filled.now, max_bytes=0) == found
+    # with days: the stale ones first (old, table), then the oldest others while over the size
+    both = cache.select(found, now=filled.now, unused_days=4, max_bytes=sizes[3] + sizes[2])
+    assert both == found[:2]
+    assert cache.select(found, now=filled.now, unused_days=4, max_bytes=sizes[3]) == found[:3]
+
+
 def test_prune_removes_the_chosen_items_and_a_removed_entry_is_rebuilt_on_next_use(filled):
     chosen = cache.select(cache.items(filled.root), unused_days=4, now=filled.now)
     size = chosen[0].nbytes
@@ -193,10 +207,11 @@ def test_the_command_lists_and_prunes_the_cache_of_zephyr_cache(filled, monkeypa
     assert capsys.readouterr().out.splitlines()[-1].endswith(" in 2 items") and filled.old.exists()
     assert main(["cache", "prune", "--unused-days", "4"]) == 0
     assert not filled.old.exists() and not filled.table.exists() and filled.recent.exists()
-    assert main(["cache", "prune", "--all"]) == 0
+    assert main(["cache", "prune", "--max-gib", "0"]) == 0  # nothing may stay
     assert cache.items(filled.root) == []
     assert main(["cache", "prune"]) == ConfigError.exit_code
-    assert "give --unused-days DAYS or --all" in capsys.readouterr().err
+    assert "give --unused-days DAYS and/or --max-gib GIB, or --all" in capsys.readouterr().err
+    assert main(["cache", "prune", "--all", "--max-gib", "1"]) == ConfigError.exit_code
     assert main(["cache", "prune", "--unused-days", "-1"]) == ConfigError.exit_code
     assert "--unused-days must be 0 or more, got -1.0" in capsys.readouterr().err
 

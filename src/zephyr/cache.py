@@ -5,7 +5,7 @@ tokenized data (`tokenized/KIND-FINGERPRINT/`, `zephyr.training.dataset`) and re
 (`ref_logps/FINGERPRINT.jsonl`, `zephyr.stages.dpo.reference`). A changed input makes a new item and never
 removes the old one, so at the paper's scale (1.3 GiB per dSFT entry) a few changed recipes fill a disk:
 `zephyr cache list` shows each item with its size and time of last use (a reuse touches it), and
-`zephyr cache prune` removes those unused for a number of days, or all.
+`zephyr cache prune` removes those unused for a number of days, the least recently used beyond a size, or all.
 
 Removing is safe while runs go on: a tokenized entry is removed only under its lock, taken without waiting
 (a process building it or checking it before use holds the lock: the entry is kept and said to be in use),
@@ -54,7 +54,7 @@ class Item:
 def items(root: Path) -> list[Item]:
     """Every item of the cache folder `root`, the least recently used first."""
     found = [*_tokenized(root / assets.TOKENIZED_CACHE), *_references(root / assets.REFERENCE_CACHE)]
-    return sorted(found, key=lambda item: (item.last_used, str(item.path)))
+    return sorted(found, key=_age_order)
 
 
 def _tokenized(folder: Path) -> Iterator[Item]:
@@ -122,11 +122,30 @@ def _pairs(value: Any) -> Iterator[list[Any]]:
                 yield from _pairs(inner)
 
 
-def select(found: Sequence[Item], *, unused_days: float | None, now: float) -> list[Item]:
-    """The items to prune: every one (`unused_days` None), or those last used more than `unused_days` ago."""
-    if unused_days is None:
+def select(
+    found: Sequence[Item], *, now: float, unused_days: float | None = None, max_bytes: int | None = None
+) -> list[Item]:
+    """The items to prune, the least recently used first: those last used more than `unused_days` ago, then
+    the least recently used of the others until what stays holds at most `max_bytes`; every item when
+    neither is given."""
+    if unused_days is None and max_bytes is None:
         return list(found)
-    return [item for item in found if now - item.last_used > unused_days * DAY]
+    ordered = sorted(found, key=_age_order)
+    stale = unused_days is not None
+    chosen = [item for item in ordered if stale and now - item.last_used > unused_days * DAY]
+    if max_bytes is not None:
+        staying = [item for item in ordered if item not in chosen]
+        size = sum(item.nbytes for item in staying)
+        for item in staying:
+            if size <= max_bytes:
+                break
+            chosen.append(item)
+            size -= item.nbytes
+    return sorted(chosen, key=_age_order)
+
+
+def _age_order(item: Item) -> tuple[float, str]:
+    return item.last_used, str(item.path)
 
 
 def remove(item: Item) -> bool:

@@ -100,11 +100,14 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.cache_command == "list":
         print("\n".join(cache.list_lines(root, found, now)))
         return 0
-    if (args.unused_days is None) == (not args.all):
-        raise ConfigError("zephyr cache prune: give --unused-days DAYS or --all")
-    if args.unused_days is not None and not args.unused_days >= 0:
-        raise ConfigError(f"zephyr cache prune: --unused-days must be 0 or more, got {args.unused_days}")
-    chosen = cache.select(found, unused_days=None if args.all else args.unused_days, now=now)
+    limits = {"--unused-days": args.unused_days, "--max-gib": args.max_gib}
+    if args.all == any(v is not None for v in limits.values()):
+        raise ConfigError("zephyr cache prune: give --unused-days DAYS and/or --max-gib GIB, or --all")
+    for flag, value in limits.items():
+        if value is not None and not value >= 0:
+            raise ConfigError(f"zephyr cache prune: {flag} must be 0 or more, got {value}")
+    max_bytes = None if args.max_gib is None else int(args.max_gib * 2**30)
+    chosen = cache.select(found, now=now, unused_days=args.unused_days, max_bytes=max_bytes)
     print("\n".join(cache.prune_lines(root, chosen, args.dry_run)))
     return 0
 
@@ -323,9 +326,18 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
     )
     csub = p.add_subparsers(dest="cache_command", required=True)
     csub.add_parser("list", help="every item with its size and time of last use, the oldest first")
-    prune = csub.add_parser("prune", help="remove items unused for some days, or all (rebuilt when needed)")
+    prune = csub.add_parser(
+        "prune",
+        help="remove items unused for some days, the oldest beyond a size, or all (rebuilt when needed)",
+    )
     prune.add_argument(
         "--unused-days", type=float, metavar="DAYS", help="remove what was last used more than DAYS days ago"
+    )
+    prune.add_argument(
+        "--max-gib",
+        type=float,
+        metavar="GIB",
+        help="remove the least recently used until the cache holds GIB or less",
     )
     prune.add_argument("--all", action="store_true", help="remove every item")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
