@@ -17,6 +17,7 @@ one another process has open would let two processes build the same entry at onc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -131,8 +132,8 @@ def select(
     if unused_days is None and max_bytes is None:
         return list(found)
     ordered = sorted(found, key=_age_order)
-    stale = unused_days is not None
-    chosen = [item for item in ordered if stale and now - item.last_used > unused_days * DAY]
+    unused = math.inf if unused_days is None else unused_days * DAY
+    chosen = [item for item in ordered if now - item.last_used > unused]
     if max_bytes is not None:
         staying = [item for item in ordered if item not in chosen]
         size = sum(item.nbytes for item in staying)
