@@ -258,16 +258,7 @@ def trl_prepare(data: Path, work: Path) -> dict:
 
     tokenizer = _tokenizer()
     model = _tiny_model(tokenizer)
-    args = SFTConfig(
-        output_dir=str(work / "trl-out"),
-        packing=True,
-        packing_strategy="bfd",
-        max_length=MAX_LENGTH,
-        dataset_num_proc=_cores(),
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-    )
+    args = SFTConfig(packing=True, packing_strategy="bfd", max_length=MAX_LENGTH, **_trl_args(work))
     started = time.perf_counter()
     dataset = datasets.load_dataset("json", data_files=str(data), split="train").remove_columns(["prompt"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -277,6 +268,18 @@ def trl_prepare(data: Path, work: Path) -> dict:
         "seconds": seconds,
         "tokens": sum(len(ids) for ids in prepared["input_ids"]),
         "bins": len(prepared),
+    }
+
+
+def _trl_args(work: Path) -> dict:
+    """What both TRL trainers are given besides their lengths: every core for `datasets.map`, no saving,
+    no tracking, the CPU."""
+    return {
+        "output_dir": str(work / "trl-out"),
+        "dataset_num_proc": _cores(),
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
     }
 
 
@@ -306,14 +309,7 @@ def trl_pairs(data: Path, work: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = _tokenizer()
-    args = DPOConfig(
-        output_dir=str(work / "trl-out"),
-        max_length=PAIR_MAX_LENGTH,
-        dataset_num_proc=_cores(),
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-    )
+    args = DPOConfig(max_length=PAIR_MAX_LENGTH, **_trl_args(work))
     started = time.perf_counter()
     dataset = datasets.load_dataset("json", data_files=str(data), split="train").remove_columns(["prompt"])
     model, reference = _tiny_model(tokenizer), _tiny_model(tokenizer)  # (a random model has no path to load)

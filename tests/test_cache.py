@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from test_dataset import counting_build
 from zephyr import cache
 from zephyr.cli import main
 from zephyr.core.errors import ConfigError
@@ -20,20 +20,10 @@ from zephyr.training import dataset
 DAY = 86400
 
 
-def toy_build(calls: list[int], values=(1, 2, 3)):
-    def build(folder: Path) -> dict:
-        calls.append(1)
-        writer = dataset.ArrayWriter(folder)
-        writer.write("values", list(values), np.int32)
-        return {"arrays": writer.close(), "stats": {"tokens": len(values)}}
-
-    return build
-
-
 def toy_entry(root: Path, n: int, calls: list[int] | None = None, values=(1, 2, 3)) -> dataset.Entry:
     """An entry of kind `toy` whose key names a data file, as the sft and pairs keys do."""
     key = {"n": n, "train_data": [f"/data/set{n}.jsonl", "sha256:ab"], "limit": None}
-    build = toy_build([] if calls is None else calls, values)
+    build = counting_build([] if calls is None else calls, values)
     return dataset.load_or_build("toy", key, build, cache_dir=root / "tokenized")
 
 

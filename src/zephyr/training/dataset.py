@@ -54,6 +54,7 @@ from zephyr.models.load import load_tokenizer
 
 CACHE_FORMAT = 1  # the layout of an entry; the code that fills it is hashed into every key
 META_FILE = "meta.json"
+SOURCES_MEMO = "sources_sha256.json"  # in the cache folder: data files' sha256 by path, size and mtime
 TMP_PREFIX = ".tmp-"  # an entry being built: .tmp-NAME-PID beside its final name
 CHUNK_RECORDS = 512  # records per chunk sent to a worker: ~0.7M tokens of ultrachat-like dialogues
 

@@ -425,7 +425,7 @@ class PairData:
 
 def pairs_key(paths: Sequence[str], tokenizer: Any, options: PairOptions, cache_dir: Path) -> dict[str, Any]:
     """Everything the entry's arrays depend on (the module doc of `zephyr.training.dataset`)."""
-    memo = cache_dir / "sources_sha256.json"
+    memo = cache_dir / dataset.SOURCES_MEMO
     held_out = options.eval_fraction > 0 and len(paths) == 1
     return {
         "kind": "pairs",

@@ -232,7 +232,7 @@ def _pack(
 
 def data_key(cfg: SFTConfig, tokenizer: Any, cache_dir: Path) -> dict[str, Any]:
     """Everything the entry's arrays depend on (the module doc of `zephyr.training.dataset`)."""
-    memo = cache_dir / "sources_sha256.json"
+    memo = cache_dir / dataset.SOURCES_MEMO
     held_out = cfg.eval_fraction > 0 and not cfg.eval_data
     return {
         "kind": "conversations",
