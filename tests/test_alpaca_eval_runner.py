@@ -649,29 +649,8 @@ class ParityModel:
         return [Completion(self.outputs[c[-1]["content"]], "stop", 10, 5) for c in conversations]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "limit"),
-    [
-        ("alpaca_eval_gpt4", None),
-        ("weighted_alpaca_eval_gpt4_turbo", None),
-        ("chatgpt", None),
-        ("alpaca_eval_gpt4", 120),  # alpaca_eval's max_instances: the same 120 of the 300
-    ],
-)
-def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name, limit):
-    """alpaca_eval 0.6.6's `evaluate` (PairwiseAnnotator, seed 0, its parsers, get_length_controlled_winrate
-    with its df_gamed.csv) and `zephyr eval alpaca-eval` on the same 300 instructions, outputs, judge and
-    length-control data: the same prompts, preferences (failures included) and leaderboard row; with a limit,
-    alpaca_eval's `max_instances` and zephyr's `limit` judge the same instructions."""
-    import warnings
-
-    import alpaca_eval.annotators.base as annotator_base
-    import alpaca_eval.metrics.glm_winrate as glm
-    from alpaca_eval import utils
-    from alpaca_eval.main import evaluate
-
-    items = _parity_set()
+def _parity_files(tmp_path: Path, items: list) -> tuple[Path, Path]:
+    """The instructions with their reference outputs, and a synthetic df_gamed.csv for them."""
     instructions = tmp_path / "instructions.jsonl"
     instructions.write_text(
         "".join(
@@ -688,8 +667,20 @@ def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name, limit):
             rows.append(f"{model},{i},{1 / (1 + math.exp(-z)):.6f},{delta:.6f},{difficulty[i]!r},False\n")
     gamed = tmp_path / "df_gamed.csv"
     gamed.write_text(GAMED_HEADER + "".join(rows))
+    return instructions, gamed
 
-    # alpaca_eval, with the judge's answers from the same function and df_gamed.csv from that file
+
+def _alpaca_eval_evaluate(monkeypatch, name: str, items: list, gamed: Path, limit: int | None):
+    """alpaca_eval's own `evaluate` on the items, its judge's answers from `_parity_answer` and its
+    df_gamed.csv from `gamed`: (the leaderboard row, its annotations, the settings of each judge call, the
+    prompts sent)."""
+    import warnings
+
+    import alpaca_eval.annotators.base as annotator_base
+    import alpaca_eval.metrics.glm_winrate as glm
+    from alpaca_eval import utils
+    from alpaca_eval.main import evaluate
+
     asked, sent = [], []
 
     def completions(prompts, **kwargs):
@@ -709,7 +700,7 @@ def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name, limit):
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        leaderboard, expected_annotations = evaluate(
+        leaderboard, annotations = evaluate(
             model_outputs=[{"instruction": x, "output": m, "generator": "parity-model"} for x, _, m in items],
             reference_outputs=[
                 {"instruction": x, "output": r, "generator": "reference"} for x, r, _ in items
@@ -724,7 +715,31 @@ def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name, limit):
             caching_path=None,
             max_instances=limit,
         )
-    expected = leaderboard.loc["parity-model"]
+    return leaderboard.loc["parity-model"], annotations, asked, sent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "limit"),
+    [
+        ("alpaca_eval_gpt4", None),
+        ("weighted_alpaca_eval_gpt4_turbo", None),
+        ("chatgpt", None),
+        ("alpaca_eval_gpt4", 120),  # alpaca_eval's max_instances: the same 120 of the 300
+    ],
+)
+def test_run_equals_alpaca_eval_evaluate(tmp_path, monkeypatch, name, limit):
+    """alpaca_eval 0.6.6's `evaluate` (PairwiseAnnotator, seed 0, its parsers, get_length_controlled_winrate
+    with its df_gamed.csv) and `zephyr eval alpaca-eval` on the same 300 instructions, outputs, judge and
+    length-control data: the same prompts, preferences (failures included) and leaderboard row; with a limit,
+    alpaca_eval's `max_instances` and zephyr's `limit` judge the same instructions."""
+    from alpaca_eval import utils
+
+    items = _parity_set()
+    instructions, gamed = _parity_files(tmp_path, items)
+    expected, expected_annotations, asked, sent = _alpaca_eval_evaluate(
+        monkeypatch, name, items, gamed, limit
+    )
 
     judge = ParityJudge(name)
     cfg = AlpacaEvalEvalConfig(
