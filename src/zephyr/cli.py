@@ -87,14 +87,13 @@ def _cmd_assets(args: argparse.Namespace) -> int:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
     from zephyr import cache
     from zephyr.models import assets
 
     root, now = assets.cache_home(), time.time()
     try:
-        found = cache.items(root) if Path(root).is_dir() else []
+        found = cache.items(root)  # none where a folder is missing
     except OSError as exc:
         raise ZephyrError(f"{root}: cannot read the cache ({exc.strerror or exc})") from exc
     if args.cache_command == "list":
